@@ -1,0 +1,101 @@
+"""The producer API: put jobs on the queue from any Python service, and wait for them if wanted."""
+
+from __future__ import annotations
+
+import atexit
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from openinference.semconv.trace import SpanAttributes
+from opentelemetry.trace import Span, Status, StatusCode
+
+from routerq import telemetry
+from routerq.jobs import Job, JobFailedError, JobKind, JobResult
+from routerq.settings import Settings, get_settings
+from routerq.spans import producer_attributes
+from routerq.store import ResultStore, connect
+from worker.app import TASK_NAME, create_app
+
+
+class JobHandle:
+    """A queued job; `get` waits for its result like Celery's AsyncResult.get."""
+
+    def __init__(self, job: Job, store: ResultStore) -> None:
+        self.job = job
+        self.id = job.id
+        self._store = store
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> JobResult:
+        result = self._store.wait(self.id, timeout)
+        if propagate and not result.ok:
+            raise JobFailedError(result)
+        return result
+
+    def result(self) -> JobResult | None:
+        """The stored result, or None while the job is queued or running."""
+        return self._store.get(self.id)
+
+
+class Producer:
+    def __init__(self, settings: Settings | None = None, *, tracing: bool = True) -> None:
+        self.settings = settings or get_settings()
+        if tracing and telemetry.setup_tracing(self.settings) is not None:
+            atexit.register(telemetry.flush)
+        self.app = create_app(self.settings)
+        self.store = ResultStore(connect(self.settings.redis_url), self.settings.result_ttl)
+
+    def enqueue(
+        self,
+        body: Mapping[str, Any],
+        *,
+        kind: JobKind | str = JobKind.CHAT,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        tags: Sequence[str] | None = None,
+    ) -> JobHandle:
+        """Queue one OpenAI-compatible request body; returns at once."""
+        job = Job(
+            kind=JobKind(kind),
+            body=dict(body),
+            session_id=session_id,
+            user_id=user_id,
+            metadata=dict(metadata or {}),
+            tags=list(tags or []),
+        )
+        return self.submit(job)
+
+    def submit(self, job: Job) -> JobHandle:
+        with self._job_span("routerq.enqueue", job) as span:
+            self._publish(job)
+            span.set_attribute(SpanAttributes.OUTPUT_VALUE, json.dumps({"job_id": job.id, "status": "queued"}))
+            span.set_attribute(SpanAttributes.OUTPUT_MIME_TYPE, "application/json")
+        return JobHandle(job, self.store)
+
+    def run(self, job: Job, timeout: float | None = None) -> JobResult:
+        """Queue and wait inside one span, whose output is the answer (reads well in Sessions)."""
+        with self._job_span("routerq.job", job) as span:
+            self._publish(job)
+            result = self.store.wait(job.id, timeout)
+            if result.ok:
+                span.set_attribute(SpanAttributes.OUTPUT_VALUE, result.text)
+            else:
+                failure = JobFailedError(result)
+                span.set_attribute(SpanAttributes.OUTPUT_VALUE, str(failure))
+                span.set_status(Status(StatusCode.ERROR, str(failure)))
+        return result
+
+    def _publish(self, job: Job) -> None:
+        self.app.send_task(
+            TASK_NAME, args=[job.model_dump(mode="json")], task_id=job.id, queue=self.settings.queue
+        )
+
+    @contextmanager
+    def _job_span(self, name: str, job: Job) -> Iterator[Span]:
+        with telemetry.tracer().start_as_current_span(name, attributes=producer_attributes(job)) as span:
+            yield span
+
+    def close(self) -> None:
+        telemetry.flush()

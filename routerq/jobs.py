@@ -1,0 +1,158 @@
+"""Job and result schemas: what travels through the queue and what comes back."""
+
+from __future__ import annotations
+
+import array
+import base64
+import sys
+import time
+import uuid
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+
+class JobKind(StrEnum):
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+
+    @property
+    def path(self) -> str:
+        """OpenAI-compatible endpoint path, relative to the API base URL."""
+        return {"chat": "/chat/completions", "completion": "/completions", "embedding": "/embeddings"}[
+            self.value
+        ]
+
+
+def new_job_id() -> str:
+    return f"job_{uuid.uuid4().hex}"
+
+
+class Job(BaseModel):
+    """One upstream request. `body` is the OpenAI-compatible request, passed through unchanged."""
+
+    id: str = Field(default_factory=new_job_id)
+    kind: JobKind
+    body: dict[str, Any]
+    session_id: str | None = None
+    user_id: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list)
+    enqueued_at: float = Field(default_factory=time.time)
+    batch_id: str | None = None
+    custom_id: str | None = None
+
+    @field_validator("body")
+    @classmethod
+    def _body_names_a_model(cls, body: dict[str, Any]) -> dict[str, Any]:
+        model, models = body.get("model"), body.get("models")
+        if not (isinstance(model, str) and model) and not (isinstance(models, list) and models):
+            raise ValueError("body needs a model (or a `models` fallback list)")
+        if body.get("stream"):
+            raise ValueError("streaming is not supported for queued jobs; drop `stream`")
+        return body
+
+    @model_validator(mode="after")
+    def _body_fits_kind(self) -> Job:
+        required = {JobKind.CHAT: "messages", JobKind.COMPLETION: "prompt", JobKind.EMBEDDING: "input"}
+        if required[self.kind] not in self.body:
+            raise ValueError(f"a {self.kind.value} job needs `{required[self.kind]}` in its body")
+        return self
+
+    @property
+    def models(self) -> list[str]:
+        """Every model the request may be served by (primary and fallbacks)."""
+        names = [self.body["model"]] if isinstance(self.body.get("model"), str) else []
+        names += [m for m in self.body.get("models") or [] if isinstance(m, str)]
+        return list(dict.fromkeys(names))
+
+    @property
+    def prompt_text(self) -> str:
+        """Human-readable input, for the producer span and logs."""
+        if self.kind is JobKind.CHAT:
+            messages = self.body.get("messages") or []
+            last = messages[-1].get("content", "") if messages and isinstance(messages[-1], dict) else ""
+            return last if isinstance(last, str) else str(last)
+        value = self.body.get("prompt" if self.kind is JobKind.COMPLETION else "input")
+        return value if isinstance(value, str) else str(value)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost: float | None = None
+
+
+class JobError(BaseModel):
+    """A failure as OpenAI's batch format reports it, plus what OpenRouter said."""
+
+    code: str
+    message: str
+    status_code: int | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class JobResult(BaseModel):
+    job_id: str
+    kind: JobKind
+    status: Literal["succeeded", "failed"]
+    response: dict[str, Any] | None = None
+    error: JobError | None = None
+    model: str | None = None
+    provider: str | None = None
+    generation_id: str | None = None
+    usage: Usage | None = None
+    attempts: int = 1
+    enqueued_at: float
+    started_at: float
+    finished_at: float
+    batch_id: str | None = None
+    custom_id: str | None = None
+    trace_id: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+    @property
+    def text(self) -> str:
+        """The answer as a person reads it: the message, the completion, or the vectors' shape."""
+        if self.response is None:
+            return ""
+        if self.kind is JobKind.EMBEDDING:
+            vectors = [embedding_vector(item["embedding"]) for item in self.response.get("data", [])]
+            size = len(vectors[0]) if vectors else 0
+            return f"{len(vectors)} embedding(s) of dimension {size}"
+        choice = self.response["choices"][0]
+        if self.kind is JobKind.CHAT:
+            message = choice.get("message") or {}
+            content = message.get("content")
+            if content:
+                return str(content)
+            return str(message.get("tool_calls") or "")
+        return str(choice.get("text", ""))
+
+
+def embedding_vector(value: list[float] | str) -> list[float]:
+    """An embedding as floats, whether it came as JSON numbers or base64 little-endian float32."""
+    if isinstance(value, str):
+        floats = array.array("f")
+        floats.frombytes(base64.b64decode(value))
+        if sys.byteorder == "big":
+            floats.byteswap()
+        return floats.tolist()
+    return value
+
+
+class JobFailedError(RuntimeError):
+    """A job ended as failed; carries the stored result so callers see OpenRouter's message."""
+
+    def __init__(self, result: JobResult) -> None:
+        self.result = result
+        error = result.error
+        detail = f"{error.code}: {error.message}" if error else "failed"
+        status = f" (HTTP {error.status_code})" if error and error.status_code else ""
+        super().__init__(f"job {result.job_id} failed{status}: {detail}")

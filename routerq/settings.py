@@ -1,0 +1,88 @@
+"""routerq's configuration: every knob is an environment variable, read and checked in this one place."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+
+
+class SettingsError(ValueError):
+    """Raised at start-up for a bad environment; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """Fields are declared by their environment variable names so errors and docs use one vocabulary."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    redis_url: Annotated[str, Field(alias="REDIS_URL")] = "redis://localhost:6379/0"
+    queue: Annotated[str, Field(alias="ROUTERQ_QUEUE", min_length=1)] = "routerq"
+    result_ttl: Annotated[int, Field(alias="ROUTERQ_RESULT_TTL", gt=0)] = 7 * 24 * 3600
+    visibility_timeout: Annotated[int, Field(alias="ROUTERQ_VISIBILITY_TIMEOUT", gt=0)] = 3600
+
+    openrouter_api_key: Annotated[SecretStr | None, Field(alias="OPENROUTER_API_KEY")] = None
+    openrouter_base_url: Annotated[str, Field(alias="OPENROUTER_BASE_URL")] = OPENROUTER_BASE_URL
+    openrouter_http_referer: Annotated[str | None, Field(alias="OPENROUTER_HTTP_REFERER")] = None
+    openrouter_app_title: Annotated[str, Field(alias="OPENROUTER_APP_TITLE")] = "routerq"
+    openrouter_timeout: Annotated[float, Field(alias="OPENROUTER_TIMEOUT", gt=0)] = 120.0
+
+    tracing: Annotated[bool, Field(alias="ROUTERQ_TRACING")] = True
+    phoenix_collector_endpoint: Annotated[str, Field(alias="PHOENIX_COLLECTOR_ENDPOINT")] = (
+        "http://localhost:6006"
+    )
+    phoenix_project_name: Annotated[str, Field(alias="PHOENIX_PROJECT_NAME", min_length=1)] = "routerq"
+    phoenix_api_key: Annotated[SecretStr | None, Field(alias="PHOENIX_API_KEY")] = None
+    phoenix_pricing: Annotated[bool, Field(alias="ROUTERQ_PHOENIX_PRICING")] = True
+    phoenix_pricing_settle: Annotated[float, Field(alias="ROUTERQ_PHOENIX_PRICING_SETTLE", ge=0)] = 6.0
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("openrouter_base_url", "phoenix_collector_endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("phoenix_collector_endpoint")
+    @classmethod
+    def _phoenix_base(cls, value: str) -> str:
+        """Accept the OTLP path too; routerq derives /v1/traces and /graphql from the base."""
+        return value.removesuffix("/v1/traces")
+
+    @property
+    def api_key(self) -> str:
+        return self.openrouter_api_key.get_secret_value() if self.openrouter_api_key else ""
+
+    @property
+    def secrets(self) -> list[str]:
+        """Values that must never leave the process in spans, logs, results or errors."""
+        keys = (self.openrouter_api_key, self.phoenix_api_key)
+        return [k.get_secret_value() for k in keys if k and k.get_secret_value()]
+
+
+def load_settings() -> Settings:
+    """Read the environment, turning pydantic's error into one line per bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ".".join(str(part) for part in err["loc"]) or "settings"
+            lines.append(f"{name}: {err['msg']}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,78 @@
+"""Session-wide real services: redis-server, phoenix serve, the fake OpenRouter, a prefork worker."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from routerq.localstack import (
+    Service,
+    free_port,
+    start_fake_openrouter,
+    start_phoenix,
+    start_redis,
+    start_worker,
+)
+from routerq.settings import Settings
+
+
+@dataclass
+class Stack:
+    redis: Service
+    phoenix: Service
+    fake: Service
+    worker: Service
+    api_key: str
+    env: dict[str, str]
+    project: str
+    tmp: Path
+
+    @property
+    def fake_base(self) -> str:
+        return self.fake.url.removesuffix("/api/v1")
+
+    def settings(self, **overrides: str) -> Settings:
+        return Settings(**{**self.env, **overrides})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("stack")
+    api_key = "sk-or-v1-" + secrets.token_hex(24)
+    services: list[Service] = []
+    try:
+        redis_service = start_redis(free_port(), tmp / "redis")
+        services.append(redis_service)
+        fake = start_fake_openrouter(free_port(), tmp / "logs", keys=[api_key])
+        services.append(fake)
+        phoenix = start_phoenix(free_port(), free_port(), tmp / "phoenix")
+        services.append(phoenix)
+        project = "routerq-tests"
+        env = {
+            "REDIS_URL": redis_service.url,
+            "OPENROUTER_API_KEY": api_key,
+            "OPENROUTER_BASE_URL": fake.url,
+            "OPENROUTER_HTTP_REFERER": "https://example.test/routerq",
+            "OPENROUTER_TIMEOUT": "30",
+            "PHOENIX_COLLECTOR_ENDPOINT": phoenix.url,
+            "PHOENIX_PROJECT_NAME": project,
+            "PHOENIX_DISCOVER_CONFIG": "false",
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        worker = start_worker(env, tmp / "logs", concurrency=4, pool="prefork")
+        services.append(worker)
+        yield Stack(redis_service, phoenix, fake, worker, api_key, env, project, tmp)
+    finally:
+        for service in reversed(services):
+            service.stop()
+        for key, value in locals().get("saved", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,34 @@
+"""The Celery app: Redis broker, JSON only, late acks. Shared by producers (to publish) and workers."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from routerq.settings import Settings
+
+TASK_NAME = "routerq.run_job"
+
+
+def create_app(settings: Settings) -> Celery:
+    app = Celery("routerq", broker=settings.redis_url, backend=settings.redis_url, set_as_current=True)
+    transport = {"visibility_timeout": settings.visibility_timeout}
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,  # outcomes live in routerq's result store, one copy each
+        task_default_queue=settings.queue,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=False,
+    )
+    app.conf.routerq_settings = settings
+    from worker import tasks
+
+    tasks.register(app)
+    return app

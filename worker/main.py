@@ -1,0 +1,51 @@
+"""Starting a worker: the Celery app plus tracing wired around fork, flush and log redaction."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
+
+from routerq import telemetry
+from routerq.redaction import RedactingFilter
+from routerq.settings import Settings
+from worker.app import create_app
+
+POOLS = ("prefork", "threads", "solo", "gevent", "eventlet")
+
+
+def run_worker(settings: Settings, concurrency: int, pool: str, loglevel: str = "INFO") -> None:
+    """Blocks until the worker stops. Prefork children set up tracing after fork, others up front."""
+    app = create_app(settings)
+
+    def redact_logs(logger: logging.Logger, **_: Any) -> None:
+        log_filter = RedactingFilter(settings.secrets)
+        for handler in logger.handlers:
+            handler.addFilter(log_filter)
+
+    after_setup_logger.connect(redact_logs, weak=False)
+    after_setup_task_logger.connect(redact_logs, weak=False)
+    if pool == "prefork":
+        worker_process_init.connect(lambda **_: telemetry.setup_tracing(settings), weak=False)
+        worker_process_shutdown.connect(lambda **_: telemetry.flush(), weak=False)
+    else:
+        telemetry.setup_tracing(settings)
+    worker_shutdown.connect(lambda **_: telemetry.shutdown(), weak=False)
+    app.worker_main(
+        [
+            "worker",
+            f"--concurrency={concurrency}",
+            f"--pool={pool}",
+            f"--queues={settings.queue}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )

@@ -1,0 +1,173 @@
+"""The OpenRouter client: the official `openai` client, plus the OpenRouter facts it does not know.
+
+OpenRouter reports some failures as HTTP 200 with an `error` object, or with no usable choices. The
+transport below turns those into the HTTP error they really are, so the openai client raises, the
+OpenInference span is marked ERROR, and no caller can mistake them for answers. It also copies what
+only OpenRouter returns (cost, upstream provider, generation id) onto the current LLM span.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+from openai.types import Completion, CreateEmbeddingResponse
+from openai.types.chat import ChatCompletion
+from opentelemetry import trace
+
+from routerq.jobs import Job, JobError, JobKind, Usage
+from routerq.redaction import redact
+from routerq.settings import Settings
+from routerq.spans import annotate_llm_span
+
+ORIGINAL_STATUS_HEADER = "x-routerq-original-status"
+_CAST = {JobKind.CHAT: ChatCompletion, JobKind.COMPLETION: Completion, JobKind.EMBEDDING: CreateEmbeddingResponse}
+
+
+def _json_body(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def unusable_reason(path: str, body: Any) -> str | None:
+    """Why a 200 body is not an answer, or None when it is one."""
+    if not isinstance(body, dict):
+        return "answer is not a JSON object"
+    if path.endswith("/embeddings"):
+        data = body.get("data")
+        if not data or not all(isinstance(d, dict) and d.get("embedding") for d in data):
+            return "answer has no embeddings"
+        return None
+    choices = body.get("choices")
+    if not choices or not isinstance(choices[0], dict):
+        return "answer has no choices"
+    choice = choices[0]
+    if choice.get("finish_reason") == "error":
+        return "generation ended with finish_reason=error"
+    if path.endswith("/chat/completions"):
+        message = choice.get("message") or {}
+        if not message.get("content") and not message.get("tool_calls") and not message.get("refusal"):
+            return "answer has an empty message"
+    elif not isinstance(choice.get("text"), str):
+        return "answer has no text"
+    return None
+
+
+class OpenRouterTransport(httpx.BaseTransport):
+    """Normalizes OpenRouter's answers at the HTTP layer, inside the LLM span."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self._inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self._inner.handle_request(request)
+        response.read()
+        body = _json_body(response)
+        annotate_llm_span(trace.get_current_span(), response.status_code, body)
+        if response.status_code != 200 or request.method != "POST":
+            return response
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict):
+            status = error.get("code") if isinstance(error.get("code"), int) else 502
+            return self._as_error(response, request, status if status >= 400 else 502, {"error": error})
+        reason = unusable_reason(request.url.path, body)
+        if reason:
+            problem = {"error": {"code": 502, "message": f"unusable answer from OpenRouter: {reason}"}}
+            return self._as_error(response, request, 502, problem)
+        return response
+
+    @staticmethod
+    def _as_error(
+        original: httpx.Response, request: httpx.Request, status: int, body: dict[str, Any]
+    ) -> httpx.Response:
+        headers = {
+            k: v
+            for k, v in original.headers.items()
+            if k.lower() not in ("content-length", "content-encoding", "transfer-encoding")
+        }
+        headers[ORIGINAL_STATUS_HEADER] = str(original.status_code)
+        return httpx.Response(status, headers=headers, content=json.dumps(body).encode(), request=request)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@dataclass
+class UpstreamAnswer:
+    """What one call produced: the raw OpenAI-compatible body, or an error in batch-format terms."""
+
+    response: dict[str, Any] | None
+    error: JobError | None
+
+    @property
+    def usage(self) -> Usage | None:
+        raw = (self.response or {}).get("usage")
+        return Usage.model_validate(raw) if isinstance(raw, dict) else None
+
+
+class OpenRouterClient:
+    def __init__(self, settings: Settings) -> None:
+        self._secrets = settings.secrets
+        headers = {"X-OpenRouter-Title": settings.openrouter_app_title, "X-Title": settings.openrouter_app_title}
+        if settings.openrouter_http_referer:
+            headers["HTTP-Referer"] = settings.openrouter_http_referer
+        timeout = httpx.Timeout(settings.openrouter_timeout, connect=min(10.0, settings.openrouter_timeout))
+        self._client = openai.OpenAI(
+            api_key=settings.api_key or "missing-openrouter-api-key",
+            base_url=settings.openrouter_base_url,
+            timeout=timeout,
+            max_retries=0,  # routerq owns retries; one budget, one place
+            default_headers=headers,
+            http_client=httpx.Client(
+                transport=OpenRouterTransport(httpx.HTTPTransport()),
+                timeout=timeout,
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            ),
+        )
+
+    def call(self, job: Job) -> UpstreamAnswer:
+        """One attempt. The request body goes upstream exactly as the job gave it."""
+        try:
+            answer = self._client.post(job.kind.path, cast_to=_CAST[job.kind], body=job.body)
+        except openai.APIStatusError as exc:
+            return UpstreamAnswer(None, self._status_error(exc))
+        except openai.APITimeoutError:
+            return UpstreamAnswer(None, JobError(code="timeout", message="OpenRouter did not answer in time"))
+        except openai.APIConnectionError as exc:
+            message = redact(f"cannot reach OpenRouter: {exc.__cause__ or exc}", self._secrets)
+            return UpstreamAnswer(None, JobError(code="connection_error", message=message))
+        return UpstreamAnswer(answer.to_dict(mode="json"), None)
+
+    def _status_error(self, exc: openai.APIStatusError) -> JobError:
+        body = _json_body(exc.response)
+        error = body.get("error") if isinstance(body, dict) else None
+        error = error if isinstance(error, dict) else {}
+        message = str(error.get("message") or exc.response.text or exc.message)
+        return JobError(
+            code=_error_code(exc.status_code),
+            message=redact(message, self._secrets),
+            status_code=exc.status_code,
+            metadata=error.get("metadata") if isinstance(error.get("metadata"), dict) else None,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _error_code(status: int) -> str:
+    """OpenAI batch-style codes, so routerq's error lines read like OpenAI's."""
+    return {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        402: "insufficient_credits",
+        403: "moderation_blocked",
+        404: "not_found",
+        408: "timeout",
+        422: "invalid_request_error",
+        429: "rate_limit_exceeded",
+    }.get(status, "server_error" if status >= 500 else f"http_{status}")

@@ -1,0 +1,38 @@
+"""Per-process worker state: clients are built lazily in each process (after fork), never shared."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from celery import Celery
+
+from routerq.pricing import PhoenixPricing
+from routerq.settings import Settings
+from routerq.store import ResultStore, connect
+from worker.openrouter import OpenRouterClient
+
+
+@dataclass
+class Runtime:
+    store: ResultStore
+    openrouter: OpenRouterClient
+    pricing: PhoenixPricing
+
+
+_runtime: Runtime | None = None
+_pid: int | None = None
+
+
+def runtime(app: Celery) -> Runtime:
+    global _runtime, _pid
+    if _runtime is None or _pid != os.getpid():
+        settings: Settings = app.conf.routerq_settings
+        client = connect(settings.redis_url)
+        _runtime = Runtime(
+            store=ResultStore(client, settings.result_ttl),
+            openrouter=OpenRouterClient(settings),
+            pricing=PhoenixPricing(settings, client),
+        )
+        _pid = os.getpid()
+    return _runtime
