@@ -70,7 +70,9 @@ class Producer:
     def submit(self, job: Job) -> JobHandle:
         with self._job_span("routerq.enqueue", job) as span:
             self._publish(job)
-            span.set_attribute(SpanAttributes.OUTPUT_VALUE, json.dumps({"job_id": job.id, "status": "queued"}))
+            span.set_attribute(
+                SpanAttributes.OUTPUT_VALUE, json.dumps({"job_id": job.id, "status": "queued"})
+            )
             span.set_attribute(SpanAttributes.OUTPUT_MIME_TYPE, "application/json")
         return JobHandle(job, self.store)
 

@@ -12,8 +12,10 @@ from rich.console import Console
 from routerq.jobs import Job, JobKind
 from routerq.settings import Settings, SettingsError, load_settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="LLM jobs on a Redis queue, traced in Phoenix.")
-err = Console(stderr=True)
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="LLM jobs on a Redis queue, traced in Phoenix."
+)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
 def _settings() -> Settings:
@@ -43,11 +45,16 @@ def worker(
 ) -> None:
     """Run a worker that takes jobs from Redis and calls OpenRouter."""
     from worker.main import POOLS, run_worker
+    from worker.preflight import PreflightError
 
     if pool not in POOLS:
         err.print(f"[red]--pool must be one of {', '.join(POOLS)}[/red]")
         raise typer.Exit(2)
-    run_worker(_settings(), concurrency, pool, loglevel)
+    try:
+        run_worker(_settings(), concurrency, pool, loglevel)
+    except PreflightError as exc:
+        err.print(f"[red]routerq worker: {exc}[/red]")
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -133,6 +140,15 @@ def demo(
     from routerq.demo import run_demo
 
     sys.exit(run_demo(keep=keep))
+
+
+@app.command()
+def down() -> None:
+    """Stop a local stack that `routerq demo` left running."""
+    from routerq.demo import stop_recorded
+
+    stopped = stop_recorded()
+    err.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop")
 
 
 if __name__ == "__main__":

@@ -169,7 +169,11 @@ def create_app(state: FakeState) -> Starlette:
         if kind == "chat":
             message = {"role": "assistant", "content": "" if "empty" in directives else text}
             choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "stop"}
-            return {"object": "chat.completion", "choices": [] if "empty" in directives else [choice], "usage": usage}
+            return {
+                "object": "chat.completion",
+                "choices": [] if "empty" in directives else [choice],
+                "usage": usage,
+            }
         choices = [] if "empty" in directives else [{"index": 0, "text": text, "finish_reason": "stop"}]
         return {"object": "text_completion", "choices": choices, "usage": usage}
 
@@ -196,6 +200,19 @@ def create_app(state: FakeState) -> Starlette:
     async def generation(request: Request) -> Response:
         found = state.generations.get(request.query_params.get("id", ""))
         return JSONResponse({"data": found}) if found else _error(404, "Generation not found")
+
+    async def key_info(request: Request) -> Response:
+        key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not key or (state.keys and key not in state.keys):
+            return _error(401, "No auth credentials found" if not key else "User not found.")
+        data = {
+            "label": "sk-or-v1-...",
+            "limit": None,
+            "limit_remaining": None,
+            "usage": 0,
+            "is_free_tier": False,
+        }
+        return JSONResponse({"data": data})
 
     async def calls(_: Request) -> Response:
         return JSONResponse({"total": len(state.calls), "calls": state.calls})
@@ -226,6 +243,7 @@ def create_app(state: FakeState) -> Starlette:
             Route("/api/v1/embeddings", endpoint("embedding"), methods=["POST"]),
             Route("/api/v1/models", models),
             Route("/api/v1/generation", generation),
+            Route("/api/v1/key", key_info),
             Route("/_fake/calls", calls),
             Route("/_fake/reset", reset, methods=["POST"]),
             Route("/_fake/config", configure, methods=["POST"]),

@@ -73,9 +73,9 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, service: Se
     raise StackError(f"{what}: not ready after {timeout} s\n{tail}")
 
 
-def _spawn(name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None) -> tuple[
-    subprocess.Popen[bytes], Path
-]:
+def _spawn(
+    name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with log_path.open("ab") as log_file:
@@ -110,6 +110,21 @@ def start_redis(port: int, data_dir: Path, password: str | None = None) -> Servi
     return service
 
 
+def find_phoenix() -> str:
+    """The `phoenix` server command: ROUTERQ_PHOENIX_BIN, the project's .venv-phoenix, or PATH."""
+    candidates = [
+        os.environ.get("ROUTERQ_PHOENIX_BIN"),
+        str(Path(__file__).resolve().parent.parent / ".venv-phoenix" / "bin" / "phoenix"),
+        shutil.which("phoenix"),
+    ]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise StackError(
+        "Phoenix server not found: run `make install` (it creates .venv-phoenix) or set ROUTERQ_PHOENIX_BIN"
+    )
+
+
 def start_phoenix(port: int, grpc_port: int, data_dir: Path) -> Service:
     env = {
         "PHOENIX_PORT": str(port),
@@ -118,7 +133,7 @@ def start_phoenix(port: int, grpc_port: int, data_dir: Path) -> Service:
         "PHOENIX_WORKING_DIR": str(data_dir),
         "PHOENIX_TELEMETRY_ENABLED": "false",
     }
-    argv = [sys.executable, "-m", "phoenix.server.main", "serve"]
+    argv = [find_phoenix(), "serve"]
     process, log_path = _spawn(f"phoenix-{port}", argv, data_dir, env)
     url = f"http://127.0.0.1:{port}"
     service = Service("phoenix", process, url, log_path)
@@ -126,15 +141,27 @@ def start_phoenix(port: int, grpc_port: int, data_dir: Path) -> Service:
     return service
 
 
-def start_fake_openrouter(port: int, log_dir: Path, keys: list[str] | None = None, latency_ms: float = 0) -> Service:
-    argv = [sys.executable, "-m", "routerq.fake_openrouter", "--port", str(port), "--latency-ms", str(latency_ms)]
+def start_fake_openrouter(
+    port: int, log_dir: Path, keys: list[str] | None = None, latency_ms: float = 0
+) -> Service:
+    argv = [
+        sys.executable,
+        "-m",
+        "routerq.fake_openrouter",
+        "--port",
+        str(port),
+        "--latency-ms",
+        str(latency_ms),
+    ]
     for key in keys or []:
         argv += ["--key", key]
     process, log_path = _spawn(f"fake-openrouter-{port}", argv, log_dir)
     url = f"http://127.0.0.1:{port}/api/v1"
     service = Service("fake-openrouter", process, url, log_path)
     base = f"http://127.0.0.1:{port}"
-    wait_until(lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, 30, "fake openrouter", service)
+    wait_until(
+        lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, 30, "fake openrouter", service
+    )
     return service
 
 

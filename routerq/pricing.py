@@ -40,7 +40,9 @@ class PhoenixPricing:
         headers = {}
         if settings.phoenix_api_key:
             headers["Authorization"] = f"Bearer {settings.phoenix_api_key.get_secret_value()}"
-        self._phoenix = httpx.Client(base_url=settings.phoenix_collector_endpoint, headers=headers, timeout=10)
+        self._phoenix = httpx.Client(
+            base_url=settings.phoenix_collector_endpoint, headers=headers, timeout=10
+        )
         self._openrouter = httpx.Client(base_url=settings.openrouter_base_url, timeout=20)
 
     @property
@@ -75,7 +77,7 @@ class PhoenixPricing:
             ready = time.time() + self._settings.phoenix_pricing_settle
             self._redis.set(key, repr(ready), nx=True, ex=7 * 24 * 3600)
             ready_at = self._redis.get(key)
-        wait = float(ready_at or 0) - time.time()  # type: ignore[arg-type]
+        wait = float(ready_at or 0) - time.time()
         if wait > 0:
             time.sleep(wait)
 

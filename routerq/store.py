@@ -39,7 +39,7 @@ class ResultStore:
 
     def get(self, job_id: str) -> JobResult | None:
         raw = self._redis.get(RESULT_KEY.format(job_id=job_id))
-        return JobResult.model_validate_json(raw) if raw else None  # type: ignore[arg-type]
+        return JobResult.model_validate_json(raw) if raw else None
 
     def wait(self, job_id: str, timeout: float | None) -> JobResult:
         """Poll with a growing interval; jobs take seconds, so this costs a few round trips."""

@@ -43,7 +43,7 @@ def setup_tracing(settings: Settings) -> TracerProvider | None:
         set_global_tracer_provider=True,
         verbose=False,
     )
-    for instrumentor in (OpenAIInstrumentor(), CeleryInstrumentor()):
+    for instrumentor in (OpenAIInstrumentor(), CeleryInstrumentor()):  # type: ignore[no-untyped-call]
         if instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.uninstrument()
         instrumentor.instrument(tracer_provider=provider)

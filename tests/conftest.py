@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 
@@ -76,3 +80,31 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+ROUTERQ = str(Path(sys.executable).with_name("routerq"))
+
+
+def routerq(
+    stack: Stack, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> CompletedProcess[str]:
+    """Run the real `routerq` command, as a user would, against the test stack."""
+    return subprocess.run(
+        [ROUTERQ, *args],
+        env={**os.environ, **stack.env, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@contextmanager
+def extra_worker(stack: Stack, name: str, **env: str) -> Iterator[tuple[Service, Settings]]:
+    """A second worker on its own queue, with some settings changed."""
+    full_env = {**stack.env, "ROUTERQ_QUEUE": name, **env}
+    service = start_worker(full_env, stack.tmp / "logs", name=name, concurrency=2)
+    try:
+        yield service, Settings(**full_env)  # type: ignore[arg-type]
+    finally:
+        service.stop()

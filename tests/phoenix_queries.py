@@ -11,7 +11,9 @@ from phoenix.client import Client
 Span = dict[str, Any]
 
 
-def trace_spans(phoenix_url: str, project: str, trace_id: str, expect: int, timeout: float = 60) -> list[Span]:
+def trace_spans(
+    phoenix_url: str, project: str, trace_id: str, expect: int, timeout: float = 60
+) -> list[Span]:
     """Poll until the trace holds `expect` spans; Phoenix ingests asynchronously."""
     client = Client(base_url=phoenix_url)
     deadline = time.monotonic() + timeout
@@ -44,7 +46,9 @@ def span_cost(phoenix_url: str, span: Span, timeout: float = 30) -> float | None
     deadline = time.monotonic() + timeout
     cost = None
     while time.monotonic() < deadline:
-        response = httpx.post(f"{phoenix_url}/graphql", json={"query": query, "variables": {"id": span["id"]}})
+        response = httpx.post(
+            f"{phoenix_url}/graphql", json={"query": query, "variables": {"id": span["id"]}}
+        )
         response.raise_for_status()
         cost = response.json()["data"]["node"]["costSummary"]["total"]["cost"]
         if cost is not None:

@@ -37,7 +37,9 @@ def fake_calls(stack: Stack) -> list[dict[str, object]]:
 
 
 def chat_job(prompt: str, **fields: object) -> Job:
-    return Job(kind=JobKind.CHAT, body={"model": CHAT, "messages": [{"role": "user", "content": prompt}]}, **fields)
+    return Job(
+        kind=JobKind.CHAT, body={"model": CHAT, "messages": [{"role": "user", "content": prompt}]}, **fields
+    )
 
 
 @pytest.mark.parametrize(("kind", "model", "request_body", "llm_span", "llm_kind"), KINDS)

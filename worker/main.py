@@ -17,12 +17,14 @@ from routerq import telemetry
 from routerq.redaction import RedactingFilter
 from routerq.settings import Settings
 from worker.app import create_app
+from worker.preflight import check_api_key
 
 POOLS = ("prefork", "threads", "solo", "gevent", "eventlet")
 
 
 def run_worker(settings: Settings, concurrency: int, pool: str, loglevel: str = "INFO") -> None:
     """Blocks until the worker stops. Prefork children set up tracing after fork, others up front."""
+    check_api_key(settings)
     app = create_app(settings)
 
     def redact_logs(logger: logging.Logger, **_: Any) -> None:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import httpx2
 import openai
 from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
@@ -24,10 +24,14 @@ from routerq.settings import Settings
 from routerq.spans import annotate_llm_span
 
 ORIGINAL_STATUS_HEADER = "x-routerq-original-status"
-_CAST = {JobKind.CHAT: ChatCompletion, JobKind.COMPLETION: Completion, JobKind.EMBEDDING: CreateEmbeddingResponse}
+_CAST: dict[JobKind, type[ChatCompletion | Completion | CreateEmbeddingResponse]] = {
+    JobKind.CHAT: ChatCompletion,
+    JobKind.COMPLETION: Completion,
+    JobKind.EMBEDDING: CreateEmbeddingResponse,
+}
 
 
-def _json_body(response: httpx.Response) -> Any:
+def _json_body(response: httpx2.Response) -> Any:
     try:
         return response.json()
     except ValueError:
@@ -58,13 +62,13 @@ def unusable_reason(path: str, body: Any) -> str | None:
     return None
 
 
-class OpenRouterTransport(httpx.BaseTransport):
+class OpenRouterTransport(httpx2.BaseTransport):
     """Normalizes OpenRouter's answers at the HTTP layer, inside the LLM span."""
 
-    def __init__(self, inner: httpx.BaseTransport) -> None:
+    def __init__(self, inner: httpx2.BaseTransport) -> None:
         self._inner = inner
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         response = self._inner.handle_request(request)
         response.read()
         body = _json_body(response)
@@ -73,8 +77,9 @@ class OpenRouterTransport(httpx.BaseTransport):
             return response
         error = body.get("error") if isinstance(body, dict) else None
         if isinstance(error, dict):
-            status = error.get("code") if isinstance(error.get("code"), int) else 502
-            return self._as_error(response, request, status if status >= 400 else 502, {"error": error})
+            code = error.get("code")
+            status = code if isinstance(code, int) and code >= 400 else 502
+            return self._as_error(response, request, status, {"error": error})
         reason = unusable_reason(request.url.path, body)
         if reason:
             problem = {"error": {"code": 502, "message": f"unusable answer from OpenRouter: {reason}"}}
@@ -83,15 +88,15 @@ class OpenRouterTransport(httpx.BaseTransport):
 
     @staticmethod
     def _as_error(
-        original: httpx.Response, request: httpx.Request, status: int, body: dict[str, Any]
-    ) -> httpx.Response:
+        original: httpx2.Response, request: httpx2.Request, status: int, body: dict[str, Any]
+    ) -> httpx2.Response:
         headers = {
             k: v
             for k, v in original.headers.items()
             if k.lower() not in ("content-length", "content-encoding", "transfer-encoding")
         }
         headers[ORIGINAL_STATUS_HEADER] = str(original.status_code)
-        return httpx.Response(status, headers=headers, content=json.dumps(body).encode(), request=request)
+        return httpx2.Response(status, headers=headers, content=json.dumps(body).encode(), request=request)
 
     def close(self) -> None:
         self._inner.close()
@@ -113,27 +118,30 @@ class UpstreamAnswer:
 class OpenRouterClient:
     def __init__(self, settings: Settings) -> None:
         self._secrets = settings.secrets
-        headers = {"X-OpenRouter-Title": settings.openrouter_app_title, "X-Title": settings.openrouter_app_title}
+        title = settings.openrouter_app_title
+        headers = {"X-OpenRouter-Title": title, "X-Title": title}
         if settings.openrouter_http_referer:
             headers["HTTP-Referer"] = settings.openrouter_http_referer
-        timeout = httpx.Timeout(settings.openrouter_timeout, connect=min(10.0, settings.openrouter_timeout))
+        timeout = httpx2.Timeout(settings.openrouter_timeout, connect=min(10.0, settings.openrouter_timeout))
         self._client = openai.OpenAI(
             api_key=settings.api_key or "missing-openrouter-api-key",
             base_url=settings.openrouter_base_url,
             timeout=timeout,
             max_retries=0,  # routerq owns retries; one budget, one place
             default_headers=headers,
-            http_client=httpx.Client(
-                transport=OpenRouterTransport(httpx.HTTPTransport()),
+            http_client=httpx2.Client(
+                transport=OpenRouterTransport(httpx2.HTTPTransport()),
                 timeout=timeout,
-                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                limits=httpx2.Limits(max_connections=256, max_keepalive_connections=64),
             ),
         )
 
     def call(self, job: Job) -> UpstreamAnswer:
         """One attempt. The request body goes upstream exactly as the job gave it."""
         try:
-            answer = self._client.post(job.kind.path, cast_to=_CAST[job.kind], body=job.body)
+            answer: ChatCompletion | Completion | CreateEmbeddingResponse = self._client.post(
+                job.kind.path, cast_to=_CAST[job.kind], body=job.body
+            )
         except openai.APIStatusError as exc:
             return UpstreamAnswer(None, self._status_error(exc))
         except openai.APITimeoutError:

@@ -1,0 +1,10 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY routerq ./routerq
+COPY producer ./producer
+COPY worker ./worker
+RUN pip install --no-cache-dir . && useradd --create-home routerq
+USER routerq
+ENTRYPOINT ["routerq"]
+CMD ["worker", "--concurrency", "32"]
