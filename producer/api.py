@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -41,8 +40,8 @@ class JobHandle:
 class Producer:
     def __init__(self, settings: Settings | None = None, *, tracing: bool = True) -> None:
         self.settings = settings or get_settings()
-        if tracing and telemetry.setup_tracing(self.settings) is not None:
-            atexit.register(telemetry.flush)
+        if tracing:
+            telemetry.setup_tracing(self.settings)
         self.app = create_app(self.settings)
         self.store = ResultStore(connect(self.settings.redis_url), self.settings.result_ttl)
 

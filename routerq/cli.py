@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
+from routerq.batches import Batch
 from routerq.jobs import Job, JobKind
 from routerq.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from producer.batch import BatchClient
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="LLM jobs on a Redis queue, traced in Phoenix."
@@ -119,6 +126,192 @@ def enqueue(
         print(result.text)
     finally:
         producer.close()
+
+
+def _batch_client() -> BatchClient:
+    from producer.batch import BatchClient
+
+    return BatchClient(_settings())
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]{message}[/red]")
+    return typer.Exit(code)
+
+
+def _progress_until_done(client: BatchClient, batch_id: str) -> Batch:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task(batch_id, total=None, detail="")
+
+        def show(batch: Batch) -> None:
+            detail = (
+                f"ok {batch.succeeded} failed {batch.failed} cancelled {batch.cancelled} ${batch.cost:.6f}"
+            )
+            progress.update(task, total=batch.total, completed=batch.done, detail=detail)
+
+        return client.wait(batch_id, show)
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="OpenAI Batch input (.jsonl)")],
+    name: Annotated[str, typer.Option(help="a name for the batch")] = "",
+    metadata: Annotated[list[str] | None, typer.Option(help="key=value, repeatable")] = None,
+    model: Annotated[str | None, typer.Option(help="model for lines whose body has none")] = None,
+    session: Annotated[str | None, typer.Option(help="Phoenix session (default: the batch id)")] = None,
+    user: Annotated[str | None, typer.Option(help="user id for every line")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="same key + same file = same batch")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="show progress until the batch ends")] = False,
+) -> None:
+    """Validate a whole batch file, then enqueue all of its lines. Prints the batch id last on stdout."""
+    from producer.batch import BatchError, BatchFileError
+
+    client = _batch_client()
+    try:
+        submitted = client.submit(
+            file,
+            name=name,
+            metadata=_pairs(metadata or [], "--metadata"),
+            model=model,
+            session_id=session,
+            user_id=user,
+            idempotency_key=idempotency_key,
+        )
+    except BatchFileError as exc:
+        for error in exc.validation.errors:
+            err.print(error.render(str(file)), markup=False)
+        hidden = exc.validation.error_count - len(exc.validation.errors)
+        if hidden > 0:
+            err.print(f"... and {hidden} more bad line(s)")
+        raise _fail(f"{file}: {exc.validation.error_count} bad line(s); nothing was enqueued") from None
+    except BatchError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        telemetry_flush()
+    batch = submitted.batch
+    verb = "exists already (same idempotency key)" if submitted.existing else f"enqueued {batch.total} lines"
+    err.print(f"batch {batch.id}: {verb}")
+    if wait:
+        batch = _progress_until_done(client, batch.id)
+        err.print(
+            f"batch {batch.id} {batch.status.value}: {batch.succeeded} succeeded, {batch.failed} failed"
+        )
+    print(batch.id)
+    if wait and (batch.failed or batch.cancelled):
+        raise typer.Exit(1)
+
+
+def telemetry_flush() -> None:
+    from routerq import telemetry
+
+    telemetry.flush()
+
+
+def _describe(batch: Batch) -> str:
+    now = time.time()
+    started = batch.in_progress_at or batch.created_at
+    elapsed = (batch.completed_at or batch.cancelled_at or now) - started
+    rate = batch.done / elapsed if elapsed > 0 else 0.0
+    remaining = batch.total - batch.done
+    eta = f"{remaining / rate:.0f} s" if rate > 0 and not batch.status.final else "-"
+    lines = [
+        f"batch      {batch.id}" + (f" ({batch.name})" if batch.name else ""),
+        f"status     {batch.status.value}" + (f": {batch.reason}" if batch.reason else ""),
+        f"lines      {batch.total} total: {batch.queued} queued, {batch.running} running, "
+        f"{batch.succeeded} succeeded, {batch.failed} failed, {batch.cancelled} cancelled",
+        f"tokens     {batch.prompt_tokens} in, {batch.completion_tokens} out",
+        f"cost       ${batch.cost:.6f}",
+        f"throughput {rate:.1f} lines/s, ETA {eta}",
+    ]
+    return "\n".join(lines)
+
+
+@app.command()
+def status(
+    batch_id: Annotated[str, typer.Argument(metavar="BATCH")],
+    watch: Annotated[bool, typer.Option("--watch", help="refresh until the batch ends")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="OpenAI-style batch object")] = False,
+) -> None:
+    """State, counts, tokens, cost, throughput and ETA of a batch."""
+    from producer.batch import BatchError
+
+    client = _batch_client()
+    try:
+        if watch and not as_json:
+            _progress_until_done(client, batch_id)
+        batch = client.get(batch_id)
+    except BatchError as exc:
+        raise _fail(str(exc)) from None
+    print(json.dumps(batch.openai_object(), indent=2) if as_json else _describe(batch))
+
+
+@app.command()
+def batches(limit: Annotated[int, typer.Option(help="how many")] = 20) -> None:
+    """List batches, newest first."""
+    client = _batch_client()
+    for batch in client.list(limit):
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(batch.created_at))
+        print(
+            f"{batch.id}  {batch.status.value:<11} {batch.done:>7}/{batch.total:<7} {created}  {batch.name}"
+        )
+
+
+@app.command()
+def results(
+    batch_id: Annotated[str, typer.Argument(metavar="BATCH")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="output .jsonl")],
+    errors: Annotated[Path | None, typer.Option("--errors", help="failed lines go here instead")] = None,
+) -> None:
+    """Write OpenAI Batch output lines in the input file's order."""
+    from producer.batch import BatchError
+
+    client = _batch_client()
+    try:
+        batch = client.get(batch_id)
+    except BatchError as exc:
+        raise _fail(str(exc)) from None
+    with output.open("wb") as out, errors.open("wb") if errors else nullcontext() as err_file:
+        written = client.write_results(batch, out, err_file)
+    err.print(f"{written.written} succeeded and {written.errors} failed line(s) written")
+    if written.unfinished:
+        err.print(
+            f"batch is {batch.status.value}: {written.unfinished} line(s) not finished yet, not written"
+        )
+
+
+@app.command()
+def cancel(batch_id: Annotated[str, typer.Argument(metavar="BATCH")]) -> None:
+    """Stop a batch: queued lines are never sent upstream; running ones finish."""
+    from producer.batch import BatchError
+
+    client = _batch_client()
+    try:
+        batch = client.cancel(batch_id)
+    except BatchError as exc:
+        raise _fail(str(exc)) from None
+    err.print(f"batch {batch.id} is {batch.status.value}")
+
+
+@app.command()
+def retry(batch_id: Annotated[str, typer.Argument(metavar="BATCH")]) -> None:
+    """Re-run only the failed lines of a batch."""
+    from producer.batch import BatchError
+
+    client = _batch_client()
+    try:
+        count = client.retry(batch_id)
+    except BatchError as exc:
+        raise _fail(str(exc)) from None
+    err.print(f"re-enqueued {count} failed line(s) of {batch_id}")
 
 
 @app.command("fake-openrouter")

@@ -3,7 +3,8 @@
 Used by the tests and by `make demo` when no OPENROUTER_API_KEY is set. Answers are deterministic
 (`fake_answer`, `fake_embedding`) so tests can compute what a real call would have returned.
 Directives inside a prompt trigger faults for that request:
-  [[status:429]] (with [[retry-after:2]]), [[200-error]], [[empty]], [[broken]], [[slow:1.5]].
+  [[status:429]] (with [[retry-after:2]]), [[200-error]], [[empty]], [[broken]], [[slow:1.5]],
+  [[flaky:N]] (the first N calls with this exact prompt answer 500, later ones succeed).
 `POST /_fake/config` sets latency; `GET /_fake/calls` and `POST /_fake/reset` expose the call log.
 """
 
@@ -77,6 +78,7 @@ class FakeState:
     calls: list[dict[str, Any]] = field(default_factory=list)
     ids: itertools.count[int] = field(default_factory=itertools.count)
     generations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None, **metadata: Any) -> JSONResponse:
@@ -129,6 +131,10 @@ def create_app(state: FakeState) -> Starlette:
             await asyncio.sleep(delay)
         if model not in PRICES:
             return _error(400, f"{model} is not a valid model ID")
+        if "flaky" in directives:
+            state.seen[prompt] = state.seen.get(prompt, 0) + 1
+            if state.seen[prompt] <= int(directives["flaky"] or 1):
+                return _error(500, "fake flaky upstream error")
         if "status" in directives:
             status = int(directives["status"] or 500)
             headers = {"Retry-After": directives["retry-after"]} if "retry-after" in directives else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import base64
+import json
 import sys
 import time
 import uuid
@@ -70,13 +71,17 @@ class Job(BaseModel):
 
     @property
     def prompt_text(self) -> str:
-        """Human-readable input, for the producer span and logs."""
-        if self.kind is JobKind.CHAT:
-            messages = self.body.get("messages") or []
-            last = messages[-1].get("content", "") if messages and isinstance(messages[-1], dict) else ""
-            return last if isinstance(last, str) else str(last)
-        value = self.body.get("prompt" if self.kind is JobKind.COMPLETION else "input")
-        return value if isinstance(value, str) else str(value)
+        return prompt_of(self.kind, self.body)
+
+
+def prompt_of(kind: JobKind, body: dict[str, Any]) -> str:
+    """Human-readable input (the last message, the prompt, the text), for spans and logs."""
+    if kind is JobKind.CHAT:
+        messages = body.get("messages") or []
+        last = messages[-1].get("content", "") if messages and isinstance(messages[-1], dict) else ""
+        return last if isinstance(last, str) else json.dumps(last)
+    value = body.get("prompt" if kind is JobKind.COMPLETION else "input")
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 class Usage(BaseModel):

@@ -6,6 +6,7 @@ fork) and `flush` before they exit (children leave with os._exit, so atexit neve
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 
@@ -48,6 +49,7 @@ def setup_tracing(settings: Settings) -> TracerProvider | None:
             instrumentor.uninstrument()
         instrumentor.instrument(tracer_provider=provider)
     _provider, _pid = provider, os.getpid()
+    atexit.register(flush)  # producers exit normally; prefork children flush in worker_process_shutdown
     return provider
 
 

@@ -7,6 +7,7 @@ from celery import Celery
 from routerq.settings import Settings
 
 TASK_NAME = "routerq.run_job"
+LINE_TASK_NAME = "routerq.run_line"
 
 
 def create_app(settings: Settings) -> Celery:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from celery import Celery
 
+from routerq.batches import BatchStore
 from routerq.pricing import PhoenixPricing
 from routerq.settings import Settings
 from routerq.store import ResultStore, connect
@@ -16,6 +17,7 @@ from worker.openrouter import OpenRouterClient
 @dataclass
 class Runtime:
     store: ResultStore
+    batches: BatchStore
     openrouter: OpenRouterClient
     pricing: PhoenixPricing
 
@@ -31,6 +33,7 @@ def runtime(app: Celery) -> Runtime:
         client = connect(settings.redis_url)
         _runtime = Runtime(
             store=ResultStore(client, settings.result_ttl),
+            batches=BatchStore(client, settings.result_ttl),
             openrouter=OpenRouterClient(settings),
             pricing=PhoenixPricing(settings, client),
         )

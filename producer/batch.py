@@ -1,0 +1,300 @@
+"""Batches from the producer side: submit an OpenAI Batch file, follow it, cancel, retry, read results.
+
+Enqueueing is all-or-nothing: lines are staged in a private Redis list (pipelined, thousands per round
+trip) and moved onto the queue by one Lua script, so workers see every line of a batch or none.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from celery import Celery
+from openinference.semconv.trace import OpenInferenceSpanKindValues, SpanAttributes
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Status, StatusCode
+
+from routerq import telemetry
+from routerq.batch_file import BatchLine, Validation, read_lines, validate
+from routerq.batches import Batch, BatchStatus, BatchStore, Outcome, new_batch_id
+from routerq.jobs import JobKind, prompt_of
+from routerq.settings import Settings
+from routerq.spans import BATCH_ID, CUSTOM_ID
+from routerq.store import connect
+from worker.app import LINE_TASK_NAME, create_app
+
+
+class BatchFileError(ValueError):
+    def __init__(self, validation: Validation) -> None:
+        self.validation = validation
+        super().__init__(f"{validation.error_count} bad line(s)")
+
+
+class BatchError(RuntimeError):
+    pass
+
+
+@dataclass
+class Submitted:
+    batch: Batch
+    existing: bool  # True when an idempotency key returned an earlier batch
+
+
+@dataclass
+class ResultsWritten:
+    written: int
+    errors: int
+    unfinished: int
+
+
+class BatchClient:
+    def __init__(self, settings: Settings, app: Celery | None = None, *, tracing: bool = True) -> None:
+        self.settings = settings
+        if tracing:
+            telemetry.setup_tracing(settings)
+        self.app = app or create_app(settings)
+        self.redis = connect(settings.redis_url)
+        self.store = BatchStore(self.redis, settings.result_ttl)
+        self._origin = f"{os.getpid()}@{socket.gethostname()}"
+
+    # -- submit -------------------------------------------------------------------------------------
+    def submit(
+        self,
+        path: Path,
+        *,
+        name: str = "",
+        metadata: dict[str, str] | None = None,
+        model: str | None = None,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Submitted:
+        tracer = telemetry.tracer()
+        with tracer.start_as_current_span("routerq.submit", context=otel_context.Context()) as span:
+            span.set_attribute(
+                SpanAttributes.OPENINFERENCE_SPAN_KIND, OpenInferenceSpanKindValues.CHAIN.value
+            )
+            span.set_attribute(SpanAttributes.INPUT_VALUE, str(path))
+            validation = validate(path, model)
+            span.set_attribute("routerq.batch.lines", validation.lines)
+            if not validation.ok:
+                span.set_status(Status(StatusCode.ERROR, f"{validation.error_count} bad line(s)"))
+                raise BatchFileError(validation)
+            batch = Batch(
+                id=new_batch_id(),
+                name=name,
+                total=validation.lines,
+                metadata=dict(metadata or {}),
+                session_id=session_id,
+                user_id=user_id,
+                input_file=path.name,
+                digest=validation.digest,
+                idempotency_key=idempotency_key,
+            )
+            if idempotency_key:
+                earlier = self._claim(idempotency_key, batch)
+                if earlier is not None:
+                    span.set_attribute(BATCH_ID, earlier.id)
+                    span.set_attribute(SpanAttributes.OUTPUT_VALUE, f"{earlier.id} (existing)")
+                    return Submitted(earlier, existing=True)
+            span.set_attribute(BATCH_ID, batch.id)
+            span.set_attribute(SpanAttributes.SESSION_ID, session_id or batch.id)
+            self.store.create(batch)
+            try:
+                self._enqueue(batch, read_lines(path, model))
+            except Exception as exc:
+                raise self._enqueue_failed(batch, exc) from exc
+            span.set_attribute(SpanAttributes.OUTPUT_VALUE, batch.id)
+        return Submitted(self.get(batch.id), existing=False)
+
+    def _claim(self, key: str, batch: Batch) -> Batch | None:
+        owner = self.store.claim_idempotency_key(key, batch.id)
+        if owner is None:
+            return None
+        earlier = self.store.get(owner)
+        if earlier is None:  # expired: the key is free again
+            self.store.release_idempotency_key(key)
+            return self._claim(key, batch)
+        if earlier.digest != batch.digest:
+            raise BatchError(f"idempotency key {key!r} was used for batch {earlier.id} with a different file")
+        return earlier
+
+    def _enqueue(self, batch: Batch, lines: Iterable[BatchLine | Any]) -> None:
+        staging = self.store.key(batch.id, "staging")
+        indexed = ((index, line) for index, line in enumerate(lines) if isinstance(line, BatchLine))
+        self._stage_and_release(batch, indexed, staging)
+
+    def _stage_and_release(
+        self,
+        batch: Batch,
+        lines: Iterable[tuple[int, BatchLine | dict[str, Any]]],
+        staging: str,
+        chunk: int = 2000,
+    ) -> int:
+        self.redis.delete(staging)
+        pending: list[tuple[int, BatchLine | dict[str, Any]]] = []
+        for item in lines:
+            pending.append(item)
+            if len(pending) >= chunk:
+                self._stage(batch, pending, staging)
+        self._stage(batch, pending, staging)
+        return self.store.release(batch.id, staging, self.settings.queue)
+
+    def _stage(
+        self, batch: Batch, pending: list[tuple[int, BatchLine | dict[str, Any]]], staging: str
+    ) -> None:
+        if not pending:
+            return
+        now = time.time()
+        inputs: dict[int, str] = {}
+        messages: list[str] = []
+        for index, line in pending:
+            if isinstance(line, BatchLine):
+                inputs[index] = line.stored()
+                custom_id, prompt = line.custom_id, prompt_of(line.kind, line.body)
+            else:
+                custom_id, prompt = line["custom_id"], prompt_of(JobKind(line["kind"]), line["body"])
+            messages.append(self._message(batch, index, custom_id, prompt, now))
+        pipe = self.redis.pipeline(transaction=False)
+        if inputs:
+            pipe.hset(self.store.key(batch.id, "in"), mapping=inputs)  # type: ignore[arg-type]
+            pipe.expire(self.store.key(batch.id, "in"), self.settings.result_ttl)
+        pipe.lpush(staging, *messages)
+        pipe.expire(staging, 24 * 3600)
+        pipe.execute()
+        pending.clear()
+
+    def _message(self, batch: Batch, index: int, custom_id: str, prompt: str, now: float) -> str:
+        """A Celery protocol-2 message as kombu's Redis transport stores it, in its own trace."""
+        task_id = f"{batch.id}-{index}-{uuid.uuid4().hex[:8]}"
+        args = [batch.id, index, now]
+        message = self.app.amqp.as_task_v2(
+            task_id,
+            LINE_TASK_NAME,
+            args=args,
+            kwargs={},
+            origin=self._origin,
+            argsrepr=repr(args),
+            kwargsrepr="{}",
+        )
+        headers = dict(message.headers)
+        span = telemetry.tracer().start_span(
+            "routerq.line",
+            context=otel_context.Context(),
+            attributes={
+                SpanAttributes.OPENINFERENCE_SPAN_KIND: OpenInferenceSpanKindValues.CHAIN.value,
+                SpanAttributes.INPUT_VALUE: prompt,
+                SpanAttributes.OUTPUT_VALUE: f"queued as line {index} of {batch.id}",
+                SpanAttributes.SESSION_ID: batch.session_id or batch.id,
+                SpanAttributes.METADATA: json.dumps(
+                    {**batch.metadata, "batch_id": batch.id, "batch_name": batch.name, "custom_id": custom_id}
+                ),
+                BATCH_ID: batch.id,
+                CUSTOM_ID: custom_id,
+            },
+        )
+        propagate.inject(headers, context=trace.set_span_in_context(span))
+        span.end()
+        body = base64.b64encode(json.dumps(message.body).encode()).decode()
+        envelope = {
+            "body": body,
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {
+                "correlation_id": task_id,
+                "reply_to": "",
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": self.settings.queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+        return json.dumps(envelope)
+
+    def _enqueue_failed(self, batch: Batch, exc: Exception) -> BatchError:
+        """Say exactly what happened: the release is atomic, so either every line is queued or none."""
+        try:
+            status = self.store.get(batch.id)
+        except Exception:
+            return BatchError(
+                f"Redis failed while enqueueing {batch.id} ({type(exc).__name__}); cannot tell yet whether "
+                f"its {batch.total} lines were released: check `routerq status {batch.id}`"
+            )
+        if status is not None and status.status is BatchStatus.IN_PROGRESS:
+            return BatchError(f"all {batch.total} lines of {batch.id} were enqueued, but: {exc}")
+        self.store.set_status(
+            batch.id, BatchStatus.FAILED, reason=f"enqueue interrupted: {type(exc).__name__}"
+        )
+        self.redis.delete(self.store.key(batch.id, "staging"))
+        if batch.idempotency_key:
+            self.store.release_idempotency_key(batch.idempotency_key)
+        return BatchError(
+            f"enqueue of {batch.id} was interrupted ({exc}); none of its {batch.total} lines were enqueued"
+        )
+
+    # -- follow, control ----------------------------------------------------------------------------
+    def get(self, batch_id: str) -> Batch:
+        batch = self.store.get(batch_id)
+        if batch is None:
+            raise BatchError(f"no batch {batch_id!r} (wrong id, or older than ROUTERQ_RESULT_TTL)")
+        return batch
+
+    def wait(self, batch_id: str, on_update: Callable[[Batch], None], poll: float = 0.5) -> Batch:
+        while True:
+            batch = self.get(batch_id)
+            on_update(batch)
+            if batch.status.final:
+                return batch
+            time.sleep(poll)
+
+    def cancel(self, batch_id: str) -> Batch:
+        """Queued lines are skipped by workers (never sent upstream); running ones finish."""
+        batch = self.get(batch_id)
+        if batch.status.final:
+            return batch
+        self.store.set_status(batch_id, BatchStatus.CANCELLING, cancelled_at=time.time())
+        return self.get(batch_id)
+
+    def retry(self, batch_id: str) -> int:
+        """Re-enqueue only the failed lines; returns how many."""
+        batch = self.get(batch_id)
+        if batch.status in (BatchStatus.CANCELLING, BatchStatus.VALIDATING):
+            raise BatchError(f"batch {batch_id} is {batch.status.value}; retry it once it has ended")
+        failed = sorted(self.store.indexes_with(batch_id, {Outcome.FAILED}))
+        if not failed:
+            return 0
+        lines = [(index, self.store.line(batch_id, index) or {}) for index in failed]
+        pipe = self.redis.pipeline()
+        pipe.hdel(self.store.key(batch_id, "out"), *failed)
+        pipe.hincrby(self.store.key(batch_id), "failed", -len(failed))
+        pipe.hdel(self.store.key(batch_id), "completed_at")
+        pipe.execute()
+        return self._stage_and_release(batch, lines, self.store.key(batch_id, "staging"))
+
+    def write_results(self, batch: Batch, out: IO[bytes], errors: IO[bytes] | None = None) -> ResultsWritten:
+        """Output lines in input order, streamed page by page; unfinished lines are counted, not written."""
+        written = failed = unfinished = 0
+        for _, outcome, raw in self.store.outputs(batch.id, batch.total):
+            if outcome is None:
+                unfinished += 1
+            elif outcome is Outcome.SUCCEEDED:
+                out.write(raw + b"\n")
+                written += 1
+            else:
+                (errors or out).write(raw + b"\n")
+                failed += 1
+        return ResultsWritten(written, failed, unfinished)
+
+    def list(self, limit: int = 50) -> Iterator[Batch]:
+        yield from self.store.list(limit)

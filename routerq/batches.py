@@ -1,0 +1,327 @@
+"""Batch state in Redis: the batch record, its input lines, per-line outcomes, all with one TTL.
+
+Keys (`{id}` is the batch id):
+  routerq:batch:{id}        hash   the record: status, counts, usage, metadata
+  routerq:batch:{id}:in     hash   line index -> input line (what workers run, what `retry` re-sends)
+  routerq:batch:{id}:out    hash   line index -> outcome: one letter (S, F, C) + the OpenAI output line
+  routerq:batch:{id}:run    set    line indexes running now
+  routerq:batches           zset   batch ids by creation time
+A success is final: a redelivered line never overwrites or double-counts it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from enum import StrEnum
+from typing import Any
+
+import redis
+from pydantic import BaseModel, Field
+
+from routerq.jobs import JobResult
+
+INDEX_KEY = "routerq:batches"
+IDEMPOTENCY_KEY = "routerq:idempotency:{key}"
+
+
+class BatchStatus(StrEnum):
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    PAUSED = "paused"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def runnable(self) -> bool:
+        return self is BatchStatus.IN_PROGRESS
+
+    @property
+    def final(self) -> bool:
+        return self in (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.CANCELLED)
+
+
+class Outcome(StrEnum):
+    SUCCEEDED = "S"
+    FAILED = "F"
+    CANCELLED = "C"
+
+
+class Batch(BaseModel):
+    id: str
+    name: str = ""
+    status: BatchStatus = BatchStatus.VALIDATING
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    running: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    metadata: dict[str, str] = Field(default_factory=dict)
+    session_id: str | None = None
+    user_id: str | None = None
+    input_file: str = ""
+    digest: str = ""
+    idempotency_key: str | None = None
+    reason: str | None = None
+    created_at: float = Field(default_factory=time.time)
+    in_progress_at: float | None = None
+    completed_at: float | None = None
+    cancelled_at: float | None = None
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed + self.cancelled
+
+    @property
+    def queued(self) -> int:
+        return max(0, self.total - self.done - self.running)
+
+    def openai_object(self) -> dict[str, Any]:
+        """The batch as OpenAI's batch object, with routerq's finer counts beside OpenAI's three."""
+        return {
+            "id": self.id,
+            "object": "batch",
+            "status": self.status.value,
+            "input_file": self.input_file,
+            "request_counts": {
+                "total": self.total,
+                "completed": self.succeeded,
+                "failed": self.failed,
+                "queued": self.queued,
+                "running": self.running,
+                "succeeded": self.succeeded,
+                "cancelled": self.cancelled,
+            },
+            "usage": {
+                "input_tokens": self.prompt_tokens,
+                "output_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "cost": self.cost,
+            },
+            "metadata": {"name": self.name, **self.metadata} if self.name else dict(self.metadata),
+            "reason": self.reason,
+            "created_at": int(self.created_at),
+            "in_progress_at": _int(self.in_progress_at),
+            "completed_at": _int(self.completed_at),
+            "cancelled_at": _int(self.cancelled_at),
+        }
+
+
+def _int(value: float | None) -> int | None:
+    return int(value) if value is not None else None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _outcome(raw: Any) -> Outcome:
+    return Outcome(_text(raw)[:1])
+
+
+def new_batch_id() -> str:
+    return f"batch_{uuid.uuid4().hex[:24]}"
+
+
+def output_line(custom_id: str, result: JobResult) -> dict[str, Any]:
+    """One line of OpenAI's batch output format."""
+    line_id = f"batch_req_{uuid.uuid4().hex[:24]}"
+    if result.ok:
+        response = {"status_code": 200, "request_id": result.generation_id or "", "body": result.response}
+        return {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
+    error = result.error
+    code, message = (error.code, error.message) if error else ("server_error", "failed")
+    return {
+        "id": line_id,
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }
+
+
+# Record one outcome atomically: counters, usage, running set and the final status move together.
+_RECORD = """
+local meta, out, run = KEYS[1], KEYS[2], KEYS[3]
+local index, outcome, value = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', meta) == 0 then return -1 end
+local names = {S = 'succeeded', F = 'failed', C = 'cancelled'}
+local prev = redis.call('HGET', out, index)
+if prev then
+  local p = string.sub(prev, 1, 1)
+  if p == 'S' or p == outcome then
+    redis.call('SREM', run, index)
+    return 0
+  end
+  redis.call('HINCRBY', meta, names[p], -1)
+end
+redis.call('HSET', out, index, outcome .. value)
+redis.call('HINCRBY', meta, names[outcome], 1)
+if outcome == 'S' then
+  redis.call('HINCRBY', meta, 'prompt_tokens', ARGV[4])
+  redis.call('HINCRBY', meta, 'completion_tokens', ARGV[5])
+  redis.call('HINCRBYFLOAT', meta, 'cost', ARGV[6])
+end
+redis.call('SREM', run, index)
+local f = redis.call('HMGET', meta, 'total', 'succeeded', 'failed', 'cancelled', 'status')
+local done = tonumber(f[2] or 0) + tonumber(f[3] or 0) + tonumber(f[4] or 0)
+if done >= tonumber(f[1]) then
+  if f[5] == 'in_progress' then
+    redis.call('HSET', meta, 'status', 'completed', 'completed_at', ARGV[7])
+  elseif f[5] == 'cancelling' then
+    redis.call('HSET', meta, 'status', 'cancelled', 'cancelled_at', ARGV[7])
+  end
+end
+return 1
+"""
+
+# Move staged messages onto the queue in one step: workers see all of a batch's lines or none.
+_RELEASE = """
+local n = 0
+while true do
+  local v = redis.call('RPOPLPUSH', KEYS[1], KEYS[2])
+  if not v then break end
+  n = n + 1
+end
+redis.call('HSET', KEYS[3], 'status', ARGV[1], 'in_progress_at', ARGV[2])
+return n
+"""
+
+_JSON_FIELDS = ("metadata",)
+_NUMBERS = {"total", "succeeded", "failed", "cancelled", "prompt_tokens", "completion_tokens"}
+
+
+class BatchStore:
+    def __init__(self, client: redis.Redis, ttl: int) -> None:
+        self._redis = client
+        self._ttl = ttl
+        self._record = client.register_script(_RECORD)
+        self._release = client.register_script(_RELEASE)
+
+    @staticmethod
+    def key(batch_id: str, part: str = "") -> str:
+        return f"routerq:batch:{batch_id}" + (f":{part}" if part else "")
+
+    def create(self, batch: Batch) -> None:
+        fields: dict[str, Any] = {}
+        for name, value in batch.model_dump(exclude_none=True).items():
+            fields[name] = json.dumps(value) if name in _JSON_FIELDS else value
+        pipe = self._redis.pipeline()
+        pipe.hset(self.key(batch.id), mapping=fields)  # type: ignore[arg-type]
+        pipe.expire(self.key(batch.id), self._ttl)
+        pipe.zadd(INDEX_KEY, {batch.id: batch.created_at})
+        pipe.execute()
+
+    def write_inputs(self, batch_id: str, lines: Iterable[tuple[int, str]], chunk: int = 2000) -> int:
+        """Pipelined HSETs of the input lines, `chunk` per round trip; returns how many."""
+        key, count, pending = self.key(batch_id, "in"), 0, {}
+        for index, stored in lines:
+            pending[index] = stored
+            if len(pending) >= chunk:
+                count += self._flush_inputs(key, pending)
+        count += self._flush_inputs(key, pending)
+        return count
+
+    def _flush_inputs(self, key: str, pending: dict[int, str]) -> int:
+        if not pending:
+            return 0
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(key, mapping=pending)  # type: ignore[arg-type]
+        pipe.expire(key, self._ttl)
+        pipe.execute()
+        n = len(pending)
+        pending.clear()
+        return n
+
+    def release(self, batch_id: str, staging_key: str, queue: str) -> int:
+        return int(
+            self._release(keys=[staging_key, queue, self.key(batch_id)], args=["in_progress", time.time()])
+        )
+
+    def get(self, batch_id: str) -> Batch | None:
+        raw = self._redis.hgetall(self.key(batch_id))
+        if not raw:
+            return None
+        data: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
+        for name in _JSON_FIELDS:
+            if name in data:
+                data[name] = json.loads(data[name])
+        data["running"] = self._redis.scard(self.key(batch_id, "run"))
+        return Batch.model_validate(data)
+
+    def set_status(self, batch_id: str, status: BatchStatus, **fields: Any) -> None:
+        mapping: dict[str, str | float] = {"status": status.value, **fields}
+        self._redis.hset(self.key(batch_id), mapping=mapping)  # type: ignore[arg-type]
+
+    def list(self, limit: int = 50) -> list[Batch]:
+        ids = self._redis.zrevrange(INDEX_KEY, 0, limit - 1)
+        batches = [self.get(_text(i)) for i in ids]
+        return [b for b in batches if b is not None]
+
+    def line(self, batch_id: str, index: int) -> dict[str, Any] | None:
+        raw = self._redis.hget(self.key(batch_id, "in"), str(index))
+        return json.loads(raw) if raw else None
+
+    def outcome(self, batch_id: str, index: int) -> Outcome | None:
+        raw = self._redis.hget(self.key(batch_id, "out"), str(index))
+        return _outcome(raw) if raw else None
+
+    def mark_running(self, batch_id: str, index: int) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.sadd(self.key(batch_id, "run"), index)
+        pipe.expire(self.key(batch_id, "run"), self._ttl)
+        pipe.execute()
+
+    def record(
+        self, batch_id: str, index: int, outcome: Outcome, line: dict[str, Any], result: JobResult | None
+    ) -> bool:
+        usage = result.usage if result and result.usage else None
+        keys = [self.key(batch_id), self.key(batch_id, "out"), self.key(batch_id, "run")]
+        args = [
+            index,
+            outcome.value,
+            json.dumps(line, separators=(",", ":")),
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+            repr(usage.cost or 0.0) if usage else "0",
+            time.time(),
+        ]
+        recorded = int(self._record(keys=keys, args=args))
+        self._redis.expire(self.key(batch_id, "out"), self._ttl)
+        return recorded == 1
+
+    def outputs(
+        self, batch_id: str, total: int, page: int = 1000
+    ) -> Iterator[tuple[int, Outcome | None, bytes]]:
+        """Outcomes in input order, `page` per round trip, so memory stays flat in the batch size."""
+        key = self.key(batch_id, "out")
+        for start in range(0, total, page):
+            indexes = list(range(start, min(start + page, total)))
+            for index, raw in zip(indexes, self._redis.hmget(key, indexes), strict=True):
+                if raw:
+                    yield index, _outcome(raw), raw[1:] if isinstance(raw, bytes) else raw[1:].encode()
+                else:
+                    yield index, None, b""
+
+    def indexes_with(self, batch_id: str, outcomes: set[Outcome]) -> Iterator[int]:
+        for field, value in self._redis.hscan_iter(self.key(batch_id, "out"), count=1000):
+            if _outcome(value) in outcomes:
+                yield int(field)
+
+    def claim_idempotency_key(self, key: str, batch_id: str) -> str | None:
+        """Returns the batch that already owns `key`, or None when this batch now owns it."""
+        name = IDEMPOTENCY_KEY.format(key=key)
+        if self._redis.set(name, batch_id, nx=True, ex=self._ttl):
+            return None
+        owner = self._redis.get(name)
+        return _text(owner) if owner else None
+
+    def release_idempotency_key(self, key: str) -> None:
+        self._redis.delete(IDEMPOTENCY_KEY.format(key=key))
