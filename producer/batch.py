@@ -6,12 +6,8 @@ trip) and moved onto the queue by one Lua script, so workers see every line of a
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import socket
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +16,9 @@ from typing import IO, Any
 from celery import Celery
 from openinference.semconv.trace import OpenInferenceSpanKindValues, SpanAttributes
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
 from opentelemetry.trace import Status, StatusCode
 
+from producer.messages import StagedEnqueue
 from routerq import telemetry
 from routerq.batch_file import BatchLine, Validation, read_lines, validate
 from routerq.batches import Batch, BatchStatus, BatchStore, Outcome, new_batch_id
@@ -64,7 +60,6 @@ class BatchClient:
         self.app = app or create_app(settings)
         self.redis = connect(settings.redis_url)
         self.store = BatchStore(self.redis, settings.result_ttl)
-        self._origin = f"{os.getpid()}@{socket.gethostname()}"
 
     # -- submit -------------------------------------------------------------------------------------
     def submit(
@@ -129,68 +124,34 @@ class BatchClient:
         return earlier
 
     def _enqueue(self, batch: Batch, lines: Iterable[BatchLine | Any]) -> None:
-        staging = self.store.key(batch.id, "staging")
         indexed = ((index, line) for index, line in enumerate(lines) if isinstance(line, BatchLine))
-        self._stage_and_release(batch, indexed, staging)
+        self._stage_and_release(batch, indexed)
 
     def _stage_and_release(
-        self,
-        batch: Batch,
-        lines: Iterable[tuple[int, BatchLine | dict[str, Any]]],
-        staging: str,
-        chunk: int = 2000,
+        self, batch: Batch, lines: Iterable[tuple[int, BatchLine | dict[str, Any]]]
     ) -> int:
-        self.redis.delete(staging)
-        pending: list[tuple[int, BatchLine | dict[str, Any]]] = []
-        for item in lines:
-            pending.append(item)
-            if len(pending) >= chunk:
-                self._stage(batch, pending, staging)
-        self._stage(batch, pending, staging)
-        return self.store.release(batch.id, staging, self.settings.queue)
-
-    def _stage(
-        self, batch: Batch, pending: list[tuple[int, BatchLine | dict[str, Any]]], staging: str
-    ) -> None:
-        if not pending:
-            return
+        staged = StagedEnqueue(
+            self.app,
+            self.redis,
+            self.settings.queue,
+            self.store.key(batch.id, "staging"),
+            self.store.key(batch.id),
+        )
+        inputs_key = self.store.key(batch.id, "in")
+        ttl = self.settings.result_ttl
         now = time.time()
-        inputs: dict[int, str] = {}
-        messages: list[str] = []
-        for index, line in pending:
+        for index, line in lines:
+            also = None
             if isinstance(line, BatchLine):
-                inputs[index] = line.stored()
                 custom_id, prompt = line.custom_id, prompt_of(line.kind, line.body)
+                stored = line.stored()
+
+                def also(pipe: Any, index: int = index, stored: str = stored) -> None:
+                    pipe.hset(inputs_key, str(index), stored)
+                    pipe.expire(inputs_key, ttl)
             else:
                 custom_id, prompt = line["custom_id"], prompt_of(JobKind(line["kind"]), line["body"])
-            messages.append(self._message(batch, index, custom_id, prompt, now))
-        pipe = self.redis.pipeline(transaction=False)
-        if inputs:
-            pipe.hset(self.store.key(batch.id, "in"), mapping=inputs)  # type: ignore[arg-type]
-            pipe.expire(self.store.key(batch.id, "in"), self.settings.result_ttl)
-        pipe.lpush(staging, *messages)
-        pipe.expire(staging, 24 * 3600)
-        pipe.execute()
-        pending.clear()
-
-    def _message(self, batch: Batch, index: int, custom_id: str, prompt: str, now: float) -> str:
-        """A Celery protocol-2 message as kombu's Redis transport stores it, in its own trace."""
-        task_id = f"{batch.id}-{index}-{uuid.uuid4().hex[:8]}"
-        args = [batch.id, index, now]
-        message = self.app.amqp.as_task_v2(
-            task_id,
-            LINE_TASK_NAME,
-            args=args,
-            kwargs={},
-            origin=self._origin,
-            argsrepr=repr(args),
-            kwargsrepr="{}",
-        )
-        headers = dict(message.headers)
-        span = telemetry.tracer().start_span(
-            "routerq.line",
-            context=otel_context.Context(),
-            attributes={
+            attributes = {
                 SpanAttributes.OPENINFERENCE_SPAN_KIND: OpenInferenceSpanKindValues.CHAIN.value,
                 SpanAttributes.INPUT_VALUE: prompt,
                 SpanAttributes.OUTPUT_VALUE: f"queued as line {index} of {batch.id}",
@@ -200,27 +161,9 @@ class BatchClient:
                 ),
                 BATCH_ID: batch.id,
                 CUSTOM_ID: custom_id,
-            },
-        )
-        propagate.inject(headers, context=trace.set_span_in_context(span))
-        span.end()
-        body = base64.b64encode(json.dumps(message.body).encode()).decode()
-        envelope = {
-            "body": body,
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": headers,
-            "properties": {
-                "correlation_id": task_id,
-                "reply_to": "",
-                "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": self.settings.queue},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
-            },
-        }
-        return json.dumps(envelope)
+            }
+            staged.add(LINE_TASK_NAME, [batch.id, index, now], "routerq.line", attributes, also)
+        return staged.release()
 
     def _enqueue_failed(self, batch: Batch, exc: Exception) -> BatchError:
         """Say exactly what happened: the release is atomic, so either every line is queued or none."""
@@ -280,7 +223,7 @@ class BatchClient:
         pipe.hincrby(self.store.key(batch_id), "failed", -len(failed))
         pipe.hdel(self.store.key(batch_id), "completed_at")
         pipe.execute()
-        return self._stage_and_release(batch, lines, self.store.key(batch_id, "staging"))
+        return self._stage_and_release(batch, lines)
 
     def write_results(self, batch: Batch, out: IO[bytes], errors: IO[bytes] | None = None) -> ResultsWritten:
         """Output lines in input order, streamed page by page; unfinished lines are counted, not written."""

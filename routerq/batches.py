@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from enum import StrEnum
 from typing import Any
 
@@ -182,18 +182,6 @@ end
 return 1
 """
 
-# Move staged messages onto the queue in one step: workers see all of a batch's lines or none.
-_RELEASE = """
-local n = 0
-while true do
-  local v = redis.call('RPOPLPUSH', KEYS[1], KEYS[2])
-  if not v then break end
-  n = n + 1
-end
-redis.call('HSET', KEYS[3], 'status', ARGV[1], 'in_progress_at', ARGV[2])
-return n
-"""
-
 _JSON_FIELDS = ("metadata",)
 _NUMBERS = {"total", "succeeded", "failed", "cancelled", "prompt_tokens", "completion_tokens"}
 
@@ -203,7 +191,6 @@ class BatchStore:
         self._redis = client
         self._ttl = ttl
         self._record = client.register_script(_RECORD)
-        self._release = client.register_script(_RELEASE)
 
     @staticmethod
     def key(batch_id: str, part: str = "") -> str:
@@ -218,32 +205,6 @@ class BatchStore:
         pipe.expire(self.key(batch.id), self._ttl)
         pipe.zadd(INDEX_KEY, {batch.id: batch.created_at})
         pipe.execute()
-
-    def write_inputs(self, batch_id: str, lines: Iterable[tuple[int, str]], chunk: int = 2000) -> int:
-        """Pipelined HSETs of the input lines, `chunk` per round trip; returns how many."""
-        key, count, pending = self.key(batch_id, "in"), 0, {}
-        for index, stored in lines:
-            pending[index] = stored
-            if len(pending) >= chunk:
-                count += self._flush_inputs(key, pending)
-        count += self._flush_inputs(key, pending)
-        return count
-
-    def _flush_inputs(self, key: str, pending: dict[int, str]) -> int:
-        if not pending:
-            return 0
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(key, mapping=pending)  # type: ignore[arg-type]
-        pipe.expire(key, self._ttl)
-        pipe.execute()
-        n = len(pending)
-        pending.clear()
-        return n
-
-    def release(self, batch_id: str, staging_key: str, queue: str) -> int:
-        return int(
-            self._release(keys=[staging_key, queue, self.key(batch_id)], args=["in_progress", time.time()])
-        )
 
     def get(self, batch_id: str) -> Batch | None:
         raw = self._redis.hgetall(self.key(batch_id))

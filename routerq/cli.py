@@ -314,6 +314,61 @@ def retry(batch_id: Annotated[str, typer.Argument(metavar="BATCH")]) -> None:
     err.print(f"re-enqueued {count} failed line(s) of {batch_id}")
 
 
+@app.command()
+def embed(
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="JSONL or CSV with ids and texts")
+    ],
+    model: Annotated[str, typer.Option(help="embedding model slug")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="vectors .jsonl (or .parquet)")],
+    id_field: Annotated[str, typer.Option(help="the id column")] = "id",
+    text_field: Annotated[str, typer.Option(help="the text column")] = "text",
+    inputs_per_request: Annotated[int, typer.Option(min=1, max=2048, help="texts per request")] = 128,
+    dimensions: Annotated[int | None, typer.Option(help="ask the model for this many dimensions")] = None,
+) -> None:
+    """Embedding backfill. Re-running after an interruption sends only texts without a stored vector."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from producer.embed import EmbedClient, EmbedInputError
+    from routerq.embeddings import EmbedRun
+
+    client = EmbedClient(_settings())
+    try:
+        plan = client.start(
+            file,
+            model,
+            id_field=id_field,
+            text_field=text_field,
+            per_request=inputs_per_request,
+            dimensions=dimensions,
+        )
+    except EmbedInputError as exc:
+        for error in exc.errors:
+            err.print(error.render(str(file)), markup=False)
+        if exc.count > len(exc.errors):
+            err.print(f"... and {exc.count - len(exc.errors)} more bad row(s)")
+        raise _fail(f"{file}: {exc.count} bad row(s); nothing was enqueued") from None
+    finally:
+        telemetry_flush()
+    run = plan.run
+    err.print(
+        f"{run.id}: {run.total} texts, {run.total - plan.missing} already embedded, "
+        f"{plan.missing} to embed in {plan.requests} request(s)"
+    )
+    columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("embed", total=run.total)
+
+        def show(current: EmbedRun) -> None:
+            progress.update(task, completed=current.done)
+
+        run = client.wait(run.id, show)
+    written = client.write(run, output)
+    err.print(f"{written} vectors written to {output} (cost ${run.cost:.6f})")
+    if run.failed:
+        raise _fail(f"{run.failed} text(s) failed; run the same command again to retry them")
+
+
 @app.command("fake-openrouter")
 def fake_openrouter(
     port: Annotated[int, typer.Option()] = 8765,

@@ -130,5 +130,34 @@ def _run_examples(settings: Settings) -> int:
             console.print(
                 f"[red]{kind.value:<10} failed: {result.error.message if result.error else ''}[/red]"
             )
+    failures += _run_example_files(settings)
     telemetry.flush()
     return failures
+
+
+def _run_example_files(settings: Settings) -> int:
+    """The sample batch file and embedding input from examples/, as a user would run them."""
+    from producer.batch import BatchClient
+    from producer.embed import EmbedClient
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    batches = BatchClient(settings)
+    batch = batches.submit(examples / "batch.jsonl", name="demo batch").batch
+    batch = batches.wait(batch.id, lambda _: None)
+    with (STATE_DIR / "batch-results.jsonl").open("wb") as out:
+        batches.write_results(batch, out)
+    console.print(
+        f"[green]batch[/green]      {batch.id}: {batch.succeeded}/{batch.total} succeeded, "
+        f"cost ${batch.cost:.8f}"
+    )
+    print(f"batch: {batch.id} {batch.status.value} {batch.succeeded}/{batch.total}")
+
+    embedder = EmbedClient(settings)
+    plan = embedder.start(examples / "texts.csv", "openai/text-embedding-3-small", per_request=4)
+    run = embedder.wait(plan.run.id, lambda _: None)
+    written = embedder.write(run, STATE_DIR / "vectors.jsonl")
+    console.print(
+        f"[green]embed[/green]      {written} vectors of examples/texts.csv in {STATE_DIR}/vectors.jsonl"
+    )
+    print(f"embed: {written} vectors")
+    return batch.failed + run.failed

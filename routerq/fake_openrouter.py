@@ -124,6 +124,8 @@ def create_app(state: FakeState) -> Starlette:
         call["model"] = model
         prompt = _prompt_of(kind, body)
         call["prompt"] = prompt[:200]
+        if kind == "embedding":
+            call["inputs"] = len(body["input"]) if isinstance(body.get("input"), list) else 1
         directives = {m.group(1): m.group(2) for m in DIRECTIVE.finditer(prompt)}
         delay = state.latency_ms / 1000 * (1 + random.uniform(-state.jitter, state.jitter))
         delay += float(directives.get("slow") or 0)

@@ -28,6 +28,9 @@ def test_demo_runs_every_kind_and_prints_the_phoenix_url(tmp_path: Path) -> None
     )
     assert f"completion: {fake_answer('mistralai/mistral-7b-instruct', 'Once upon a time')}" in lines
     assert "embedding: 1 embedding(s) of dimension 1536" in lines
+    assert any(x.startswith("batch: batch_") and x.endswith("completed 7/7") for x in lines), lines
+    assert "embed: 8 vectors" in lines
+    assert len((tmp_path / ".routerq" / "batch-results.jsonl").read_text().splitlines()) == 7
     assert "using the local OpenRouter stand-in" in done.stderr
     assert "Phoenix: http://127.0.0.1:" in done.stderr
     assert "stopped the local stack" in done.stderr

@@ -8,6 +8,7 @@ from routerq.settings import Settings
 
 TASK_NAME = "routerq.run_job"
 LINE_TASK_NAME = "routerq.run_line"
+EMBED_TASK_NAME = "routerq.run_embed"
 
 
 def create_app(settings: Settings) -> Celery:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from celery import Celery
 
 from routerq.batches import BatchStore
+from routerq.embeddings import EmbedStore
 from routerq.pricing import PhoenixPricing
 from routerq.settings import Settings
 from routerq.store import ResultStore, connect
@@ -18,6 +19,7 @@ from worker.openrouter import OpenRouterClient
 class Runtime:
     store: ResultStore
     batches: BatchStore
+    embeddings: EmbedStore
     openrouter: OpenRouterClient
     pricing: PhoenixPricing
 
@@ -34,6 +36,7 @@ def runtime(app: Celery) -> Runtime:
         _runtime = Runtime(
             store=ResultStore(client, settings.result_ttl),
             batches=BatchStore(client, settings.result_ttl),
+            embeddings=EmbedStore(client, settings.result_ttl),
             openrouter=OpenRouterClient(settings),
             pricing=PhoenixPricing(settings, client),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from typing import Any
@@ -14,7 +15,7 @@ from opentelemetry.trace import Status, StatusCode
 from routerq.batches import Batch, Outcome, output_line
 from routerq.jobs import Job, JobError, JobFailedError, JobKind, JobResult
 from routerq.spans import worker_attributes
-from worker.app import LINE_TASK_NAME, TASK_NAME
+from worker.app import EMBED_TASK_NAME, LINE_TASK_NAME, TASK_NAME
 from worker.runtime import Runtime, runtime
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,40 @@ def run_line(task: Task, batch_id: str, index: int, enqueued_at: float) -> dict[
     return {"batch_id": batch_id, "index": index, "status": result.status}
 
 
+def run_embed(task: Task, run_id: str, indexes: list[int], enqueued_at: float) -> dict[str, Any]:
+    """One embeddings request for many texts; vectors are stored as raw float32, never as JSON text."""
+    rt = runtime(task.app)
+    run = rt.embeddings.get(run_id)
+    if run is None:
+        log.warning("embedding run %s has expired; dropping its request", run_id)
+        return {"run": run_id, "stored": 0}
+    todo = rt.embeddings.missing_of(run_id, indexes)
+    if not todo:
+        return {"run": run_id, "stored": 0}
+    texts = rt.embeddings.texts(run_id, todo)
+    body: dict[str, Any] = {"model": run.model, "input": texts, "encoding_format": "base64"}
+    if run.dimensions:
+        body["dimensions"] = run.dimensions
+    job = Job(
+        id=f"{run_id}-{todo[0]}",
+        kind=JobKind.EMBEDDING,
+        body=body,
+        session_id=run_id,
+        metadata={"embed_run": run_id, "input_file": run.input_file},
+        enqueued_at=enqueued_at,
+    )
+    result = execute(rt, task, job)
+    if not result.ok or result.response is None:
+        rt.embeddings.record_failure(run_id, len(todo))
+        raise JobFailedError(result)
+    vectors = {todo[item["index"]]: base64.b64decode(item["embedding"]) for item in result.response["data"]}
+    usage = result.usage
+    stored = rt.embeddings.store_vectors(
+        run_id, vectors, usage.prompt_tokens if usage else 0, usage.cost or 0.0 if usage else 0.0
+    )
+    return {"run": run_id, "stored": stored}
+
+
 def line_job(batch: Batch, index: int, line: dict[str, Any], enqueued_at: float) -> Job:
     """A batch line as a job: the batch is its session, and metadata says where the line came from."""
     metadata = {
@@ -139,3 +174,4 @@ def _context_kwargs(job: Job) -> dict[str, Any]:
 def register(app: Celery) -> None:
     app.task(name=TASK_NAME, bind=True)(run_job)
     app.task(name=LINE_TASK_NAME, bind=True)(run_line)
+    app.task(name=EMBED_TASK_NAME, bind=True)(run_embed)
