@@ -72,6 +72,7 @@ class BatchClient:
         session_id: str | None = None,
         user_id: str | None = None,
         idempotency_key: str | None = None,
+        max_cost: float | None = None,
     ) -> Submitted:
         tracer = telemetry.tracer()
         with tracer.start_as_current_span("routerq.submit", context=otel_context.Context()) as span:
@@ -94,6 +95,7 @@ class BatchClient:
                 input_file=path.name,
                 digest=validation.digest,
                 idempotency_key=idempotency_key,
+                max_cost=max_cost,
             )
             if idempotency_key:
                 earlier = self._claim(idempotency_key, batch)
@@ -209,6 +211,17 @@ class BatchClient:
         self.store.set_status(batch_id, BatchStatus.CANCELLING, cancelled_at=time.time())
         return self.get(batch_id)
 
+    def resume(self, batch_id: str, max_cost: float | None = None) -> int:
+        """Continue a paused batch once its key, credit or budget is fixed; returns the lines re-sent."""
+        batch = self.get(batch_id)
+        if max_cost is not None:
+            self.redis.hset(self.store.key(batch_id), "max_cost", repr(max_cost))
+        parked = self.store.resume(batch_id)
+        if parked is None:
+            raise BatchError(f"batch {batch_id} is {batch.status.value}, not paused")
+        lines = [(index, self.store.line(batch_id, index) or {}) for index in parked]
+        return self._stage_and_release(batch, lines)
+
     def retry(self, batch_id: str) -> int:
         """Re-enqueue only the failed lines; returns how many."""
         batch = self.get(batch_id)
@@ -239,5 +252,5 @@ class BatchClient:
                 failed += 1
         return ResultsWritten(written, failed, unfinished)
 
-    def list(self, limit: int = 50) -> Iterator[Batch]:
-        yield from self.store.list(limit)
+    def recent(self, limit: int = 50) -> Iterator[Batch]:
+        yield from self.store.recent(limit)

@@ -5,6 +5,7 @@ Keys (`{id}` is the batch id):
   routerq:batch:{id}:in     hash   line index -> input line (what workers run, what `retry` re-sends)
   routerq:batch:{id}:out    hash   line index -> outcome: one letter (S, F, C) + the OpenAI output line
   routerq:batch:{id}:run    set    line indexes running now
+  routerq:batch:{id}:parked set    line indexes set aside while the batch is paused (re-sent by resume)
   routerq:batches           zset   batch ids by creation time
 A success is final: a redelivered line never overwrites or double-counts it.
 """
@@ -71,6 +72,8 @@ class Batch(BaseModel):
     digest: str = ""
     idempotency_key: str | None = None
     reason: str | None = None
+    max_cost: float | None = None
+    parked: int = 0
     created_at: float = Field(default_factory=time.time)
     in_progress_at: float | None = None
     completed_at: float | None = None
@@ -82,7 +85,7 @@ class Batch(BaseModel):
 
     @property
     def queued(self) -> int:
-        return max(0, self.total - self.done - self.running)
+        return max(0, self.total - self.done - self.running - self.parked)
 
     def openai_object(self) -> dict[str, Any]:
         """The batch as OpenAI's batch object, with routerq's finer counts beside OpenAI's three."""
@@ -97,6 +100,7 @@ class Batch(BaseModel):
                 "failed": self.failed,
                 "queued": self.queued,
                 "running": self.running,
+                "parked": self.parked,
                 "succeeded": self.succeeded,
                 "cancelled": self.cancelled,
             },
@@ -108,6 +112,7 @@ class Batch(BaseModel):
             },
             "metadata": {"name": self.name, **self.metadata} if self.name else dict(self.metadata),
             "reason": self.reason,
+            "max_cost": self.max_cost,
             "created_at": int(self.created_at),
             "in_progress_at": _int(self.in_progress_at),
             "completed_at": _int(self.completed_at),
@@ -167,19 +172,49 @@ redis.call('HINCRBY', meta, names[outcome], 1)
 if outcome == 'S' then
   redis.call('HINCRBY', meta, 'prompt_tokens', ARGV[4])
   redis.call('HINCRBY', meta, 'completion_tokens', ARGV[5])
-  redis.call('HINCRBYFLOAT', meta, 'cost', ARGV[6])
+  local spent = tonumber(redis.call('HINCRBYFLOAT', meta, 'cost', ARGV[6]))
+  local budget = tonumber(redis.call('HGET', meta, 'max_cost') or '')
+  if budget and spent >= budget and redis.call('HGET', meta, 'status') == 'in_progress' then
+    redis.call('HSET', meta, 'status', 'paused', 'reason', string.format('budget of $%s reached', budget))
+  end
 end
 redis.call('SREM', run, index)
 local f = redis.call('HMGET', meta, 'total', 'succeeded', 'failed', 'cancelled', 'status')
 local done = tonumber(f[2] or 0) + tonumber(f[3] or 0) + tonumber(f[4] or 0)
 if done >= tonumber(f[1]) then
-  if f[5] == 'in_progress' then
+  if f[5] == 'in_progress' or f[5] == 'paused' then
     redis.call('HSET', meta, 'status', 'completed', 'completed_at', ARGV[7])
   elseif f[5] == 'cancelling' then
     redis.call('HSET', meta, 'status', 'cancelled', 'cancelled_at', ARGV[7])
   end
 end
 return 1
+"""
+
+# Set a line aside while the batch is paused; 0 means the batch is running again: run the line.
+_PARK = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'paused' then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+# Pause only a running batch (a cancel or an end wins), keeping the first reason.
+_PAUSE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'paused', 'reason', ARGV[1])
+return 1
+"""
+
+# Resume: running again first (so no new line is parked), then hand back the parked lines.
+_RESUME = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'paused' then return false end
+redis.call('HSET', KEYS[1], 'status', 'in_progress')
+redis.call('HDEL', KEYS[1], 'reason')
+local parked = redis.call('SMEMBERS', KEYS[2])
+redis.call('DEL', KEYS[2])
+return parked
 """
 
 _JSON_FIELDS = ("metadata",)
@@ -191,6 +226,9 @@ class BatchStore:
         self._redis = client
         self._ttl = ttl
         self._record = client.register_script(_RECORD)
+        self._park = client.register_script(_PARK)
+        self._pause = client.register_script(_PAUSE)
+        self._resume = client.register_script(_RESUME)
 
     @staticmethod
     def key(batch_id: str, part: str = "") -> str:
@@ -214,14 +252,17 @@ class BatchStore:
         for name in _JSON_FIELDS:
             if name in data:
                 data[name] = json.loads(data[name])
-        data["running"] = self._redis.scard(self.key(batch_id, "run"))
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.scard(self.key(batch_id, "run"))
+        pipe.scard(self.key(batch_id, "parked"))
+        data["running"], data["parked"] = pipe.execute()
         return Batch.model_validate(data)
 
     def set_status(self, batch_id: str, status: BatchStatus, **fields: Any) -> None:
         mapping: dict[str, str | float] = {"status": status.value, **fields}
         self._redis.hset(self.key(batch_id), mapping=mapping)  # type: ignore[arg-type]
 
-    def list(self, limit: int = 50) -> list[Batch]:
+    def recent(self, limit: int = 50) -> list[Batch]:
         ids = self._redis.zrevrange(INDEX_KEY, 0, limit - 1)
         batches = [self.get(_text(i)) for i in ids]
         return [b for b in batches if b is not None]
@@ -239,6 +280,21 @@ class BatchStore:
         pipe.sadd(self.key(batch_id, "run"), index)
         pipe.expire(self.key(batch_id, "run"), self._ttl)
         pipe.execute()
+
+    def unmark_running(self, batch_id: str, index: int) -> None:
+        self._redis.srem(self.key(batch_id, "run"), index)
+
+    def park(self, batch_id: str, index: int) -> bool:
+        keys = [self.key(batch_id), self.key(batch_id, "parked"), self.key(batch_id, "run")]
+        return bool(self._park(keys=keys, args=[index, self._ttl]))
+
+    def pause(self, batch_id: str, reason: str) -> bool:
+        return bool(self._pause(keys=[self.key(batch_id)], args=[reason]))
+
+    def resume(self, batch_id: str) -> list[int] | None:
+        """The parked line indexes, or None when the batch was not paused."""
+        parked = self._resume(keys=[self.key(batch_id), self.key(batch_id, "parked")])
+        return None if parked is None else sorted(int(i) for i in parked)
 
     def record(
         self, batch_id: str, index: int, outcome: Outcome, line: dict[str, Any], result: JobResult | None

@@ -170,6 +170,7 @@ def submit(
     session: Annotated[str | None, typer.Option(help="Phoenix session (default: the batch id)")] = None,
     user: Annotated[str | None, typer.Option(help="user id for every line")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="same key + same file = same batch")] = None,
+    max_cost: Annotated[float | None, typer.Option(help="pause the batch when its spend reaches USD")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="show progress until the batch ends")] = False,
 ) -> None:
     """Validate a whole batch file, then enqueue all of its lines. Prints the batch id last on stdout."""
@@ -185,6 +186,7 @@ def submit(
             session_id=session,
             user_id=user,
             idempotency_key=idempotency_key,
+            max_cost=max_cost,
         )
     except BatchFileError as exc:
         for error in exc.validation.errors:
@@ -227,9 +229,10 @@ def _describe(batch: Batch) -> str:
         f"batch      {batch.id}" + (f" ({batch.name})" if batch.name else ""),
         f"status     {batch.status.value}" + (f": {batch.reason}" if batch.reason else ""),
         f"lines      {batch.total} total: {batch.queued} queued, {batch.running} running, "
-        f"{batch.succeeded} succeeded, {batch.failed} failed, {batch.cancelled} cancelled",
+        f"{batch.succeeded} succeeded, {batch.failed} failed, {batch.cancelled} cancelled"
+        + (f", {batch.parked} parked" if batch.parked else ""),
         f"tokens     {batch.prompt_tokens} in, {batch.completion_tokens} out",
-        f"cost       ${batch.cost:.6f}",
+        f"cost       ${batch.cost:.6f}" + (f" of a ${batch.max_cost:g} budget" if batch.max_cost else ""),
         f"throughput {rate:.1f} lines/s, ETA {eta}",
     ]
     return "\n".join(lines)
@@ -258,7 +261,7 @@ def status(
 def batches(limit: Annotated[int, typer.Option(help="how many")] = 20) -> None:
     """List batches, newest first."""
     client = _batch_client()
-    for batch in client.list(limit):
+    for batch in client.recent(limit):
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(batch.created_at))
         print(
             f"{batch.id}  {batch.status.value:<11} {batch.done:>7}/{batch.total:<7} {created}  {batch.name}"
@@ -299,6 +302,22 @@ def cancel(batch_id: Annotated[str, typer.Argument(metavar="BATCH")]) -> None:
     except BatchError as exc:
         raise _fail(str(exc)) from None
     err.print(f"batch {batch.id} is {batch.status.value}")
+
+
+@app.command()
+def resume(
+    batch_id: Annotated[str, typer.Argument(metavar="BATCH")],
+    max_cost: Annotated[float | None, typer.Option(help="a new budget in USD")] = None,
+) -> None:
+    """Continue a paused batch once its key, credit or budget is fixed."""
+    from producer.batch import BatchError
+
+    client = _batch_client()
+    try:
+        count = client.resume(batch_id, max_cost)
+    except BatchError as exc:
+        raise _fail(str(exc)) from None
+    err.print(f"batch {batch_id} resumed; {count} parked line(s) re-enqueued")
 
 
 @app.command()

@@ -4,7 +4,8 @@ Used by the tests and by `make demo` when no OPENROUTER_API_KEY is set. Answers 
 (`fake_answer`, `fake_embedding`) so tests can compute what a real call would have returned.
 Directives inside a prompt trigger faults for that request:
   [[status:429]] (with [[retry-after:2]]), [[200-error]], [[empty]], [[broken]], [[slow:1.5]],
-  [[flaky:N]] (the first N calls with this exact prompt answer 500, later ones succeed).
+  [[flaky:N]] or [[flaky:N:STATUS]] (the first N calls with this exact prompt answer 500, or STATUS;
+  later ones succeed).
 `POST /_fake/config` sets latency; `GET /_fake/calls` and `POST /_fake/reset` expose the call log.
 """
 
@@ -134,9 +135,10 @@ def create_app(state: FakeState) -> Starlette:
         if model not in PRICES:
             return _error(400, f"{model} is not a valid model ID")
         if "flaky" in directives:
+            times, _, status = (directives["flaky"] or "1").partition(":")
             state.seen[prompt] = state.seen.get(prompt, 0) + 1
-            if state.seen[prompt] <= int(directives["flaky"] or 1):
-                return _error(500, "fake flaky upstream error")
+            if state.seen[prompt] <= int(times):
+                return _error(int(status or 500), "fake flaky upstream error")
         if "status" in directives:
             status = int(directives["status"] or 500)
             headers = {"Retry-After": directives["retry-after"]} if "retry-after" in directives else None

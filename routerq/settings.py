@@ -5,14 +5,23 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+VISIBILITY_SLACK = 10
 
 
 class SettingsError(ValueError):
     """Raised at start-up for a bad environment; the message names the variable."""
+
+
+class ModelLimits(BaseModel):
+    """Per-model limits; 0 means no limit. Same window as the overall limits."""
+
+    requests: int = Field(0, ge=0)
+    tokens: int = Field(0, ge=0)
+    in_flight: int = Field(0, ge=0)
 
 
 class Settings(BaseSettings):
@@ -23,7 +32,19 @@ class Settings(BaseSettings):
     redis_url: Annotated[str, Field(alias="REDIS_URL")] = "redis://localhost:6379/0"
     queue: Annotated[str, Field(alias="ROUTERQ_QUEUE", min_length=1)] = "routerq"
     result_ttl: Annotated[int, Field(alias="ROUTERQ_RESULT_TTL", gt=0)] = 7 * 24 * 3600
-    visibility_timeout: Annotated[int, Field(alias="ROUTERQ_VISIBILITY_TIMEOUT", gt=0)] = 3600
+    visibility_timeout: Annotated[int, Field(alias="ROUTERQ_VISIBILITY_TIMEOUT", gt=0)] = 300
+    restore_interval: Annotated[float, Field(alias="ROUTERQ_RESTORE_INTERVAL", gt=0)] = 5.0
+    job_time_limit: Annotated[float, Field(alias="ROUTERQ_JOB_TIME_LIMIT", gt=0)] = 180.0
+    max_attempts: Annotated[int, Field(alias="ROUTERQ_MAX_ATTEMPTS", ge=1)] = 6
+    retry_base_delay: Annotated[float, Field(alias="ROUTERQ_RETRY_BASE_DELAY", ge=0)] = 1.0
+    retry_max_delay: Annotated[float, Field(alias="ROUTERQ_RETRY_MAX_DELAY", ge=0)] = 60.0
+    max_deliveries: Annotated[int, Field(alias="ROUTERQ_MAX_DELIVERIES", ge=1)] = 3
+
+    rate_limit_requests: Annotated[int, Field(alias="ROUTERQ_RATE_LIMIT_REQUESTS", ge=0)] = 0
+    rate_limit_tokens: Annotated[int, Field(alias="ROUTERQ_RATE_LIMIT_TOKENS", ge=0)] = 0
+    rate_limit_window: Annotated[float, Field(alias="ROUTERQ_RATE_LIMIT_WINDOW", gt=0)] = 60.0
+    max_in_flight: Annotated[int, Field(alias="ROUTERQ_MAX_IN_FLIGHT", ge=0)] = 0
+    model_limits: Annotated[dict[str, ModelLimits], Field(alias="ROUTERQ_MODEL_LIMITS")] = {}
 
     openrouter_api_key: Annotated[SecretStr | None, Field(alias="OPENROUTER_API_KEY")] = None
     openrouter_base_url: Annotated[str, Field(alias="OPENROUTER_BASE_URL")] = OPENROUTER_BASE_URL
@@ -60,6 +81,23 @@ class Settings(BaseSettings):
         """Accept the OTLP path too; routerq derives /v1/traces and /graphql from the base."""
         return value.removesuffix("/v1/traces")
 
+    @model_validator(mode="after")
+    def _redelivery_is_safe(self) -> Settings:
+        """A job still running, or a retry still waiting, past the visibility timeout is delivered twice."""
+        if self.openrouter_timeout >= self.job_time_limit:
+            raise ValueError(
+                f"OPENROUTER_TIMEOUT ({self.openrouter_timeout:g}) must be below "
+                f"ROUTERQ_JOB_TIME_LIMIT ({self.job_time_limit:g})"
+            )
+        needed = self.job_time_limit + self.retry_max_delay + VISIBILITY_SLACK
+        if needed > self.visibility_timeout:
+            raise ValueError(
+                f"ROUTERQ_JOB_TIME_LIMIT ({self.job_time_limit:g}) + ROUTERQ_RETRY_MAX_DELAY "
+                f"({self.retry_max_delay:g}) + {VISIBILITY_SLACK} s slack exceeds ROUTERQ_VISIBILITY_TIMEOUT "
+                f"({self.visibility_timeout}): jobs would be delivered twice"
+            )
+        return self
+
     @property
     def api_key(self) -> str:
         return self.openrouter_api_key.get_secret_value() if self.openrouter_api_key else ""
@@ -78,8 +116,8 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            name = ".".join(str(part) for part in err["loc"]) or "settings"
-            lines.append(f"{name}: {err['msg']}")
+            name = ".".join(str(part) for part in err["loc"])
+            lines.append(f"{name}: {err['msg']}" if name else str(err["msg"]).removeprefix("Value error, "))
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
 
 

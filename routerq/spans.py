@@ -21,6 +21,7 @@ JOB_ID = "routerq.job.id"
 JOB_KIND = "routerq.job.kind"
 QUEUE_WAIT_MS = "routerq.queue_wait_ms"
 ATTEMPT = "routerq.attempt"
+ERROR_CLASS = "routerq.error.class"
 BATCH_ID = "routerq.batch.id"
 CUSTOM_ID = "routerq.custom_id"
 

@@ -14,6 +14,7 @@ from subprocess import CompletedProcess
 
 import pytest
 
+from routerq import telemetry
 from routerq.localstack import (
     Service,
     free_port,
@@ -66,6 +67,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "PHOENIX_COLLECTOR_ENDPOINT": phoenix.url,
             "PHOENIX_PROJECT_NAME": project,
             "PHOENIX_DISCOVER_CONFIG": "false",
+            "ROUTERQ_MAX_ATTEMPTS": "3",
+            "ROUTERQ_RETRY_BASE_DELAY": "0.1",
+            "ROUTERQ_RETRY_MAX_DELAY": "3",
         }
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -73,6 +77,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         services.append(worker)
         yield Stack(redis_service, phoenix, fake, worker, api_key, env, project, tmp)
     finally:
+        telemetry.flush()  # while Phoenix still listens
         for service in reversed(services):
             service.stop()
         for key, value in locals().get("saved", {}).items():

@@ -273,7 +273,8 @@ def test_one_idempotency_key_makes_one_batch(stack: Stack, client: BatchClient, 
 def test_retry_sends_only_the_failed_lines_again(stack: Stack, client: BatchClient, tmp_path: Path) -> None:
     marker = uuid.uuid4().hex[:8]
     rows = [
-        line(f"f{i}", "chat", f"{marker} {i}" + (" [[flaky:1]]" if i in (3, 7) else "")) for i in range(10)
+        line(f"f{i}", "chat", f"{marker} {i}" + (" [[flaky:1:400]]" if i in (3, 7) else ""))
+        for i in range(10)
     ]
     batch = client.submit(write_jsonl(tmp_path / "flaky.jsonl", rows)).batch
     first = wait_final(client, batch.id)
@@ -285,7 +286,7 @@ def test_retry_sends_only_the_failed_lines_again(stack: Stack, client: BatchClie
     second = wait_final(client, batch.id)
     assert (second.status, second.succeeded, second.failed) == (BatchStatus.COMPLETED, 10, 0)
     again = calls_with(stack, marker)[10:]
-    assert sorted(c["prompt"] for c in again) == sorted(f"{marker} {i} [[flaky:1]]" for i in (3, 7))
+    assert sorted(c["prompt"] for c in again) == sorted(f"{marker} {i} [[flaky:1:400]]" for i in (3, 7))
 
 
 def test_every_line_is_its_own_trace_and_the_batch_is_one_phoenix_session(

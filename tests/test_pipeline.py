@@ -18,6 +18,7 @@ from routerq.jobs import Job, JobKind, embedding_vector
 CHAT = "meta-llama/llama-3.1-8b-instruct"
 COMPLETION = "mistralai/mistral-7b-instruct"
 EMBEDDING = "openai/text-embedding-3-small"
+MAX_ATTEMPTS = 3  # ROUTERQ_MAX_ATTEMPTS in the test stack
 
 KINDS = [
     (JobKind.CHAT, CHAT, {"messages": [{"role": "user", "content": "Write a haiku about observability."}]},
@@ -140,20 +141,27 @@ def test_upstream_400_fails_the_job_with_openrouters_message_and_error_spans(
 
 
 @pytest.mark.parametrize(
-    ("directive", "message"),
-    [("[[200-error]]", "Upstream provider crashed mid-generation"), ("[[empty]]", "answer has no choices")],
+    ("directive", "message", "attempts"),
+    [
+        ("[[200-error]]", "Upstream provider crashed mid-generation", MAX_ATTEMPTS),  # retried, then failed
+        ("[[empty]]", "answer has no choices", 1),  # unusable: fails at once
+    ],
 )
 def test_a_200_answer_without_a_usable_result_is_a_failure_not_a_success(
-    stack: Stack, producer: Producer, directive: str, message: str
+    stack: Stack, producer: Producer, directive: str, message: str, attempts: int
 ) -> None:
     result = producer.run(chat_job(f"looks fine {directive}"), timeout=60)
     telemetry.flush()
     stored = producer.store.get(result.job_id)
     assert stored is not None and stored.status == "failed"
     assert stored.error is not None and message in stored.error.message
-    spans = trace_spans(stack.phoenix.url, stack.project, result.trace_id or "", expect=4)
-    assert by_name(spans, "ChatCompletion")["status_code"] == "ERROR"
-    assert by_name(spans, "run/")["status_code"] == "ERROR"
+    assert stored.attempts == attempts
+    spans = trace_spans(stack.phoenix.url, stack.project, result.trace_id or "", expect=1 + 3 * attempts)
+    llms = [s for s in spans if s["name"] == "ChatCompletion"]
+    runs = [s for s in spans if s["name"].startswith("run/")]
+    assert len(llms) == len(runs) == attempts
+    assert all(s["status_code"] == "ERROR" for s in llms + runs)
+    assert sorted(r["attributes"]["routerq.attempt"] for r in runs) == list(range(1, attempts + 1))
 
 
 def test_handle_get_waits_for_the_result_and_raises_on_failure(producer: Producer) -> None:

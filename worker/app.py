@@ -13,7 +13,12 @@ EMBED_TASK_NAME = "routerq.run_embed"
 
 def create_app(settings: Settings) -> Celery:
     app = Celery("routerq", broker=settings.redis_url, backend=settings.redis_url, set_as_current=True)
-    transport = {"visibility_timeout": settings.visibility_timeout}
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        # Sweep for lost (unacked) messages every ROUTERQ_RESTORE_INTERVAL s instead of kombu's ~100 s.
+        "unacked_restore_interval": settings.restore_interval,
+        "unacked_restore_throttle": 1,
+    }
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -24,6 +29,8 @@ def create_app(settings: Settings) -> Celery:
         task_ignore_result=True,  # outcomes live in routerq's result store, one copy each
         task_default_queue=settings.queue,
         worker_prefetch_multiplier=1,
+        task_time_limit=settings.job_time_limit,
+        task_soft_time_limit=max(1.0, settings.job_time_limit - 5),
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,

@@ -9,7 +9,10 @@ only OpenRouter returns (cost, upstream provider, generation id) onto the curren
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx2
@@ -24,6 +27,7 @@ from routerq.settings import Settings
 from routerq.spans import annotate_llm_span
 
 ORIGINAL_STATUS_HEADER = "x-routerq-original-status"
+FAILURE_HEADER = "x-routerq-failure"  # why a 200 became an error: "error-in-200" or "unusable"
 _CAST: dict[JobKind, type[ChatCompletion | Completion | CreateEmbeddingResponse]] = {
     JobKind.CHAT: ChatCompletion,
     JobKind.COMPLETION: Completion,
@@ -79,16 +83,16 @@ class OpenRouterTransport(httpx2.BaseTransport):
         if isinstance(error, dict):
             code = error.get("code")
             status = code if isinstance(code, int) and code >= 400 else 502
-            return self._as_error(response, request, status, {"error": error})
+            return self._as_error(response, request, status, {"error": error}, "error-in-200")
         reason = unusable_reason(request.url.path, body)
         if reason:
             problem = {"error": {"code": 502, "message": f"unusable answer from OpenRouter: {reason}"}}
-            return self._as_error(response, request, 502, problem)
+            return self._as_error(response, request, 502, problem, "unusable")
         return response
 
     @staticmethod
     def _as_error(
-        original: httpx2.Response, request: httpx2.Request, status: int, body: dict[str, Any]
+        original: httpx2.Response, request: httpx2.Request, status: int, body: dict[str, Any], failure: str
     ) -> httpx2.Response:
         headers = {
             k: v
@@ -96,6 +100,7 @@ class OpenRouterTransport(httpx2.BaseTransport):
             if k.lower() not in ("content-length", "content-encoding", "transfer-encoding")
         }
         headers[ORIGINAL_STATUS_HEADER] = str(original.status_code)
+        headers[FAILURE_HEADER] = failure
         return httpx2.Response(status, headers=headers, content=json.dumps(body).encode(), request=request)
 
     def close(self) -> None:
@@ -108,6 +113,7 @@ class UpstreamAnswer:
 
     response: dict[str, Any] | None
     error: JobError | None
+    retry_after: float | None = None  # seconds, from Retry-After or X-RateLimit-Reset
 
     @property
     def usage(self) -> Usage | None:
@@ -143,7 +149,7 @@ class OpenRouterClient:
                 job.kind.path, cast_to=_CAST[job.kind], body=job.body
             )
         except openai.APIStatusError as exc:
-            return UpstreamAnswer(None, self._status_error(exc))
+            return UpstreamAnswer(None, self._status_error(exc), retry_after(exc.response.headers))
         except openai.APITimeoutError:
             return UpstreamAnswer(None, JobError(code="timeout", message="OpenRouter did not answer in time"))
         except openai.APIConnectionError as exc:
@@ -156,8 +162,10 @@ class OpenRouterClient:
         error = body.get("error") if isinstance(body, dict) else None
         error = error if isinstance(error, dict) else {}
         message = str(error.get("message") or exc.response.text or exc.message)
+        failure = exc.response.headers.get(FAILURE_HEADER)
+        code = {"unusable": "unusable_answer", "error-in-200": "upstream_error"}.get(failure or "")
         return JobError(
-            code=_error_code(exc.status_code),
+            code=code or _error_code(exc.status_code),
             message=redact(message, self._secrets),
             status_code=exc.status_code,
             metadata=error.get("metadata") if isinstance(error.get("metadata"), dict) else None,
@@ -165,6 +173,30 @@ class OpenRouterClient:
 
     def close(self) -> None:
         self._client.close()
+
+
+def retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds to wait, from `Retry-After` (seconds or HTTP date) or `X-RateLimit-Reset` (epoch ms or s)."""
+    now = time.time() if now is None else now
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+            except (TypeError, ValueError):
+                pass
+    reset = headers.get("x-ratelimit-reset")
+    if reset:
+        try:
+            stamp = float(reset)
+        except ValueError:
+            return None
+        if stamp > 1e11:
+            stamp /= 1000.0  # OpenRouter sends epoch milliseconds
+        return max(0.0, stamp - now) if stamp > 1e9 else max(0.0, stamp)
+    return None
 
 
 def _error_code(status: int) -> str:

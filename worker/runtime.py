@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import redis
 from celery import Celery
 
 from routerq.batches import BatchStore
 from routerq.embeddings import EmbedStore
 from routerq.pricing import PhoenixPricing
+from routerq.ratelimit import SharedLimiter
 from routerq.settings import Settings
 from routerq.store import ResultStore, connect
 from worker.openrouter import OpenRouterClient
@@ -17,6 +19,9 @@ from worker.openrouter import OpenRouterClient
 
 @dataclass
 class Runtime:
+    settings: Settings
+    redis: redis.Redis
+    limiter: SharedLimiter
     store: ResultStore
     batches: BatchStore
     embeddings: EmbedStore
@@ -34,6 +39,9 @@ def runtime(app: Celery) -> Runtime:
         settings: Settings = app.conf.routerq_settings
         client = connect(settings.redis_url)
         _runtime = Runtime(
+            settings=settings,
+            redis=client,
+            limiter=SharedLimiter(client, settings),
             store=ResultStore(client, settings.result_ttl),
             batches=BatchStore(client, settings.result_ttl),
             embeddings=EmbedStore(client, settings.result_ttl),

@@ -1,4 +1,9 @@
-"""The tasks: a single job (`routerq.run_job`) and one line of a batch (`routerq.run_line`)."""
+"""The tasks: a single job, one line of a batch, one request of an embedding backfill.
+
+Every task runs the same attempt (`attempt_job`): shared rate limiter, one upstream call, then the
+retry policy decides: done, retry later (re-published with a countdown, freeing the worker slot),
+fail, or pause the batch. A delivery counter bounds lines that kill their worker process.
+"""
 
 from __future__ import annotations
 
@@ -8,37 +13,71 @@ import time
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
 from openinference.instrumentation import using_attributes
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from routerq.batches import Batch, Outcome, output_line
+from routerq.batches import Batch, BatchStatus, Outcome, output_line
 from routerq.jobs import Job, JobError, JobFailedError, JobKind, JobResult
-from routerq.spans import worker_attributes
+from routerq.ratelimit import estimate_tokens
+from routerq.spans import ATTEMPT, ERROR_CLASS, worker_attributes
 from worker.app import EMBED_TASK_NAME, LINE_TASK_NAME, TASK_NAME
+from worker.openrouter import UpstreamAnswer
+from worker.retry import Action, Decision, decide, error_class
 from worker.runtime import Runtime, runtime
 
 log = logging.getLogger(__name__)
+LIMITER_DEFER_S = 5.0  # waits longer than this give the slot back and come back later
 
 
-def execute(rt: Runtime, task: Task, job: Job) -> JobResult:
-    """One upstream attempt for a job, with the job's context on every span it makes."""
+class Deferred(Exception):
+    """The shared limiter asks for a long wait: re-publish instead of holding the slot."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(f"rate limited for {delay:.1f} s")
+        self.delay = delay
+
+
+def attempt_job(rt: Runtime, task: Task, job: Job, attempt: int) -> tuple[JobResult, Decision | None]:
+    """One upstream attempt with the job's context on every span. Decision is None on success."""
     started = time.time()
     span = trace.get_current_span()
-    attempt = (task.request.retries or 0) + 1
     for key, value in worker_attributes(job, (started - job.enqueued_at) * 1000, attempt).items():
         span.set_attribute(key, value)
     rt.pricing.ensure(job.models)
-    with using_attributes(**_context_kwargs(job)):
-        answer = rt.openrouter.call(job)
+    model = job.models[0]
+    lease = _acquire(rt, model, estimate_tokens(job.body))
+    try:
+        with using_attributes(**_context_kwargs(job)):
+            try:
+                answer = rt.openrouter.call(job)
+            except SoftTimeLimitExceeded:
+                message = f"no answer within ROUTERQ_JOB_TIME_LIMIT ({rt.settings.job_time_limit:g} s)"
+                answer = UpstreamAnswer(None, JobError(code="timeout", message=message))
+    finally:
+        usage = answer.usage if "answer" in locals() else None
+        rt.limiter.release(lease, usage.total_tokens if usage else None)
+    decision = None
+    if answer.error:
+        decision = decide(answer.error, answer.retry_after, attempt, rt.settings)
+        span.set_status(Status(StatusCode.ERROR, answer.error.message))
+        span.set_attribute(ERROR_CLASS, error_class(answer.error))
+        span.set_attribute("routerq.decision", decision.action.value)
+        if answer.error.status_code == 429:
+            rt.limiter.penalize(model, answer.retry_after or 1.0)
+        log.warning(
+            "job %s attempt %d: %s (%s) -> %s %s",
+            job.id, attempt, answer.error.message, answer.error.code, decision.action.value, decision.reason,
+        )  # fmt: skip
     response = answer.response or {}
     result = JobResult(
         job_id=job.id,
         kind=job.kind,
         status="failed" if answer.error else "succeeded",
         response=answer.response,
-        error=answer.error,
-        model=response.get("model") or job.models[0],
+        error=_final_error(answer.error, decision),
+        model=response.get("model") or model,
         provider=response.get("provider"),
         generation_id=response.get("id"),
         usage=answer.usage,
@@ -50,57 +89,127 @@ def execute(rt: Runtime, task: Task, job: Job) -> JobResult:
         custom_id=job.custom_id,
         trace_id=_trace_id(span),
     )
-    if answer.error:
-        span.set_status(Status(StatusCode.ERROR, answer.error.message))
-    return result
+    return result, decision
 
 
-def run_job(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
+def _acquire(rt: Runtime, model: str, tokens: int) -> Any:
+    waited = 0.0
+    while True:
+        lease, wait = rt.limiter.try_acquire(model, tokens)
+        if lease is not None:
+            return lease
+        if wait > LIMITER_DEFER_S or waited + wait > LIMITER_DEFER_S * 4:
+            raise Deferred(wait)
+        time.sleep(wait)
+        waited += wait
+
+
+def _final_error(error: JobError | None, decision: Decision | None) -> JobError | None:
+    if error is None or decision is None or decision.action is not Action.FAIL or not decision.reason:
+        return error
+    if decision.reason == "not retryable":
+        return error
+    return error.model_copy(update={"message": f"{error.message} ({decision.reason})"})
+
+
+def _over_delivered(rt: Runtime, task: Task, key: str) -> int | None:
+    """Counts deliveries of this very message; a line that keeps killing its worker stops here."""
+    name = f"routerq:deliveries:{key}:{task.request.id}"
+    count = int(rt.redis.incr(name))
+    rt.redis.expire(name, 24 * 3600)
+    return count if count > rt.settings.max_deliveries else None
+
+
+def _poison(job_id: str, deliveries: int) -> JobError:
+    return JobError(
+        code="worker_lost",
+        message=f"the worker running this job died {deliveries - 1} times (ROUTERQ_MAX_DELIVERIES); "
+        "not trying again",
+    )
+
+
+def _retry(task: Task, attempt: int, delay: float) -> Exception:
+    kwargs = {**(task.request.kwargs or {}), "attempt": attempt}
+    return task.retry(kwargs=kwargs, countdown=delay, max_retries=None)  # type: ignore[no-any-return]
+
+
+def run_job(task: Task, payload: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
     job = Job.model_validate(payload)
     rt = runtime(task.app)
     stored = rt.store.get(job.id)
     if stored is not None and stored.ok:
         log.info("job %s already has a stored result; not calling upstream again", job.id)
         return {"job_id": job.id, "status": stored.status}
-    result = execute(rt, task, job)
+    deliveries = _over_delivered(rt, task, job.id)
+    if deliveries:
+        result = _failed_without_call(job, _poison(job.id, deliveries), attempt)
+    else:
+        try:
+            result, decision = attempt_job(rt, task, job, attempt)
+        except Deferred as deferred:
+            raise _retry(task, attempt, deferred.delay) from None
+        if decision is not None and decision.action is Action.RETRY:
+            raise _retry(task, attempt + 1, decision.delay)
     rt.store.put(result)
     if not result.ok:
         raise JobFailedError(result)
     return {"job_id": job.id, "status": result.status}
 
 
-def run_line(task: Task, batch_id: str, index: int, enqueued_at: float) -> dict[str, Any]:
+def run_line(task: Task, batch_id: str, index: int, enqueued_at: float, attempt: int = 1) -> dict[str, Any]:
     rt = runtime(task.app)
     span = trace.get_current_span()
     span.set_attribute("routerq.batch.id", batch_id)
     span.set_attribute("routerq.batch.line", index)
-    batch = rt.batches.get(batch_id)
-    line = rt.batches.line(batch_id, index)
+    span.set_attribute(ATTEMPT, attempt)
+    store = rt.batches
+    batch, line = store.get(batch_id), store.line(batch_id, index)
+    summary = {"batch_id": batch_id, "index": index}
     if batch is None or line is None:
         log.warning("batch %s line %d has expired or never existed; dropping it", batch_id, index)
-        return {"batch_id": batch_id, "index": index, "status": "missing"}
-    if rt.batches.outcome(batch_id, index) is Outcome.SUCCEEDED:
+        return {**summary, "status": "missing"}
+    if store.outcome(batch_id, index) is Outcome.SUCCEEDED:
         log.info("batch %s line %d already succeeded; not calling upstream again", batch_id, index)
-        return {"batch_id": batch_id, "index": index, "status": "succeeded"}
-    if not batch.status.runnable:
+        return {**summary, "status": "succeeded"}
+    if batch.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.FAILED):
         error = JobError(
             code="batch_cancelled", message=f"batch is {batch.status.value}; line not sent upstream"
         )
         line_out = {"id": None, "custom_id": line["custom_id"], "response": None, "error": error.model_dump()}
-        rt.batches.record(batch_id, index, Outcome.CANCELLED, line_out, None)
-        return {"batch_id": batch_id, "index": index, "status": "cancelled"}
+        store.record(batch_id, index, Outcome.CANCELLED, line_out, None)
+        return {**summary, "status": "cancelled"}
+    if batch.status is BatchStatus.PAUSED and store.park(batch_id, index):
+        return {**summary, "status": "parked"}
 
-    rt.batches.mark_running(batch_id, index)
     job = line_job(batch, index, line, enqueued_at)
-    result = execute(rt, task, job)
+    deliveries = _over_delivered(rt, task, job.id)
+    if deliveries:
+        result = _failed_without_call(job, _poison(job.id, deliveries), attempt)
+        store.record(batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result)
+        raise JobFailedError(result)
+    store.mark_running(batch_id, index)
+    try:
+        result, decision = attempt_job(rt, task, job, attempt)
+    except Deferred as deferred:
+        store.unmark_running(batch_id, index)
+        raise _retry(task, attempt, deferred.delay) from None
+    if decision is not None and decision.action is Action.RETRY:
+        store.unmark_running(batch_id, index)
+        raise _retry(task, attempt + 1, decision.delay)
+    if decision is not None and decision.action is Action.PAUSE:
+        store.pause(batch_id, decision.reason)
+        if store.park(batch_id, index):
+            return {**summary, "status": "parked"}
     outcome = Outcome.SUCCEEDED if result.ok else Outcome.FAILED
-    rt.batches.record(batch_id, index, outcome, output_line(job.custom_id or "", result), result)
+    store.record(batch_id, index, outcome, output_line(job.custom_id or "", result), result)
     if not result.ok:
         raise JobFailedError(result)
-    return {"batch_id": batch_id, "index": index, "status": result.status}
+    return {**summary, "status": result.status}
 
 
-def run_embed(task: Task, run_id: str, indexes: list[int], enqueued_at: float) -> dict[str, Any]:
+def run_embed(
+    task: Task, run_id: str, indexes: list[int], enqueued_at: float, attempt: int = 1
+) -> dict[str, Any]:
     """One embeddings request for many texts; vectors are stored as raw float32, never as JSON text."""
     rt = runtime(task.app)
     run = rt.embeddings.get(run_id)
@@ -110,8 +219,11 @@ def run_embed(task: Task, run_id: str, indexes: list[int], enqueued_at: float) -
     todo = rt.embeddings.missing_of(run_id, indexes)
     if not todo:
         return {"run": run_id, "stored": 0}
-    texts = rt.embeddings.texts(run_id, todo)
-    body: dict[str, Any] = {"model": run.model, "input": texts, "encoding_format": "base64"}
+    body: dict[str, Any] = {
+        "model": run.model,
+        "input": rt.embeddings.texts(run_id, todo),
+        "encoding_format": "base64",
+    }
     if run.dimensions:
         body["dimensions"] = run.dimensions
     job = Job(
@@ -122,16 +234,39 @@ def run_embed(task: Task, run_id: str, indexes: list[int], enqueued_at: float) -
         metadata={"embed_run": run_id, "input_file": run.input_file},
         enqueued_at=enqueued_at,
     )
-    result = execute(rt, task, job)
+    deliveries = _over_delivered(rt, task, job.id)
+    if deliveries:
+        rt.embeddings.record_failure(run_id, len(todo))
+        raise JobFailedError(_failed_without_call(job, _poison(job.id, deliveries), attempt))
+    try:
+        result, decision = attempt_job(rt, task, job, attempt)
+    except Deferred as deferred:
+        raise _retry(task, attempt, deferred.delay) from None
+    if decision is not None and decision.action is Action.RETRY:
+        raise _retry(task, attempt + 1, decision.delay)
     if not result.ok or result.response is None:
         rt.embeddings.record_failure(run_id, len(todo))
         raise JobFailedError(result)
     vectors = {todo[item["index"]]: base64.b64decode(item["embedding"]) for item in result.response["data"]}
     usage = result.usage
-    stored = rt.embeddings.store_vectors(
-        run_id, vectors, usage.prompt_tokens if usage else 0, usage.cost or 0.0 if usage else 0.0
+    tokens, cost = (usage.prompt_tokens, usage.cost or 0.0) if usage else (0, 0.0)
+    return {"run": run_id, "stored": rt.embeddings.store_vectors(run_id, vectors, tokens, cost)}
+
+
+def _failed_without_call(job: Job, error: JobError, attempt: int) -> JobResult:
+    now = time.time()
+    return JobResult(
+        job_id=job.id,
+        kind=job.kind,
+        status="failed",
+        error=error,
+        attempts=attempt,
+        enqueued_at=job.enqueued_at,
+        started_at=now,
+        finished_at=now,
+        batch_id=job.batch_id,
+        custom_id=job.custom_id,
     )
-    return {"run": run_id, "stored": stored}
 
 
 def line_job(batch: Batch, index: int, line: dict[str, Any], enqueued_at: float) -> Job:
