@@ -13,7 +13,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from routerq import telemetry
 from routerq.jobs import Job, JobFailedError, JobKind, JobResult
 from routerq.settings import Settings, get_settings
-from routerq.spans import producer_attributes
+from routerq.spans import output_attribute, producer_attributes
 from routerq.store import ResultStore, connect
 from worker.app import TASK_NAME, create_app
 
@@ -81,10 +81,10 @@ class Producer:
             self._publish(job)
             result = self.store.wait(job.id, timeout)
             if result.ok:
-                span.set_attribute(SpanAttributes.OUTPUT_VALUE, result.text)
+                span.set_attribute(SpanAttributes.OUTPUT_VALUE, output_attribute(result.text))
             else:
                 failure = JobFailedError(result)
-                span.set_attribute(SpanAttributes.OUTPUT_VALUE, str(failure))
+                span.set_attribute(SpanAttributes.OUTPUT_VALUE, output_attribute(str(failure)))
                 span.set_status(Status(StatusCode.ERROR, str(failure)))
         return result
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from celery import Celery
-from openinference.semconv.trace import OpenInferenceSpanKindValues, SpanAttributes
+from openinference.semconv.trace import SpanAttributes
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Status, StatusCode
 
@@ -24,7 +24,7 @@ from routerq.batch_file import BatchLine, Validation, read_lines, validate
 from routerq.batches import Batch, BatchStatus, BatchStore, Outcome, new_batch_id
 from routerq.jobs import JobKind, prompt_of
 from routerq.settings import Settings
-from routerq.spans import BATCH_ID, CUSTOM_ID
+from routerq.spans import BATCH_ID, CUSTOM_ID, chain_attributes
 from routerq.store import connect
 from worker.app import LINE_TASK_NAME, create_app
 
@@ -76,10 +76,7 @@ class BatchClient:
     ) -> Submitted:
         tracer = telemetry.tracer()
         with tracer.start_as_current_span("routerq.submit", context=otel_context.Context()) as span:
-            span.set_attribute(
-                SpanAttributes.OPENINFERENCE_SPAN_KIND, OpenInferenceSpanKindValues.CHAIN.value
-            )
-            span.set_attribute(SpanAttributes.INPUT_VALUE, str(path))
+            span.set_attributes(chain_attributes(str(path)))
             validation = validate(path, model)
             span.set_attribute("routerq.batch.lines", validation.lines)
             if not validation.ok:
@@ -154,8 +151,7 @@ class BatchClient:
             else:
                 custom_id, prompt = line["custom_id"], prompt_of(JobKind(line["kind"]), line["body"])
             attributes = {
-                SpanAttributes.OPENINFERENCE_SPAN_KIND: OpenInferenceSpanKindValues.CHAIN.value,
-                SpanAttributes.INPUT_VALUE: prompt,
+                **chain_attributes(prompt),
                 SpanAttributes.OUTPUT_VALUE: f"queued as line {index} of {batch.id}",
                 SpanAttributes.SESSION_ID: batch.session_id or batch.id,
                 SpanAttributes.METADATA: json.dumps(

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from openinference.semconv.trace import OpenInferenceSpanKindValues, SpanAttributes
+from openinference.semconv.trace import SpanAttributes
 
 from producer.messages import StagedEnqueue
 from routerq import telemetry
 from routerq.batch_file import LineError
 from routerq.embeddings import EmbedRun, EmbedStore, vector_from_bytes
 from routerq.settings import Settings
+from routerq.spans import chain_attributes
 from routerq.store import connect
 from worker.app import EMBED_TASK_NAME, create_app
 
@@ -128,8 +129,7 @@ class EmbedClient:
         for start in range(0, len(missing), per_request):
             chunk = missing[start : start + per_request]
             attributes = {
-                SpanAttributes.OPENINFERENCE_SPAN_KIND: OpenInferenceSpanKindValues.CHAIN.value,
-                SpanAttributes.INPUT_VALUE: f"{len(chunk)} texts from {path.name}",
+                **chain_attributes(f"{len(chunk)} texts from {path.name}"),
                 SpanAttributes.SESSION_ID: run.id,
                 "routerq.embed.run": run.id,
             }

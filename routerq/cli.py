@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -49,16 +50,35 @@ def worker(
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="jobs in flight")] = 8,
     pool: Annotated[str, typer.Option(help="prefork, threads, solo or gevent")] = "prefork",
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
+    supervise: Annotated[bool, typer.Option(help="restart the worker if it dies on its own")] = True,
 ) -> None:
     """Run a worker that takes jobs from Redis and calls OpenRouter."""
-    from worker.main import POOLS, run_worker
-    from worker.preflight import PreflightError
+    from worker.main import POOLS, SUPERVISED_ENV, run_worker
+    from worker.main import supervise as run_supervised
+    from worker.preflight import PreflightError, check_api_key
 
     if pool not in POOLS:
         err.print(f"[red]--pool must be one of {', '.join(POOLS)}[/red]")
         raise typer.Exit(2)
+    settings = _settings()
+    if supervise and not os.environ.get(SUPERVISED_ENV):
+        try:
+            check_api_key(settings)
+        except PreflightError as exc:
+            raise _fail(f"routerq worker: {exc}", 2) from None
+        argv = [
+            sys.executable,
+            "-m",
+            "routerq.cli",
+            "worker",
+            "--concurrency",
+            str(concurrency),
+            "--pool",
+            pool,
+        ]
+        raise typer.Exit(run_supervised([*argv, "--loglevel", loglevel]))
     try:
-        run_worker(_settings(), concurrency, pool, loglevel)
+        run_worker(settings, concurrency, pool, loglevel)
     except PreflightError as exc:
         err.print(f"[red]routerq worker: {exc}[/red]")
         raise typer.Exit(2) from None

@@ -6,7 +6,10 @@ Directives inside a prompt trigger faults for that request:
   [[status:429]] (with [[retry-after:2]]), [[200-error]], [[empty]], [[broken]], [[slow:1.5]],
   [[flaky:N]] or [[flaky:N:STATUS]] (the first N calls with this exact prompt answer 500, or STATUS;
   later ones succeed).
-`POST /_fake/config` sets latency; `GET /_fake/calls` and `POST /_fake/reset` expose the call log.
+`POST /_fake/config` sets latency, accepted keys and fault rules: each rule applies to prompts containing
+its `match` and, deterministically per prompt and attempt, answers 429 (with Retry-After), 502 or
+200-with-error at the given rates, or hangs the first `hang_first` calls of a prompt for `hang_s`.
+`GET /_fake/calls` and `POST /_fake/reset` expose the call log.
 """
 
 from __future__ import annotations
@@ -80,6 +83,28 @@ class FakeState:
     ids: itertools.count[int] = field(default_factory=itertools.count)
     generations: dict[str, dict[str, Any]] = field(default_factory=dict)
     seen: dict[str, int] = field(default_factory=dict)
+    rules: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _roll(seed: str, prompt: str, attempt: int) -> float:
+    """A uniform number fixed by prompt and attempt: faults do not depend on call order."""
+    digest = hashlib.sha256(f"{seed}\n{prompt}\n{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _rule_fault(rule: dict[str, Any], prompt: str, attempt: int) -> Response | None:
+    roll = _roll(str(rule.get("seed", "")), prompt, attempt)
+    edge = float(rule.get("rate_429", 0))
+    if roll < edge:
+        retry_after = str(rule.get("retry_after", 1))
+        return _error(429, "Rate limit exceeded: fake", {"Retry-After": retry_after}, provider_code=429)
+    edge += float(rule.get("rate_502", 0))
+    if roll < edge:
+        return _error(502, "fake provider returned an invalid response")
+    edge += float(rule.get("rate_200_error", 0))
+    if roll < edge:
+        return JSONResponse({"id": "gen-fault", "error": {"code": 502, "message": "fake error after start"}})
+    return None
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None, **metadata: Any) -> JSONResponse:
@@ -111,10 +136,6 @@ def create_app(state: FakeState) -> Starlette:
         return response
 
     async def _answer(request: Request, kind: str, call: dict[str, Any]) -> Response:
-        auth = request.headers.get("authorization", "")
-        key = auth.removeprefix("Bearer ").strip()
-        if not key or (state.keys and key not in state.keys):
-            return _error(401, "No auth credentials found" if not key else "User not found.")
         call["title"] = request.headers.get("x-openrouter-title") or request.headers.get("x-title")
         call["referer"] = request.headers.get("http-referer")
         try:
@@ -127,17 +148,26 @@ def create_app(state: FakeState) -> Starlette:
         call["prompt"] = prompt[:200]
         if kind == "embedding":
             call["inputs"] = len(body["input"]) if isinstance(body.get("input"), list) else 1
+        key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not key or (state.keys and key not in state.keys):
+            return _error(401, "No auth credentials found" if not key else "User not found.")
         directives = {m.group(1): m.group(2) for m in DIRECTIVE.finditer(prompt)}
+        state.seen[prompt] = attempt = state.seen.get(prompt, 0) + 1
+        call["attempt"] = attempt
+        rule = next((r for r in state.rules if r.get("match") and r["match"] in prompt), None)
+        if rule is not None and attempt <= int(rule.get("hang_first", 0)):
+            await asyncio.sleep(float(rule.get("hang_s", 60)))
         delay = state.latency_ms / 1000 * (1 + random.uniform(-state.jitter, state.jitter))
         delay += float(directives.get("slow") or 0)
         if delay > 0:
             await asyncio.sleep(delay)
         if model not in PRICES:
             return _error(400, f"{model} is not a valid model ID")
+        if rule is not None and (fault := _rule_fault(rule, prompt, attempt)) is not None:
+            return fault
         if "flaky" in directives:
             times, _, status = (directives["flaky"] or "1").partition(":")
-            state.seen[prompt] = state.seen.get(prompt, 0) + 1
-            if state.seen[prompt] <= int(times):
+            if attempt <= int(times):
                 return _error(int(status or 500), "fake flaky upstream error")
         if "status" in directives:
             status = int(directives["status"] or 500)
@@ -166,6 +196,7 @@ def create_app(state: FakeState) -> Starlette:
             "provider_name": upstream,
             "model": model,
         }
+        call["ok"] = "empty" not in directives  # a real, billable answer
         return JSONResponse(answer, headers={"X-Generation-Id": generation})
 
     def _text_answer(kind: str, model: str, prompt: str, directives: dict[str, str | None]) -> dict[str, Any]:
@@ -235,7 +266,11 @@ def create_app(state: FakeState) -> Starlette:
         config = await request.json()
         state.latency_ms = float(config.get("latency_ms", state.latency_ms))
         state.jitter = float(config.get("jitter", state.jitter))
-        return JSONResponse({"latency_ms": state.latency_ms, "jitter": state.jitter})
+        if "keys" in config:
+            state.keys = set(config["keys"])
+        if "rules" in config:
+            state.rules = list(config["rules"])
+        return JSONResponse({"latency_ms": state.latency_ms, "jitter": state.jitter, "rules": state.rules})
 
     async def health(_: Request) -> Response:
         return JSONResponse({"ok": True})

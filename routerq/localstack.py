@@ -39,17 +39,25 @@ class Service:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        """SIGTERM goes to the service's own process, as `kill` or `docker stop` would send it, and
+        lets it shut down its children; SIGKILL (or a timeout) takes the whole process group."""
         if self.process.poll() is not None:
             return
         try:
-            os.killpg(self.process.pid, sig)
+            if sig == signal.SIGKILL:
+                os.killpg(self.process.pid, sig)
+            else:
+                self.process.send_signal(sig)
+            self.process.wait(timeout)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             return
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+        self.process.wait(10)
 
 
 def free_port() -> int:

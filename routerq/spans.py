@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from functools import cache
 from typing import Any
 
+from openinference.instrumentation import REDACTED_VALUE as REDACTED
+from openinference.instrumentation import TraceConfig
 from openinference.semconv.trace import OpenInferenceSpanKindValues, SpanAttributes
 from opentelemetry.trace import Span
 
@@ -40,10 +43,36 @@ def context_attributes(job: Job) -> dict[str, Any]:
     return attributes
 
 
+@cache
+def _trace_config() -> TraceConfig:
+    return TraceConfig()
+
+
+def hide_inputs() -> bool:
+    """OpenInference's OPENINFERENCE_HIDE_INPUTS applies to routerq's own spans too."""
+    return bool(_trace_config().hide_inputs)
+
+
+def hide_outputs() -> bool:
+    return bool(_trace_config().hide_outputs)
+
+
+def chain_attributes(input_text: str) -> dict[str, Any]:
+    """A CHAIN span's kind and input (unless inputs are hidden), for producer-side root spans."""
+    attributes: dict[str, Any] = {
+        SpanAttributes.OPENINFERENCE_SPAN_KIND: OpenInferenceSpanKindValues.CHAIN.value
+    }
+    attributes[SpanAttributes.INPUT_VALUE] = REDACTED if hide_inputs() else input_text
+    return attributes
+
+
+def output_attribute(text: str) -> str:
+    return REDACTED if hide_outputs() else text
+
+
 def producer_attributes(job: Job) -> dict[str, Any]:
     return {
-        SpanAttributes.OPENINFERENCE_SPAN_KIND: OpenInferenceSpanKindValues.CHAIN.value,
-        SpanAttributes.INPUT_VALUE: job.prompt_text,
+        **chain_attributes(job.prompt_text),
         JOB_ID: job.id,
         JOB_KIND: job.kind.value,
         **context_attributes(job),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from routerq.jobs import JobResult
 
@@ -12,12 +14,15 @@ RESULT_KEY = "routerq:result:{job_id}"
 
 
 def connect(url: str) -> redis.Redis:
-    """One place for connection options, so every component survives a Redis restart the same way."""
+    """One place for connection options, so every component rides out a Redis restart the same way:
+    commands wait and retry with backoff (up to about 30 s) instead of failing the job."""
     return redis.Redis.from_url(
         url,
         health_check_interval=30,
         socket_keepalive=True,
-        retry_on_timeout=True,
+        socket_connect_timeout=5,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=20),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
 
 

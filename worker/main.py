@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import time
 from typing import Any
 
 from celery.signals import (
@@ -20,6 +24,7 @@ from worker.app import create_app
 from worker.preflight import check_api_key
 
 POOLS = ("prefork", "threads", "solo", "gevent", "eventlet")
+SUPERVISED_ENV = "ROUTERQ_SUPERVISED"
 
 
 def run_worker(settings: Settings, concurrency: int, pool: str, loglevel: str = "INFO") -> None:
@@ -51,3 +56,37 @@ def run_worker(settings: Settings, concurrency: int, pool: str, loglevel: str = 
             "--without-mingle",
         ]
     )
+
+
+def supervise(argv: list[str], max_backoff: float = 30.0) -> int:
+    """Run the worker in a child process and start it again whenever it dies on its own.
+
+    Celery's consumer can die on a broker connection loss (an `Unrecoverable error` seen here when
+    Redis is killed mid-ack); unacked jobs are safe in Redis, but someone must start a worker again.
+    SIGTERM/SIGINT are passed on and end the loop: the child shuts down warmly.
+    """
+    log = logging.getLogger("routerq.supervisor")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/supervisor] %(message)s")
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    backoff = 1.0
+    while True:
+        started = time.monotonic()
+        child = subprocess.Popen(argv, env={**os.environ, SUPERVISED_ENV: "1"})
+        code = child.wait()
+        if stopping or code == 0:
+            return code
+        if time.monotonic() - started > 60:
+            backoff = 1.0
+        log.warning("worker exited unexpectedly (code %s); starting it again in %.0f s", code, backoff)
+        time.sleep(backoff)
+        backoff = min(backoff * 2, max_backoff)

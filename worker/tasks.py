@@ -113,8 +113,9 @@ def _final_error(error: JobError | None, decision: Decision | None) -> JobError 
 
 
 def _over_delivered(rt: Runtime, task: Task, key: str) -> int | None:
-    """Counts deliveries of this very message; a line that keeps killing its worker stops here."""
-    name = f"routerq:deliveries:{key}:{task.request.id}"
+    """Counts deliveries of this very message (a retry is a new message, with `retries` one higher);
+    a line that keeps killing its worker stops here."""
+    name = f"routerq:deliveries:{key}:{task.request.id}:{task.request.retries or 0}"
     count = int(rt.redis.incr(name))
     rt.redis.expire(name, 24 * 3600)
     return count if count > rt.settings.max_deliveries else None
@@ -130,7 +131,7 @@ def _poison(job_id: str, deliveries: int) -> JobError:
 
 def _retry(task: Task, attempt: int, delay: float) -> Exception:
     kwargs = {**(task.request.kwargs or {}), "attempt": attempt}
-    return task.retry(kwargs=kwargs, countdown=delay, max_retries=None)  # type: ignore[no-any-return]
+    return task.retry(kwargs=kwargs, countdown=delay)  # type: ignore[no-any-return]
 
 
 def run_job(task: Task, payload: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
@@ -193,6 +194,10 @@ def run_line(task: Task, batch_id: str, index: int, enqueued_at: float, attempt:
     except Deferred as deferred:
         store.unmark_running(batch_id, index)
         raise _retry(task, attempt, deferred.delay) from None
+    except Exception as exc:  # a bug or an outage of ours: record it, never drop the line silently
+        result = _failed_without_call(job, JobError(code="internal_error", message=repr(exc)), attempt)
+        store.record(batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result)
+        raise
     if decision is not None and decision.action is Action.RETRY:
         store.unmark_running(batch_id, index)
         raise _retry(task, attempt + 1, decision.delay)
@@ -307,6 +312,8 @@ def _context_kwargs(job: Job) -> dict[str, Any]:
 
 
 def register(app: Celery) -> None:
-    app.task(name=TASK_NAME, bind=True)(run_job)
-    app.task(name=LINE_TASK_NAME, bind=True)(run_line)
-    app.task(name=EMBED_TASK_NAME, bind=True)(run_embed)
+    """Attempts are bounded by ROUTERQ_MAX_ATTEMPTS (retry policy), not by Celery's max_retries."""
+    options = {"bind": True, "max_retries": None}
+    app.task(name=TASK_NAME, **options)(run_job)
+    app.task(name=LINE_TASK_NAME, **options)(run_line)
+    app.task(name=EMBED_TASK_NAME, **options)(run_embed)

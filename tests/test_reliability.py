@@ -1,0 +1,399 @@
+"""Faults from the fake upstream, from signals and from Redis: every line ends accounted for."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from conftest import Stack, extra_worker, routerq
+from test_batches import line, write_jsonl
+
+from producer import Producer
+from producer.batch import BatchClient
+from routerq.batches import Batch, BatchStatus
+from routerq.jobs import Job, JobKind
+from routerq.localstack import free_port, start_redis, start_worker
+from worker.app import TASK_NAME, create_app
+
+CHAT = "meta-llama/llama-3.1-8b-instruct"
+FAST_RECOVERY = {  # a worker tuned to get lost lines back within ~30 s
+    "ROUTERQ_VISIBILITY_TIMEOUT": "25",
+    "ROUTERQ_RESTORE_INTERVAL": "2",
+    "ROUTERQ_JOB_TIME_LIMIT": "12",
+    "OPENROUTER_TIMEOUT": "10",
+    "ROUTERQ_RETRY_MAX_DELAY": "3",
+}
+
+
+def configure_fake(stack: Stack, **config: Any) -> None:
+    httpx.post(f"{stack.fake_base}/_fake/config", json=config).raise_for_status()
+
+
+@pytest.fixture
+def fake_rules(stack: Stack) -> Iterator[None]:
+    yield
+    configure_fake(stack, rules=[], keys=[stack.api_key])
+
+
+def calls_with(stack: Stack, marker: str) -> list[dict[str, Any]]:
+    calls = httpx.get(f"{stack.fake_base}/_fake/calls").json()["calls"]
+    return [c for c in calls if marker in (c.get("prompt") or "")]
+
+
+def wait_final(client: BatchClient, batch_id: str, timeout: float = 180) -> Batch:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.get(batch_id)
+        if batch.status.final:
+            return batch
+        time.sleep(0.25)
+    raise AssertionError(f"batch {batch_id} still {client.get(batch_id)} after {timeout} s")
+
+
+def paid_duplicates(calls: list[dict[str, Any]]) -> int:
+    """Successful upstream answers beyond the first for the same line: money spent twice."""
+    ok = defaultdict(int)
+    for call in calls:
+        if call.get("ok"):
+            ok[call["prompt"]] += 1
+    return sum(n - 1 for n in ok.values())
+
+
+def submit(client: BatchClient, tmp_path: Path, marker: str, n: int, suffix: str = "") -> Batch:
+    rows = [line(f"l{i}", "chat", f"{marker} {i}{suffix}") for i in range(n)]
+    return client.submit(write_jsonl(tmp_path / f"{marker}.jsonl", rows)).batch
+
+
+def test_429s_502s_and_200_errors_are_retried_until_every_line_succeeds(
+    stack: Stack, tmp_path: Path, fake_rules: None
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    rule = {
+        "match": marker,
+        "seed": marker,
+        "rate_429": 0.3,
+        "retry_after": 1,
+        "rate_502": 0.1,
+        "rate_200_error": 0.05,
+    }
+    configure_fake(stack, rules=[rule])
+    queue = f"faults-{marker}"
+    with extra_worker(stack, queue, concurrency=4, ROUTERQ_MAX_ATTEMPTS="12") as (_, settings):
+        client = BatchClient(settings)
+        batch = submit(client, tmp_path, marker, 60)
+        final = wait_final(client, batch.id)
+    assert (final.status, final.succeeded, final.failed) == (BatchStatus.COMPLETED, 60, 0)
+
+    calls = calls_with(stack, marker)
+    by_line: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for call in calls:
+        by_line[call["prompt"]].append(call)
+    statuses = [c["status"] for c in calls]
+    print(f"60 lines, {len(calls)} upstream calls: {statuses.count(429)} x 429, {statuses.count(502)} x 502, "
+          f"max attempts for a line {max(len(v) for v in by_line.values())}")  # fmt: skip
+    assert statuses.count(429) > 0 and statuses.count(502) > 0
+    for attempts in by_line.values():
+        assert len(attempts) <= 12
+        attempts.sort(key=lambda c: c["t"])
+        for before, after in pairwise(attempts):
+            if before["status"] == 429:  # Retry-After: 1 was respected
+                assert after["t"] >= before["t_end"] + 1.0 - 0.01, (before, after)
+    assert paid_duplicates(calls) == 0
+
+
+def test_sigkill_of_the_whole_worker_loses_no_line(stack: Stack, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex[:8]
+    queue = f"sigkill-{marker}"
+    env = {**FAST_RECOVERY, "ROUTERQ_QUEUE": queue}
+    client = BatchClient(stack.settings(**env))
+    with extra_worker(stack, queue, concurrency=8, **env) as (worker, _):
+        batch = submit(client, tmp_path, marker, 500, " [[slow:0.2]]")
+        while client.get(batch.id).succeeded < 150:
+            time.sleep(0.05)
+        in_flight = client.get(batch.id).running
+        worker.stop(signal.SIGKILL)
+        killed_at = time.monotonic()
+    with extra_worker(stack, queue, concurrency=8, **env):
+        final = wait_final(client, batch.id)
+        recovered = time.monotonic() - killed_at
+    calls = calls_with(stack, marker)
+    duplicates = paid_duplicates(calls)
+    print(f"500 lines, {len(calls)} calls, {in_flight} in flight at the kill, {duplicates} paid twice, "
+          f"all done {recovered:.1f} s after the kill")  # fmt: skip
+    assert (final.succeeded, final.failed, final.cancelled) == (500, 0, 0)
+    assert duplicates <= max(in_flight, 8)
+
+
+def test_redis_killed_and_restarted_mid_batch_loses_nothing(stack: Stack, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex[:8]
+    port, data = free_port(), tmp_path / "redis"
+    own_redis = start_redis(port, data)
+    env = {**FAST_RECOVERY, "REDIS_URL": own_redis.url, "ROUTERQ_QUEUE": f"redis-restart-{marker}"}
+    try:
+        client = BatchClient(stack.settings(**env))
+        with extra_worker(stack, env["ROUTERQ_QUEUE"], concurrency=8, **env):
+            batch = submit(client, tmp_path, marker, 200, " [[slow:0.1]]")
+            while client.get(batch.id).succeeded < 50:
+                time.sleep(0.05)
+            own_redis.stop(signal.SIGKILL)
+            time.sleep(2)
+            own_redis = start_redis(port, data)
+            final = wait_final(client, batch.id)
+    finally:
+        own_redis.stop()
+    calls = calls_with(stack, marker)
+    print(f"200 lines, {len(calls)} calls, {paid_duplicates(calls)} paid twice across the Redis restart")
+    assert (final.succeeded, final.failed) == (200, 0)
+
+
+def test_a_401_pauses_the_batch_without_burning_lines_and_resume_finishes_it(
+    stack: Stack, tmp_path: Path, fake_rules: None
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    queue = f"auth-{marker}"
+    with extra_worker(stack, queue, concurrency=2) as (_, settings):
+        client = BatchClient(settings)
+        batch = submit(client, tmp_path, marker, 40, " [[slow:0.1]]")
+        while client.get(batch.id).succeeded < 5:
+            time.sleep(0.02)
+        configure_fake(stack, keys=["sk-or-v1-someone-else"])  # the key was revoked mid-batch
+        deadline = time.monotonic() + 30
+        while client.get(batch.id).status is not BatchStatus.PAUSED and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+        paused = client.get(batch.id)
+        assert paused.status is BatchStatus.PAUSED and "401" in (paused.reason or "")
+        assert paused.failed == 0 and paused.succeeded < 40
+        status = routerq(stack, "status", batch.id, env={"ROUTERQ_QUEUE": queue})
+        assert "paused: HTTP 401" in status.stdout
+        unauthorized = [c for c in calls_with(stack, marker) if c["status"] == 401]
+        assert 1 <= len(unauthorized) <= 2  # one per worker slot at most, not 40 identical failures
+
+        configure_fake(stack, keys=[stack.api_key])
+        done = routerq(stack, "resume", batch.id, env={"ROUTERQ_QUEUE": queue})
+        assert done.returncode == 0, done.stderr
+        final = wait_final(client, batch.id)
+    assert (final.status, final.succeeded, final.failed) == (BatchStatus.COMPLETED, 40, 0)
+
+
+def test_a_batch_pauses_when_its_budget_is_spent(stack: Stack, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex[:8]
+    rows = [line(f"b{i}", "chat", f"{marker} {i} [[slow:0.05]]") for i in range(30)]
+    client = BatchClient(stack.settings())
+    batch = client.submit(write_jsonl(tmp_path / "budget.jsonl", rows), max_cost=2e-6).batch
+    deadline = time.monotonic() + 30
+    while client.get(batch.id).status is not BatchStatus.PAUSED and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)
+    paused = client.get(batch.id)
+    assert paused.status is BatchStatus.PAUSED and "budget" in (paused.reason or "")
+    assert paused.succeeded < 30 and paused.cost >= 2e-6
+    assert client.resume(batch.id, max_cost=1.0) > 0
+    final = wait_final(client, batch.id)
+    assert (final.succeeded, final.failed) == (30, 0)
+
+
+def test_a_hanging_upstream_times_out_and_retries_while_the_worker_stays_responsive(
+    stack: Stack, tmp_path: Path, fake_rules: None
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    configure_fake(stack, rules=[{"match": marker, "hang_first": 1, "hang_s": 60}])
+    queue = f"hang-{marker}"
+    env = {"OPENROUTER_TIMEOUT": "2", "ROUTERQ_JOB_TIME_LIMIT": "10"}
+    with extra_worker(stack, queue, concurrency=4, **env) as (_, settings):
+        client = BatchClient(settings)
+        batch = submit(client, tmp_path, marker, 3)
+        time.sleep(0.5)
+        probe = Producer(settings).run(
+            Job(
+                kind=JobKind.CHAT,
+                body={"model": CHAT, "messages": [{"role": "user", "content": "still there?"}]},
+            ),
+            timeout=10,
+        )
+        assert probe.ok and probe.finished_at - probe.started_at < 1.5
+        final = wait_final(client, batch.id, timeout=60)
+    assert (final.succeeded, final.failed) == (3, 0)
+    calls = calls_with(stack, marker)
+    assert len(calls) == 6 and sorted(c["attempt"] for c in calls) == [1, 1, 1, 2, 2, 2]
+
+
+def test_the_shared_limiter_holds_across_worker_processes(stack: Stack, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex[:8]
+    queue = f"limit-{marker}"
+    limits = {"ROUTERQ_RATE_LIMIT_REQUESTS": "10", "ROUTERQ_RATE_LIMIT_WINDOW": "5"}
+    with (
+        extra_worker(stack, queue, concurrency=4, **limits) as (_, settings),
+        extra_worker(stack, queue + "-b", concurrency=4, **{**limits, "ROUTERQ_QUEUE": queue}),
+    ):
+        client = BatchClient(settings)
+        batch = submit(client, tmp_path, marker, 30)
+        final = wait_final(client, batch.id, timeout=60)
+    assert final.succeeded == 30
+    starts = sorted(c["t"] for c in calls_with(stack, marker))
+    busiest = max(sum(1 for t in starts if s <= t < s + 5.0) for s in starts)
+    print(f"30 lines, limit 10 per 5 s over two workers: busiest 5 s window saw {busiest} calls")
+    assert busiest <= 10 + 1  # +1: the fake stamps arrival, the limiter stamps the grant a moment earlier
+    assert starts[-1] - starts[0] >= 10.0  # 30 calls at 10 per 5 s need at least two full windows
+
+
+def test_a_poison_line_is_tried_a_bounded_number_of_times_and_the_rest_succeed(
+    stack: Stack, tmp_path: Path
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    queue = f"poison-{marker}"
+    rows = [line(f"ok{i}", "chat", f"{marker} fine {i}") for i in range(10)]
+    rows.insert(5, line("poison", "chat", f"{marker} poison [[slow:3]]"))
+    with extra_worker(stack, queue, concurrency=1, ROUTERQ_MAX_DELIVERIES="3") as (worker, settings):
+        client = BatchClient(settings)
+        batch = client.submit(write_jsonl(tmp_path / "poison.jsonl", rows)).batch
+        stop = threading.Event()
+
+        def kill_whoever_runs_the_poison() -> None:
+            killed = 0
+            while not stop.is_set():
+                seen = len([c for c in calls_with(stack, marker) if "poison" in c["prompt"]])
+                if seen > killed:
+                    children = subprocess.run(
+                        ["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True
+                    ).stdout.split()
+                    for pid in children:
+                        os.kill(int(pid), signal.SIGKILL)
+                    killed = seen
+                time.sleep(0.1)
+
+        killer = threading.Thread(target=kill_whoever_runs_the_poison, daemon=True)
+        killer.start()
+        try:
+            final = wait_final(client, batch.id, timeout=120)
+        finally:
+            stop.set()
+            killer.join()
+        assert worker.alive()
+    assert (final.succeeded, final.failed) == (10, 1)
+    poison_calls = [c for c in calls_with(stack, marker) if "poison" in c["prompt"]]
+    assert len(poison_calls) == 3
+    out = tmp_path / "out.jsonl"
+    routerq(stack, "results", batch.id, "-o", str(out), env={"ROUTERQ_QUEUE": queue})
+    poisoned = next(json.loads(x) for x in out.read_text().splitlines() if '"poison"' in x)
+    assert poisoned["error"]["code"] == "worker_lost" and "died 3 times" in poisoned["error"]["message"]
+
+
+def test_sigterm_finishes_running_lines_and_returns_the_rest_at_once(stack: Stack, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex[:8]
+    queue = f"sigterm-{marker}"
+    env = {"ROUTERQ_QUEUE": queue}  # default visibility timeout (300 s): the test shows it is not waited for
+    client = BatchClient(stack.settings(**env))
+    with extra_worker(stack, queue, concurrency=2, **env) as (worker, _):
+        batch = submit(client, tmp_path, marker, 12, " [[slow:1]]")
+        while len(calls_with(stack, marker)) < 3:
+            time.sleep(0.05)
+        worker.stop(signal.SIGTERM, timeout=30)
+        stopped_at = time.monotonic()
+    after_stop = client.get(batch.id)
+    assert after_stop.running == 0  # what was running finished
+    with extra_worker(stack, queue, concurrency=4, **env):
+        final = wait_final(client, batch.id, timeout=60)
+        took = time.monotonic() - stopped_at
+    assert (final.succeeded, final.failed) == (12, 0)
+    assert took < 60  # far below the 300 s visibility timeout: nothing waited for redelivery
+    assert paid_duplicates(calls_with(stack, marker)) == 0
+
+
+class _Boom:
+    """Unpickling this runs a shell command: what a pickle message in the queue could do."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_a_pickle_message_in_the_queue_is_refused_and_never_executed(stack: Stack, tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+    app = create_app(stack.settings())
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            ([_Boom(target)], {}, {}),
+            routing_key=stack.env.get("ROUTERQ_QUEUE", "routerq"),
+            serializer="pickle",
+            headers={"task": TASK_NAME, "id": "pickle-job", "lang": "py", "argsrepr": "", "kwargsrepr": ""},
+        )
+    time.sleep(3)
+    assert not target.exists()
+    assert "pickle" in stack.worker.log() and "untrusted content" in stack.worker.log().lower()
+    assert redis.Redis.from_url(stack.env["REDIS_URL"]).get("routerq:result:pickle-job") is None
+
+
+def test_a_password_protected_redis_works(stack: Stack, tmp_path: Path) -> None:
+    password = uuid.uuid4().hex
+    own_redis = start_redis(free_port(), tmp_path / "redis-auth", password=password)
+    try:
+        assert f":{password}@" in own_redis.url
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(own_redis.url.replace(password, "wrong")).ping()
+        env = {"REDIS_URL": own_redis.url, "ROUTERQ_QUEUE": "with-password"}
+        worker = start_worker({**stack.env, **env}, tmp_path, name="auth-worker", concurrency=1)
+        try:
+            job = Job(
+                kind=JobKind.CHAT,
+                body={"model": CHAT, "messages": [{"role": "user", "content": "behind a password"}]},
+            )
+            assert Producer(stack.settings(**env)).run(job, timeout=30).ok
+            assert password not in worker.log()
+        finally:
+            worker.stop()
+    finally:
+        own_redis.stop()
+
+
+def test_openinference_hide_settings_cover_inputs_outputs_and_embeddings(stack: Stack) -> None:
+    from phoenix.client import Client
+
+    secret = f"confidential-{uuid.uuid4().hex[:8]}"
+    session = f"hidden-{uuid.uuid4().hex[:8]}"
+    hide = {
+        "OPENINFERENCE_HIDE_INPUTS": "true",
+        "OPENINFERENCE_HIDE_OUTPUTS": "true",
+        "OPENINFERENCE_HIDE_EMBEDDINGS_TEXT": "true",
+        "OPENINFERENCE_HIDE_EMBEDDINGS_VECTORS": "true",
+    }
+    with extra_worker(stack, session, **hide):
+        env = {**hide, "ROUTERQ_QUEUE": session}
+        chat = routerq(
+            stack, "enqueue", "--model", CHAT, "--session", session, "--wait", f"{secret} chat", env=env
+        )
+        emb = routerq(stack, "enqueue", "--embed", "--model", "openai/text-embedding-3-small", "--session", session,
+                      "--wait", f"{secret} embed", env=env)  # fmt: skip
+        assert chat.returncode == 0 and emb.returncode == 0, chat.stderr + emb.stderr
+    assert secret in chat.stdout  # the answer itself is not hidden from the user, only from traces
+    phoenix = Client(base_url=stack.phoenix.url)
+    deadline = time.monotonic() + 60
+    spans: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        traces = phoenix.traces.get_traces(
+            project_identifier=stack.project, session_id=session, include_spans=True
+        )
+        spans = [span for t in traces for span in t.get("spans", [])]
+        if len(traces) == 2 and len(spans) >= 8:
+            break
+        time.sleep(0.5)
+    names = {s["name"] for s in spans}
+    assert {"routerq.job", "ChatCompletion", "CreateEmbeddings"} <= names, names
+    dumped = json.dumps(spans)
+    assert secret not in dumped
+    assert ".embedding.vector" not in dumped
