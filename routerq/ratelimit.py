@@ -19,6 +19,9 @@ from routerq.settings import Settings
 
 RECOVERY_S = 10.0
 LEASE_TTL_S = 300.0
+# A grant is counted for window + SKEW_S: the request reaches OpenRouter a little after it is granted
+# (more under CPU load), and OpenRouter counts arrivals, not grants.
+SKEW_S = 0.25
 
 # KEYS: 4 per scope (requests zset, tokens zset, in-flight zset, state hash)
 # ARGV: now_ms, window_ms, lease, lease_expiry_ms, tokens, recovery_ms, then 3 limits per scope
@@ -141,7 +144,7 @@ class SharedLimiter:
         lease = uuid.uuid4().hex
         args: list[int | float | str] = [
             now,
-            int(self._settings.rate_limit_window * 1000),
+            int((self._settings.rate_limit_window + SKEW_S) * 1000),
             lease,
             now + int(LEASE_TTL_S * 1000),
             max(0, tokens),

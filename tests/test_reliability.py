@@ -72,6 +72,11 @@ def paid_duplicates(calls: list[dict[str, Any]]) -> int:
     return sum(n - 1 for n in ok.values())
 
 
+def children_of(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
+
+
 def submit(client: BatchClient, tmp_path: Path, marker: str, n: int, suffix: str = "") -> Batch:
     rows = [line(f"l{i}", "chat", f"{marker} {i}{suffix}") for i in range(n)]
     return client.submit(write_jsonl(tmp_path / f"{marker}.jsonl", rows)).batch
@@ -267,11 +272,9 @@ def test_a_poison_line_is_tried_a_bounded_number_of_times_and_the_rest_succeed(
             while not stop.is_set():
                 seen = len([c for c in calls_with(stack, marker) if "poison" in c["prompt"]])
                 if seen > killed:
-                    children = subprocess.run(
-                        ["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True
-                    ).stdout.split()
-                    for pid in children:
-                        os.kill(int(pid), signal.SIGKILL)
+                    celery_main = children_of(worker.process.pid)  # under routerq's supervisor
+                    for pid in (p for main in celery_main for p in children_of(main)):
+                        os.kill(pid, signal.SIGKILL)  # the pool process running the line, as a crash would
                     killed = seen
                 time.sleep(0.1)
 
