@@ -31,7 +31,9 @@ def trace_spans(
 
 
 def all_spans(phoenix_url: str, project: str) -> list[Span]:
-    return list(Client(base_url=phoenix_url).spans.get_spans(project_identifier=project, limit=100_000))
+    """Every span of the project (thousands by the end of the suite: allow the time it takes)."""
+    client = Client(base_url=phoenix_url)
+    return list(client.spans.get_spans(project_identifier=project, limit=1_000_000, timeout=300))
 
 
 def by_name(spans: list[Span], prefix: str) -> Span:
