@@ -90,7 +90,11 @@ class Producer:
 
     def _publish(self, job: Job) -> None:
         self.app.send_task(
-            TASK_NAME, args=[job.model_dump(mode="json")], task_id=job.id, queue=self.settings.queue
+            TASK_NAME,
+            args=[job.model_dump(mode="json")],
+            task_id=job.id,
+            queue=self.settings.queue,
+            ignore_result=True,
         )
 
     @contextmanager

@@ -88,7 +88,14 @@ class StagedEnqueue:
         """A Celery protocol-2 message as kombu's Redis transport stores it, starting its own trace."""
         task_id = uuid.uuid4().hex
         message = self._app.amqp.as_task_v2(
-            task_id, task, args=args, kwargs={}, origin=self._origin, argsrepr=repr(args), kwargsrepr="{}"
+            task_id,
+            task,
+            args=args,
+            kwargs={},
+            origin=self._origin,
+            argsrepr=repr(args),
+            kwargsrepr="{}",
+            ignore_result=True,  # outcomes live in routerq's stores; Celery's would be a second copy
         )
         headers = dict(message.headers)
         span = telemetry.tracer().start_span(span_name, context=otel_context.Context(), attributes=attributes)

@@ -16,6 +16,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -179,6 +180,7 @@ if outcome == 'S' then
   end
 end
 redis.call('SREM', run, index)
+redis.call('EXPIRE', out, ARGV[8])
 local f = redis.call('HMGET', meta, 'total', 'succeeded', 'failed', 'cancelled', 'status')
 local done = tonumber(f[2] or 0) + tonumber(f[3] or 0) + tonumber(f[4] or 0)
 if done >= tonumber(f[1]) then
@@ -221,6 +223,25 @@ _JSON_FIELDS = ("metadata",)
 _NUMBERS = {"total", "succeeded", "failed", "cancelled", "prompt_tokens", "completion_tokens"}
 
 
+def _batch(raw: dict[Any, Any], running: int, parked: int) -> Batch | None:
+    if not raw:
+        return None
+    data: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
+    for name in _JSON_FIELDS:
+        if name in data:
+            data[name] = json.loads(data[name])
+    data["running"], data["parked"] = running, parked
+    return Batch.model_validate(data)
+
+
+@dataclass(frozen=True)
+class LineStart:
+    batch: Batch | None
+    line: dict[str, Any] | None
+    outcome: Outcome | None
+    deliveries: int
+
+
 class BatchStore:
     def __init__(self, client: redis.Redis, ttl: int) -> None:
         self._redis = client
@@ -245,18 +266,32 @@ class BatchStore:
         pipe.execute()
 
     def get(self, batch_id: str) -> Batch | None:
-        raw = self._redis.hgetall(self.key(batch_id))
-        if not raw:
-            return None
-        data: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
-        for name in _JSON_FIELDS:
-            if name in data:
-                data[name] = json.loads(data[name])
         pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(self.key(batch_id))
         pipe.scard(self.key(batch_id, "run"))
         pipe.scard(self.key(batch_id, "parked"))
-        data["running"], data["parked"] = pipe.execute()
-        return Batch.model_validate(data)
+        raw, running, parked = pipe.execute()
+        return _batch(raw, running, parked)
+
+    def begin(self, batch_id: str, index: int, delivery_key: str) -> LineStart:
+        """Everything a worker needs before it may call upstream for a line, in one round trip:
+        the batch, the line, its outcome so far, and how often this message was delivered. The line
+        is marked running at once; every path that does not run it records, parks or unmarks it."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.sadd(self.key(batch_id, "run"), index)
+        pipe.expire(self.key(batch_id, "run"), self._ttl)
+        pipe.hgetall(self.key(batch_id))
+        pipe.hget(self.key(batch_id, "in"), str(index))
+        pipe.hget(self.key(batch_id, "out"), str(index))
+        pipe.incr(delivery_key)
+        pipe.expire(delivery_key, 24 * 3600)
+        _, _, raw, line, outcome, deliveries, _ = pipe.execute()
+        return LineStart(
+            batch=_batch(raw, 0, 0),
+            line=json.loads(line) if line else None,
+            outcome=_outcome(outcome) if outcome else None,
+            deliveries=int(deliveries),
+        )
 
     def set_status(self, batch_id: str, status: BatchStatus, **fields: Any) -> None:
         mapping: dict[str, str | float] = {"status": status.value, **fields}
@@ -309,10 +344,9 @@ class BatchStore:
             usage.completion_tokens if usage else 0,
             repr(usage.cost or 0.0) if usage else "0",
             time.time(),
+            self._ttl,
         ]
-        recorded = int(self._record(keys=keys, args=args))
-        self._redis.expire(self.key(batch_id, "out"), self._ttl)
-        return recorded == 1
+        return int(self._record(keys=keys, args=args)) == 1
 
     def outputs(
         self, batch_id: str, total: int, page: int = 1000

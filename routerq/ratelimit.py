@@ -116,9 +116,18 @@ class Lease:
     tokens: int
 
 
+NO_LEASE = Lease("", (), 0)
+COOLDOWN_CACHE_S = 0.1
+
+
 class SharedLimiter:
+    """With no limits configured, only the shared cool-down after a 429 applies; it is read from
+    Redis at most every COOLDOWN_CACHE_S per process, so an unlimited worker pays no round trip per call."""
+
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self._settings = settings
+        self._redis = client
+        self._cooldown: dict[str, tuple[float, float]] = {}  # model -> (read at, cool-down until), seconds
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._penalize = client.register_script(_PENALIZE)
@@ -138,6 +147,9 @@ class SharedLimiter:
 
     def try_acquire(self, model: str, tokens: int) -> tuple[Lease | None, float]:
         """A lease, or how many seconds to wait before asking again."""
+        if not self.active:
+            wait = self._cooldown_until(model) - time.time()
+            return (None, wait) if wait > 0 else (NO_LEASE, 0.0)
         scopes = self._scopes(model)
         keys = [key for scope, _ in scopes for key in self._keys(scope)]
         now = int(time.time() * 1000)
@@ -157,7 +169,20 @@ class SharedLimiter:
             return None, wait_ms / 1000.0
         return Lease(lease, tuple(scope for scope, _ in scopes), max(0, tokens)), 0.0
 
+    def _cooldown_until(self, model: str) -> float:
+        now = time.time()
+        read_at, until = self._cooldown.get(model, (0.0, 0.0))
+        if now - read_at > COOLDOWN_CACHE_S:
+            pipe = self._redis.pipeline(transaction=False)
+            for scope, _ in self._scopes(model):
+                pipe.hget(self._keys(scope)[3], "cooldown")
+            until = max((float(v) / 1000.0 for v in pipe.execute() if v), default=0.0)
+            self._cooldown[model] = (now, until)
+        return until
+
     def release(self, lease: Lease, actual_tokens: int | None) -> None:
+        if lease is NO_LEASE:
+            return
         keys = [key for scope in lease.scopes for key in self._keys(scope)]
         actual = lease.tokens if actual_tokens is None else actual_tokens
         self._release(keys=keys, args=[lease.id, lease.tokens, actual])
@@ -171,6 +196,7 @@ class SharedLimiter:
 
     @property
     def active(self) -> bool:
+        """Whether any limit is configured (otherwise only the cool-down after a 429 applies)."""
         s = self._settings
         return bool(s.rate_limit_requests or s.rate_limit_tokens or s.max_in_flight or s.model_limits)
 

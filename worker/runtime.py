@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import redis
@@ -33,7 +34,19 @@ _runtime: Runtime | None = None
 _pid: int | None = None
 
 
+_lock = threading.Lock()
+
+
 def runtime(app: Celery) -> Runtime:
+    """One per process, shared by its threads; built on first use after fork."""
+    global _runtime, _pid
+    if _runtime is not None and _pid == os.getpid():
+        return _runtime
+    with _lock:
+        return _build(app)
+
+
+def _build(app: Celery) -> Runtime:
     global _runtime, _pid
     if _runtime is None or _pid != os.getpid():
         settings: Settings = app.conf.routerq_settings

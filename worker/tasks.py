@@ -112,12 +112,18 @@ def _final_error(error: JobError | None, decision: Decision | None) -> JobError 
     return error.model_copy(update={"message": f"{error.message} ({decision.reason})"})
 
 
-def _over_delivered(rt: Runtime, task: Task, key: str) -> int | None:
-    """Counts deliveries of this very message (a retry is a new message, with `retries` one higher);
-    a line that keeps killing its worker stops here."""
-    name = f"routerq:deliveries:{key}:{task.request.id}:{task.request.retries or 0}"
-    count = int(rt.redis.incr(name))
-    rt.redis.expire(name, 24 * 3600)
+def _delivery_key(task: Task, job_id: str) -> str:
+    """One counter per message: a retry is a new message (its `retries` is one higher)."""
+    return f"routerq:deliveries:{job_id}:{task.request.id}:{task.request.retries or 0}"
+
+
+def _over_delivered(rt: Runtime, task: Task, job_id: str) -> int | None:
+    """Counts deliveries of this very message; a job that keeps killing its worker stops here."""
+    name = _delivery_key(task, job_id)
+    pipe = rt.redis.pipeline(transaction=False)
+    pipe.incr(name)
+    pipe.expire(name, 24 * 3600)
+    count = int(pipe.execute()[0])
     return count if count > rt.settings.max_deliveries else None
 
 
@@ -164,12 +170,15 @@ def run_line(task: Task, batch_id: str, index: int, enqueued_at: float, attempt:
     span.set_attribute("routerq.batch.line", index)
     span.set_attribute(ATTEMPT, attempt)
     store = rt.batches
-    batch, line = store.get(batch_id), store.line(batch_id, index)
+    start = store.begin(batch_id, index, _delivery_key(task, f"{batch_id}-{index}"))
+    batch, line = start.batch, start.line
     summary = {"batch_id": batch_id, "index": index}
     if batch is None or line is None:
+        store.unmark_running(batch_id, index)
         log.warning("batch %s line %d has expired or never existed; dropping it", batch_id, index)
         return {**summary, "status": "missing"}
-    if store.outcome(batch_id, index) is Outcome.SUCCEEDED:
+    if start.outcome is Outcome.SUCCEEDED:
+        store.unmark_running(batch_id, index)
         log.info("batch %s line %d already succeeded; not calling upstream again", batch_id, index)
         return {**summary, "status": "succeeded"}
     if batch.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.FAILED):
@@ -183,12 +192,10 @@ def run_line(task: Task, batch_id: str, index: int, enqueued_at: float, attempt:
         return {**summary, "status": "parked"}
 
     job = line_job(batch, index, line, enqueued_at)
-    deliveries = _over_delivered(rt, task, job.id)
-    if deliveries:
-        result = _failed_without_call(job, _poison(job.id, deliveries), attempt)
+    if start.deliveries > rt.settings.max_deliveries:
+        result = _failed_without_call(job, _poison(job.id, start.deliveries), attempt)
         store.record(batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result)
         raise JobFailedError(result)
-    store.mark_running(batch_id, index)
     try:
         result, decision = attempt_job(rt, task, job, attempt)
     except Deferred as deferred:
