@@ -53,6 +53,7 @@ class Run:
     latencies: list[float] = field(default_factory=list)
     queue_waits: list[float] = field(default_factory=list)
     cpu_per_1000: float | None = None
+    phoenix_cpu_per_1000: float | None = None
     peak_rss: int | None = None
 
     @property
@@ -146,7 +147,10 @@ class Bench:
         workers = self.workers(env, tag)
         self.reset_fake()
         try:
-            with TreeSampler([w.process.pid for w in workers]) as sampler:
+            with (
+                TreeSampler([w.process.pid for w in workers]) as sampler,
+                TreeSampler([self.phoenix.process.pid], interval=5) as phoenix,
+            ):
                 started = time.perf_counter()
                 batch = batches.submit(source).batch
                 enqueued_at = time.time()
@@ -166,6 +170,7 @@ class Bench:
             latencies=[c["t_end"] - enqueued_at for c in calls],
             queue_waits=[c["t"] - enqueued_at for c in calls],
             cpu_per_1000=sampler.cpu_used / lines * 1000,
+            phoenix_cpu_per_1000=phoenix.cpu_used / lines * 1000,
             peak_rss=sampler.peak_rss,
         )
         return run, batches, batch.id
@@ -304,6 +309,9 @@ def main() -> None:
         for run in (traced, untraced):
             rows.append((f"{run.name}: queue wait p50 / p95", spread(run.queue_waits)))
             rows.append((f"{run.name}: worker CPU-seconds per 1,000 lines", f"{run.cpu_per_1000:.2f}"))
+            rows.append(
+                (f"{run.name}: Phoenix CPU-seconds per 1,000 lines", f"{run.phoenix_cpu_per_1000:.2f}")
+            )
             rows.append((f"{run.name}: peak worker RSS (all processes)", mib(run.peak_rss or 0)))
         rows.append(("Redis memory per queued line", f"{memory['queued']:.0f} B"))
         rows.append(("Redis memory per stored line (chat result)", f"{memory['stored']:.0f} B"))

@@ -47,8 +47,8 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
 
 @app.command()
 def worker(
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="jobs in flight")] = 8,
-    pool: Annotated[str, typer.Option(help="prefork, threads, solo or gevent")] = "prefork",
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="calls in flight")] = 32,
+    pool: Annotated[str, typer.Option(help="threads (default), prefork, solo or gevent")] = "threads",
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
     supervise: Annotated[bool, typer.Option(help="restart the worker if it dies on its own")] = True,
 ) -> None:

@@ -35,6 +35,10 @@ def setup_tracing(settings: Settings) -> TracerProvider | None:
     from phoenix.otel import register
 
     os.environ.setdefault("PHOENIX_DISCOVER_CONFIG", "false")
+    # A 50,000-line submit makes 50,000 spans in seconds: buffer them rather than drop them (the SDK
+    # drops, with a warning, what does not fit; export never blocks a job).
+    os.environ.setdefault("OTEL_BSP_MAX_QUEUE_SIZE", "131072")
+    os.environ.setdefault("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2048")
     provider = register(
         project_name=settings.phoenix_project_name,
         endpoint=f"{settings.phoenix_collector_endpoint}/v1/traces",
