@@ -6,7 +6,8 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -154,6 +155,17 @@ def _batch_client() -> BatchClient:
     return BatchClient(_settings())
 
 
+@contextmanager
+def _batch_errors() -> Iterator[None]:
+    """A batch command's known failures (unknown id, wrong state) as one clear line and exit 1."""
+    from producer.batch import BatchError
+
+    try:
+        yield
+    except BatchError as exc:
+        raise _fail(str(exc)) from None
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[red]{message}[/red]")
     return typer.Exit(code)
@@ -265,15 +277,11 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="OpenAI-style batch object")] = False,
 ) -> None:
     """State, counts, tokens, cost, throughput and ETA of a batch."""
-    from producer.batch import BatchError
-
     client = _batch_client()
-    try:
+    with _batch_errors():
         if watch and not as_json:
             _progress_until_done(client, batch_id)
         batch = client.get(batch_id)
-    except BatchError as exc:
-        raise _fail(str(exc)) from None
     print(json.dumps(batch.openai_object(), indent=2) if as_json else _describe(batch))
 
 
@@ -295,13 +303,9 @@ def results(
     errors: Annotated[Path | None, typer.Option("--errors", help="failed lines go here instead")] = None,
 ) -> None:
     """Write OpenAI Batch output lines in the input file's order."""
-    from producer.batch import BatchError
-
     client = _batch_client()
-    try:
+    with _batch_errors():
         batch = client.get(batch_id)
-    except BatchError as exc:
-        raise _fail(str(exc)) from None
     with output.open("wb") as out, errors.open("wb") if errors else nullcontext() as err_file:
         written = client.write_results(batch, out, err_file)
     err.print(f"{written.written} succeeded and {written.errors} failed line(s) written")
@@ -314,13 +318,8 @@ def results(
 @app.command()
 def cancel(batch_id: Annotated[str, typer.Argument(metavar="BATCH")]) -> None:
     """Stop a batch: queued lines are never sent upstream; running ones finish."""
-    from producer.batch import BatchError
-
-    client = _batch_client()
-    try:
-        batch = client.cancel(batch_id)
-    except BatchError as exc:
-        raise _fail(str(exc)) from None
+    with _batch_errors():
+        batch = _batch_client().cancel(batch_id)
     err.print(f"batch {batch.id} is {batch.status.value}")
 
 
@@ -330,26 +329,16 @@ def resume(
     max_cost: Annotated[float | None, typer.Option(help="a new budget in USD")] = None,
 ) -> None:
     """Continue a paused batch once its key, credit or budget is fixed."""
-    from producer.batch import BatchError
-
-    client = _batch_client()
-    try:
-        count = client.resume(batch_id, max_cost)
-    except BatchError as exc:
-        raise _fail(str(exc)) from None
+    with _batch_errors():
+        count = _batch_client().resume(batch_id, max_cost)
     err.print(f"batch {batch_id} resumed; {count} parked line(s) re-enqueued")
 
 
 @app.command()
 def retry(batch_id: Annotated[str, typer.Argument(metavar="BATCH")]) -> None:
     """Re-run only the failed lines of a batch."""
-    from producer.batch import BatchError
-
-    client = _batch_client()
-    try:
-        count = client.retry(batch_id)
-    except BatchError as exc:
-        raise _fail(str(exc)) from None
+    with _batch_errors():
+        count = _batch_client().retry(batch_id)
     err.print(f"re-enqueued {count} failed line(s) of {batch_id}")
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import time
+from collections.abc import Sequence
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from routerq.settings import Settings
 
@@ -32,22 +35,28 @@ def setup_tracing(settings: Settings) -> TracerProvider | None:
 
     from openinference.instrumentation.openai import OpenAIInstrumentor
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
-    from phoenix.otel import register
+    from phoenix.otel import BatchSpanProcessor, HTTPSpanExporter, register
 
     os.environ.setdefault("PHOENIX_DISCOVER_CONFIG", "false")
     # A 50,000-line submit makes 50,000 spans in seconds: buffer them rather than drop them (the SDK
     # drops, with a warning, what does not fit; export never blocks a job).
     os.environ.setdefault("OTEL_BSP_MAX_QUEUE_SIZE", "131072")
     os.environ.setdefault("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2048")
+    endpoint = f"{settings.phoenix_collector_endpoint}/v1/traces"
+    api_key = settings.phoenix_api_key.get_secret_value() if settings.phoenix_api_key else None
     provider = register(
         project_name=settings.phoenix_project_name,
-        endpoint=f"{settings.phoenix_collector_endpoint}/v1/traces",
+        endpoint=endpoint,
         protocol="http/protobuf",
         batch=True,
-        api_key=settings.phoenix_api_key.get_secret_value() if settings.phoenix_api_key else None,
+        api_key=api_key,
         set_global_tracer_provider=True,
         verbose=False,
     )
+    # Same batching exporter, with the spans it could not deliver counted and reported.
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+    exporter = CountingExporter(HTTPSpanExporter(endpoint=endpoint, headers=headers))
+    provider.add_span_processor(BatchSpanProcessor(span_exporter=exporter))  # replaces the default one
     for instrumentor in (OpenAIInstrumentor(), CeleryInstrumentor()):  # type: ignore[no-untyped-call]
         if instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.uninstrument()
@@ -55,6 +64,45 @@ def setup_tracing(settings: Settings) -> TracerProvider | None:
     _provider, _pid = provider, os.getpid()
     atexit.register(flush)  # producers exit normally; prefork children flush in worker_process_shutdown
     return provider
+
+
+class CountingExporter(SpanExporter):
+    """Counts and logs spans that could not be exported (Phoenix down or overloaded): a dropped span
+    is never silent, and a job never waits for one."""
+
+    def __init__(self, inner: SpanExporter, report_every: float = 30.0) -> None:
+        self._inner = inner
+        self._report_every = report_every
+        self._reported_at = 0.0
+        self.exported = 0
+        self.dropped = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self._inner.export(spans)
+        except Exception:
+            result = SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            self.exported += len(spans)
+        else:
+            self.dropped += len(spans)
+            now = time.monotonic()
+            if now - self._reported_at > self._report_every:
+                self._reported_at = now
+                log.warning(
+                    "routerq: %d span(s) could not be sent to Phoenix so far (%d sent); jobs are unaffected",
+                    self.dropped,
+                    self.exported,
+                )
+        return result
+
+    def shutdown(self) -> None:
+        if self.dropped:
+            log.warning("routerq: %d span(s) were dropped in all, %d sent", self.dropped, self.exported)
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self._inner.force_flush(timeout_millis)
 
 
 def flush(timeout_ms: int = 10_000) -> None:

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import CompletedProcess
+from typing import Any
 
+import httpx
 import pytest
 
+from producer.batch import BatchClient
 from routerq import telemetry
+from routerq.batches import Batch
 from routerq.localstack import (
     Service,
     free_port,
@@ -115,3 +121,43 @@ def extra_worker(
         yield service, Settings(**full_env)  # type: ignore[arg-type]
     finally:
         service.stop()
+
+
+# Batch helpers shared by the batch, embedding and reliability tests.
+MODELS = {
+    "chat": "meta-llama/llama-3.1-8b-instruct",
+    "completion": "mistralai/mistral-7b-instruct",
+    "embedding": "openai/text-embedding-3-small",
+}
+
+
+def line(custom_id: str, kind: str, text: str, model: str | None = None) -> dict[str, Any]:
+    url = {"chat": "/v1/chat/completions", "completion": "/v1/completions", "embedding": "/v1/embeddings"}[
+        kind
+    ]
+    body: dict[str, Any] = {"model": model or MODELS[kind]}
+    if kind == "chat":
+        body["messages"] = [{"role": "user", "content": text}]
+    else:
+        body["prompt" if kind == "completion" else "input"] = text
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]] | list[str]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def calls_with(stack: Stack, marker: str) -> list[dict[str, Any]]:
+    calls = httpx.get(f"{stack.fake_base}/_fake/calls").json()["calls"]
+    return [c for c in calls if marker in (c.get("prompt") or "")]
+
+
+def wait_final(client: BatchClient, batch_id: str, timeout: float = 180) -> Batch:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.get(batch_id)
+        if batch.status.final:
+            return batch
+        time.sleep(0.2)
+    raise AssertionError(f"batch {batch_id} still {client.get(batch_id)} after {timeout} s")

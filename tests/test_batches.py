@@ -9,9 +9,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from conftest import Stack, routerq
+from conftest import Stack, calls_with, line, routerq, wait_final, write_jsonl
 from phoenix_queries import by_name, trace_spans
 
 from producer.batch import BatchClient, BatchFileError
@@ -41,40 +40,6 @@ OPENAI_OUTPUT_EXAMPLES = [
 ]  # fmt: skip
 OPENAI_ERROR_EXAMPLE = {"id": "batch_req_456", "custom_id": "request-2", "response": None,
                         "error": {"code": "server_error", "message": "..."}}  # fmt: skip
-
-
-def line(custom_id: str, kind: str, text: str, model: str | None = None) -> dict[str, Any]:
-    url = {"chat": "/v1/chat/completions", "completion": "/v1/completions", "embedding": "/v1/embeddings"}[
-        kind
-    ]
-    body: dict[str, Any] = {
-        "model": model or {"chat": CHAT, "completion": COMPLETION, "embedding": EMBEDDING}[kind]
-    }
-    if kind == "chat":
-        body["messages"] = [{"role": "user", "content": text}]
-    else:
-        body["prompt" if kind == "completion" else "input"] = text
-    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]] | list[str]) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def calls_with(stack: Stack, marker: str) -> list[dict[str, Any]]:
-    calls = httpx.get(f"{stack.fake_base}/_fake/calls").json()["calls"]
-    return [c for c in calls if marker in (c.get("prompt") or "")]
-
-
-def wait_final(client: BatchClient, batch_id: str, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        batch = client.get(batch_id)
-        if batch.status.final:
-            return batch
-        time.sleep(0.2)
-    raise AssertionError(f"batch {batch_id} still {client.get(batch_id).status} after {timeout} s")
 
 
 @pytest.fixture(scope="module")

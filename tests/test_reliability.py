@@ -18,8 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from conftest import Stack, extra_worker, routerq
-from test_batches import line, write_jsonl
+from conftest import Stack, calls_with, extra_worker, line, routerq, wait_final, write_jsonl
 
 from producer import Producer
 from producer.batch import BatchClient
@@ -48,19 +47,13 @@ def fake_rules(stack: Stack) -> Iterator[None]:
     configure_fake(stack, rules=[], keys=[stack.api_key])
 
 
-def calls_with(stack: Stack, marker: str) -> list[dict[str, Any]]:
-    calls = httpx.get(f"{stack.fake_base}/_fake/calls").json()["calls"]
-    return [c for c in calls if marker in (c.get("prompt") or "")]
-
-
-def wait_final(client: BatchClient, batch_id: str, timeout: float = 180) -> Batch:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        batch = client.get(batch_id)
-        if batch.status.final:
-            return batch
-        time.sleep(0.25)
-    raise AssertionError(f"batch {batch_id} still {client.get(batch_id)} after {timeout} s")
+def settle_paused(client: BatchClient, batch_id: str) -> Batch:
+    """Wait for the pause, then a moment more for lines already running to land."""
+    deadline = time.monotonic() + 30
+    while client.get(batch_id).status is not BatchStatus.PAUSED and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)
+    return client.get(batch_id)
 
 
 def paid_duplicates(calls: list[dict[str, Any]]) -> int:
@@ -175,11 +168,7 @@ def test_a_401_pauses_the_batch_without_burning_lines_and_resume_finishes_it(
         while client.get(batch.id).succeeded < 5:
             time.sleep(0.02)
         configure_fake(stack, keys=["sk-or-v1-someone-else"])  # the key was revoked mid-batch
-        deadline = time.monotonic() + 30
-        while client.get(batch.id).status is not BatchStatus.PAUSED and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(1)
-        paused = client.get(batch.id)
+        paused = settle_paused(client, batch.id)
         assert paused.status is BatchStatus.PAUSED and "401" in (paused.reason or "")
         assert paused.failed == 0 and paused.succeeded < 40
         status = routerq(stack, "status", batch.id, env={"ROUTERQ_QUEUE": queue})
@@ -199,11 +188,7 @@ def test_a_batch_pauses_when_its_budget_is_spent(stack: Stack, tmp_path: Path) -
     rows = [line(f"b{i}", "chat", f"{marker} {i} [[slow:0.05]]") for i in range(30)]
     client = BatchClient(stack.settings())
     batch = client.submit(write_jsonl(tmp_path / "budget.jsonl", rows), max_cost=2e-6).batch
-    deadline = time.monotonic() + 30
-    while client.get(batch.id).status is not BatchStatus.PAUSED and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(1)
-    paused = client.get(batch.id)
+    paused = settle_paused(client, batch.id)
     assert paused.status is BatchStatus.PAUSED and "budget" in (paused.reason or "")
     assert paused.succeeded < 30 and paused.cost >= 2e-6
     assert client.resume(batch.id, max_cost=1.0) > 0

@@ -10,10 +10,11 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 from openinference.instrumentation import using_attributes
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
@@ -140,6 +141,24 @@ def _retry(task: Task, attempt: int, delay: float) -> Exception:
     return task.retry(kwargs=kwargs, countdown=delay)  # type: ignore[no-any-return]
 
 
+def attempt_or_retry(
+    rt: Runtime, task: Task, job: Job, attempt: int, before_retry: Callable[[], None] | None = None
+) -> tuple[JobResult, Decision | None]:
+    """An attempt whose outcome is final or a pause; a retry (or a long limiter wait) re-publishes
+    the task with a countdown and ends this run, after `before_retry`."""
+    try:
+        result, decision = attempt_job(rt, task, job, attempt)
+    except Deferred as deferred:
+        if before_retry:
+            before_retry()
+        raise _retry(task, attempt, deferred.delay) from None
+    if decision is not None and decision.action is Action.RETRY:
+        if before_retry:
+            before_retry()
+        raise _retry(task, attempt + 1, decision.delay)
+    return result, decision
+
+
 def run_job(task: Task, payload: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
     job = Job.model_validate(payload)
     rt = runtime(task.app)
@@ -151,12 +170,7 @@ def run_job(task: Task, payload: dict[str, Any], attempt: int = 1) -> dict[str, 
     if deliveries:
         result = _failed_without_call(job, _poison(job.id, deliveries), attempt)
     else:
-        try:
-            result, decision = attempt_job(rt, task, job, attempt)
-        except Deferred as deferred:
-            raise _retry(task, attempt, deferred.delay) from None
-        if decision is not None and decision.action is Action.RETRY:
-            raise _retry(task, attempt + 1, decision.delay)
+        result, _ = attempt_or_retry(rt, task, job, attempt)
     rt.store.put(result)
     if not result.ok:
         raise JobFailedError(result)
@@ -197,17 +211,15 @@ def run_line(task: Task, batch_id: str, index: int, enqueued_at: float, attempt:
         store.record(batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result)
         raise JobFailedError(result)
     try:
-        result, decision = attempt_job(rt, task, job, attempt)
-    except Deferred as deferred:
-        store.unmark_running(batch_id, index)
-        raise _retry(task, attempt, deferred.delay) from None
+        result, decision = attempt_or_retry(
+            rt, task, job, attempt, lambda: store.unmark_running(batch_id, index)
+        )
+    except Retry:
+        raise
     except Exception as exc:  # a bug or an outage of ours: record it, never drop the line silently
         result = _failed_without_call(job, JobError(code="internal_error", message=repr(exc)), attempt)
         store.record(batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result)
         raise
-    if decision is not None and decision.action is Action.RETRY:
-        store.unmark_running(batch_id, index)
-        raise _retry(task, attempt + 1, decision.delay)
     if decision is not None and decision.action is Action.PAUSE:
         store.pause(batch_id, decision.reason)
         if store.park(batch_id, index):
@@ -250,12 +262,7 @@ def run_embed(
     if deliveries:
         rt.embeddings.record_failure(run_id, len(todo))
         raise JobFailedError(_failed_without_call(job, _poison(job.id, deliveries), attempt))
-    try:
-        result, decision = attempt_job(rt, task, job, attempt)
-    except Deferred as deferred:
-        raise _retry(task, attempt, deferred.delay) from None
-    if decision is not None and decision.action is Action.RETRY:
-        raise _retry(task, attempt + 1, decision.delay)
+    result, _ = attempt_or_retry(rt, task, job, attempt)
     if not result.ok or result.response is None:
         rt.embeddings.record_failure(run_id, len(todo))
         raise JobFailedError(result)
