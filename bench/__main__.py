@@ -232,14 +232,25 @@ class Bench:
         return rss
 
     def results_cost(self, batch_id: str) -> tuple[float, int]:
-        """`routerq results` as a user runs it: wall time and peak RSS of that process."""
+        """`routerq results` as a user runs it: wall time and peak RSS of that process.
+
+        Measured through a small intermediate Python: Linux folds the memory a process had before
+        exec into its max RSS, so spawning straight from this (large) process would inflate it."""
         out = self.tmp / "results.jsonl"
-        argv = [str(Path(sys.executable).with_name("routerq")), "results", batch_id, "-o", str(out)]
+        command = [str(Path(sys.executable).with_name("routerq")), "results", batch_id, "-o", str(out)]
+        probe = (
+            "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stderr=subprocess.DEVNULL); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        )
         started = time.perf_counter()
-        process = subprocess.Popen(argv, env={**os.environ, **self.env}, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(process.pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        return time.perf_counter() - started, usage.ru_maxrss * 1024
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *command],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        return time.perf_counter() - started, int(done.stdout.split()[-1]) * 1024
 
 
 def machine() -> str:
