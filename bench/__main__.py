@@ -239,7 +239,8 @@ class Bench:
         out = self.tmp / "results.jsonl"
         command = [str(Path(sys.executable).with_name("routerq")), "results", batch_id, "-o", str(out)]
         probe = (
-            "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stderr=subprocess.DEVNULL); "
+            "import resource, subprocess, sys; "
+            "subprocess.run(sys.argv[1:], check=True, stderr=subprocess.DEVNULL); "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
         )
         started = time.perf_counter()
