@@ -21,8 +21,8 @@ from opentelemetry.trace import Status, StatusCode
 
 from routerq.batches import Batch, BatchStatus, Outcome, output_line
 from routerq.jobs import Job, JobError, JobFailedError, JobKind, JobResult
-from routerq.ratelimit import estimate_tokens
-from routerq.spans import ATTEMPT, ERROR_CLASS, worker_attributes
+from routerq.ratelimit import Lease, estimate_tokens
+from routerq.spans import ATTEMPT, DECISION, ERROR_CLASS, worker_attributes
 from worker.app import EMBED_TASK_NAME, LINE_TASK_NAME, TASK_NAME
 from worker.openrouter import UpstreamAnswer
 from worker.retry import Action, Decision, decide, error_class
@@ -49,6 +49,7 @@ def attempt_job(rt: Runtime, task: Task, job: Job, attempt: int) -> tuple[JobRes
     rt.pricing.ensure(job.models)
     model = job.models[0]
     lease = _acquire(rt, model, estimate_tokens(job.body))
+    answer: UpstreamAnswer | None = None
     try:
         with using_attributes(**_context_kwargs(job)):
             try:
@@ -57,14 +58,14 @@ def attempt_job(rt: Runtime, task: Task, job: Job, attempt: int) -> tuple[JobRes
                 message = f"no answer within ROUTERQ_JOB_TIME_LIMIT ({rt.settings.job_time_limit:g} s)"
                 answer = UpstreamAnswer(None, JobError(code="timeout", message=message))
     finally:
-        usage = answer.usage if "answer" in locals() else None
+        usage = answer.usage if answer is not None else None
         rt.limiter.release(lease, usage.total_tokens if usage else None)
     decision = None
     if answer.error:
         decision = decide(answer.error, answer.retry_after, attempt, rt.settings)
         span.set_status(Status(StatusCode.ERROR, answer.error.message))
         span.set_attribute(ERROR_CLASS, error_class(answer.error))
-        span.set_attribute("routerq.decision", decision.action.value)
+        span.set_attribute(DECISION, decision.action.value)
         if answer.error.status_code == 429:
             rt.limiter.penalize(model, answer.retry_after or 1.0)
         log.warning(
@@ -93,7 +94,7 @@ def attempt_job(rt: Runtime, task: Task, job: Job, attempt: int) -> tuple[JobRes
     return result, decision
 
 
-def _acquire(rt: Runtime, model: str, tokens: int) -> Any:
+def _acquire(rt: Runtime, model: str, tokens: int) -> Lease:
     waited = 0.0
     while True:
         lease, wait = rt.limiter.try_acquire(model, tokens)
