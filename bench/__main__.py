@@ -280,6 +280,9 @@ def main() -> None:
     )
     parser.add_argument("--huge", type=int, default=100_000, help="a batch this size must complete")
     parser.add_argument("--skip-huge", action="store_true")
+    parser.add_argument(
+        "--throughput-only", action="store_true", help="only the baseline and the two routerq runs"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = parser.parse_args()
     command = "python -m bench " + " ".join(sys.argv[1:])
@@ -299,6 +302,13 @@ def main() -> None:
         traced, _, _ = bench.routerq(tracing=True)
         print(f"  {traced.rate:.0f} lines/s", file=sys.stderr)
         telemetry.flush()
+        if args.throughput_only:
+            for run in (base, untraced, traced):
+                print(f"{run.name}: {run.rate:.1f} lines/s, worker CPU/1000 {run.cpu_per_1000}, "
+                      f"Phoenix CPU/1000 {run.phoenix_cpu_per_1000}", file=sys.stderr)  # fmt: skip
+            print(f"ratios: on/base {traced.rate / base.rate:.3f}, on/off {traced.rate / untraced.rate:.3f}",
+                  file=sys.stderr)  # fmt: skip
+            return
         memory = bench.redis_memory()
         print(f"submit of {args.big} lines ...", file=sys.stderr)
         submit_rate, big_batches, big_id, _ = bench.submit_rate(args.big)

@@ -2,9 +2,10 @@
 
 Phoenix prices LLM spans from its model table at ingestion and ignores `llm.cost.*`; most OpenRouter
 slugs are not in that table. Before a model's first call, routerq registers the model's per-token
-prices (from OpenRouter's `GET /models`) as a Phoenix custom model. Phoenix loads new models into its
-pricing cache every few seconds, so the first registration waits `settle` seconds before the call:
-once per model per Phoenix, shared across workers through Redis. Any failure here is a warning.
+prices (from OpenRouter's `GET /models`) as a Phoenix custom model, once per model per Phoenix (shared
+across workers through Redis). Phoenix loads new models into its pricing cache every few seconds and
+prices a span only at ingestion, so span export is held until `settle` seconds after the registration:
+the spans wait in the exporter's queue, the lines never wait. Any failure here is a warning.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import redis
 
+from routerq import telemetry
 from routerq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class PhoenixPricing:
         return self._settings.tracing and self._settings.phoenix_pricing
 
     def ensure(self, models: list[str]) -> None:
-        """Make sure Phoenix can price every model the job may be served by. Never raises."""
+        """Make sure Phoenix can price every model the job may be served by. Never raises, never sleeps."""
         if not self.enabled:
             return
         for model in models:
@@ -59,27 +61,26 @@ class PhoenixPricing:
             try:
                 with self._lock:
                     if model not in self._done:
-                        self._ensure_one(model)
+                        telemetry.hold_export_until(self._ensure_one(model))
                         self._done.add(model)
             except Exception as exc:  # a Phoenix without this API, or down, must not fail jobs
                 self._warn(f"cannot register the price of {model} in Phoenix: {exc}")
                 self._done.add(model)
 
-    def _ensure_one(self, model: str) -> None:
+    def _ensure_one(self, model: str) -> float:
+        """The time from which Phoenix prices this model's spans (0 when it never will)."""
         key = READY_KEY.format(endpoint=self._settings.phoenix_collector_endpoint, model=model)
         ready_at = self._redis.get(key)
         if ready_at is None:
             price = self._price(model)
             if price is None:
                 log.info("routerq: OpenRouter lists no price for %s; Phoenix will show no cost", model)
-                return
+                return 0.0
             self._register(model, *price)
             ready = time.time() + self._settings.phoenix_pricing_settle
             self._redis.set(key, repr(ready), nx=True, ex=7 * 24 * 3600)
             ready_at = self._redis.get(key)
-        wait = float(ready_at or 0) - time.time()
-        if wait > 0:
-            time.sleep(wait)
+        return float(ready_at or 0)
 
     def _price(self, model: str) -> tuple[float, float] | None:
         """USD per token, prompt and completion; refetch the list when a model is new to us."""

@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 TRACER_NAME = "routerq"
 _provider: TracerProvider | None = None
 _pid: int | None = None
+_hold_until = 0.0
+
+
+def hold_export_until(moment: float) -> None:
+    """Keep finished spans in the export queue until `moment` (epoch seconds): Phoenix prices a span
+    only at ingestion, from a price table it reloads every few seconds. Jobs never wait for this."""
+    global _hold_until
+    _hold_until = max(_hold_until, moment)
 
 
 def setup_tracing(settings: Settings) -> TracerProvider | None:
@@ -78,6 +86,9 @@ class CountingExporter(SpanExporter):
         self.dropped = 0
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        hold = _hold_until - time.time()
+        if hold > 0:  # this runs in the processor's export thread: only spans wait
+            time.sleep(hold)
         try:
             result = self._inner.export(spans)
         except Exception:
