@@ -133,7 +133,14 @@ class Bench:
     def workers(self, env: dict[str, str], name: str) -> list[Service]:
         per_worker = max(1, self.args.concurrency // self.args.workers)
         return [
-            start_worker(env, self.tmp, name=f"{name}-{i}", concurrency=per_worker, pool=self.args.pool)
+            start_worker(
+                env,
+                self.tmp,
+                name=f"{name}-{i}",
+                concurrency=per_worker,
+                pool=self.args.pool,
+                processes=self.args.processes,
+            )
             for i in range(self.args.workers)
         ]
 
@@ -272,7 +279,10 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=5000, help="N for the throughput runs")
     parser.add_argument("--concurrency", type=int, default=64, help="C: calls in flight in total")
     parser.add_argument("--latency-ms", type=float, default=200.0, help="the fake's latency (+-20 %%)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes sharing C")
+    parser.add_argument("--workers", type=int, default=1, help="`routerq worker` commands sharing C")
+    parser.add_argument(
+        "--processes", type=int, default=None, help="processes per worker (default: routerq's own choice)"
+    )
     parser.add_argument("--pool", default="threads", help="Celery pool of each worker")
     parser.add_argument("--big", type=int, default=50_000, help="lines for submit/results/RSS runs")
     parser.add_argument(

@@ -6,7 +6,6 @@ trip) and moved onto the queue by one Lua script, so workers see every line of a
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -22,9 +21,8 @@ from producer.messages import StagedEnqueue
 from routerq import telemetry
 from routerq.batch_file import BatchLine, Validation, read_lines, validate
 from routerq.batches import Batch, BatchStatus, BatchStore, Outcome, new_batch_id
-from routerq.jobs import JobKind, prompt_of
 from routerq.settings import Settings
-from routerq.spans import BATCH_ID, CUSTOM_ID, chain_attributes
+from routerq.spans import BATCH_ID, chain_attributes
 from routerq.store import connect
 from worker.app import LINE_TASK_NAME, create_app
 
@@ -142,25 +140,14 @@ class BatchClient:
         for index, line in lines:
             also = None
             if isinstance(line, BatchLine):
-                custom_id, prompt = line.custom_id, prompt_of(line.kind, line.body)
                 stored = line.stored()
 
                 def also(pipe: Any, index: int = index, stored: str = stored) -> None:
                     pipe.hset(inputs_key, str(index), stored)
                     pipe.expire(inputs_key, ttl)
-            else:
-                custom_id, prompt = line["custom_id"], prompt_of(JobKind(line["kind"]), line["body"])
-            attributes = {
-                **chain_attributes(prompt),
-                SpanAttributes.OUTPUT_VALUE: f"queued as line {index} of {batch.id}",
-                SpanAttributes.SESSION_ID: batch.session_id or batch.id,
-                SpanAttributes.METADATA: json.dumps(
-                    {**batch.metadata, "batch_id": batch.id, "batch_name": batch.name, "custom_id": custom_id}
-                ),
-                BATCH_ID: batch.id,
-                CUSTOM_ID: custom_id,
-            }
-            staged.add(LINE_TASK_NAME, [batch.id, index, now], "routerq.line", attributes, also)
+
+            # No span per line here: the worker opens the line's trace, dated from `now`.
+            staged.add(LINE_TASK_NAME, [batch.id, index, now], also=also)
         return staged.release()
 
     def _enqueue_failed(self, batch: Batch, exc: Exception) -> BatchError:

@@ -133,7 +133,7 @@ class EmbedClient:
                 SpanAttributes.SESSION_ID: run.id,
                 "routerq.embed.run": run.id,
             }
-            staged.add(EMBED_TASK_NAME, [run.id, chunk, now], "routerq.embed_request", attributes)
+            staged.add(EMBED_TASK_NAME, [run.id, chunk, now], ("routerq.embed_request", attributes))
             requests += 1
         staged.release()
         return EmbedPlan(run, len(missing), requests)

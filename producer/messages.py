@@ -55,12 +55,12 @@ class StagedEnqueue:
         self,
         task: str,
         args: list[Any],
-        span_name: str,
-        span_attributes: dict[str, Any],
+        span: tuple[str, dict[str, Any]] | None = None,
         also: Callable[[Any], None] | None = None,
     ) -> None:
-        """Queue one message for staging; `also` adds commands to the same pipeline (e.g. its input)."""
-        self._pending.append(self._message(task, args, span_name, span_attributes))
+        """Queue one message for staging, starting a trace for it when `span` (name, attributes) is
+        given; `also` adds commands to the same pipeline (e.g. its input)."""
+        self._pending.append(self._message(task, args, span))
         if also is not None:
             self._extra.append(also)
         if len(self._pending) >= 2000:
@@ -85,16 +85,20 @@ class StagedEnqueue:
     def discard(self) -> None:
         self._redis.delete(self._staging)
 
-    def _message(self, task: str, args: list[Any], span_name: str, attributes: dict[str, Any]) -> str:
-        """A Celery protocol-2 message as kombu's Redis transport stores it, starting its own trace.
+    def _message(self, task: str, args: list[Any], span: tuple[str, dict[str, Any]] | None) -> str:
+        """A Celery protocol-2 message as kombu's Redis transport stores it.
 
         Headers come from one `as_task_v2` template per task name; only the per-message fields change
         (building each message through Celery costs more than the rest of a submit together)."""
         task_id = uuid.uuid4().hex
         headers = {**self._template(task), "id": task_id, "root_id": task_id, "argsrepr": repr(args)}
-        span = telemetry.tracer().start_span(span_name, context=otel_context.Context(), attributes=attributes)
-        propagate.inject(headers, context=trace.set_span_in_context(span))
-        span.end()
+        if span is not None:
+            name, attributes = span
+            started = telemetry.tracer().start_span(
+                name, context=otel_context.Context(), attributes=attributes
+            )
+            propagate.inject(headers, context=trace.set_span_in_context(started))
+            started.end()
         body = [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
         envelope = {
             "body": base64.b64encode(json.dumps(body).encode()).decode(),

@@ -51,33 +51,39 @@ def worker(
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="calls in flight")] = 32,
     pool: Annotated[str, typer.Option(help="threads (default), prefork, solo or gevent")] = "threads",
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="processes sharing the concurrency (threads pool: 1 per 16, up to 2 per core)"
+        ),
+    ] = None,
     supervise: Annotated[bool, typer.Option(help="restart the worker if it dies on its own")] = True,
 ) -> None:
     """Run a worker that takes jobs from Redis and calls OpenRouter."""
-    from worker.main import POOLS, SUPERVISED_ENV, run_worker
+    from worker.main import POOLS, SUPERVISED_ENV, default_processes, run_worker, split
     from worker.main import supervise as run_supervised
     from worker.preflight import PreflightError, check_api_key
 
     if pool not in POOLS:
         err.print(f"[red]--pool must be one of {', '.join(POOLS)}[/red]")
         raise typer.Exit(2)
+    processes = processes or default_processes(concurrency, pool)
+    if processes > concurrency:
+        raise _fail("routerq worker: --processes cannot exceed --concurrency", 2)
+    if processes > 1 and not supervise:
+        raise _fail("routerq worker: --processes above 1 needs the supervisor (drop --no-supervise)", 2)
     settings = _settings()
     if supervise and not os.environ.get(SUPERVISED_ENV):
         try:
             check_api_key(settings)
         except PreflightError as exc:
             raise _fail(f"routerq worker: {exc}", 2) from None
-        argv = [
-            sys.executable,
-            "-m",
-            "routerq.cli",
-            "worker",
-            "--concurrency",
-            str(concurrency),
-            "--pool",
-            pool,
-        ]
-        raise typer.Exit(run_supervised([*argv, "--loglevel", loglevel]))
+        argvs = [
+            [sys.executable, "-m", "routerq.cli", "worker", "--concurrency", str(share), "--processes", "1",
+             "--pool", pool, "--loglevel", loglevel]
+            for share in split(concurrency, processes)
+        ]  # fmt: skip
+        raise typer.Exit(run_supervised(argvs))
     try:
         run_worker(settings, concurrency, pool, loglevel)
     except PreflightError as exc:

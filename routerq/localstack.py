@@ -174,12 +174,23 @@ def start_fake_openrouter(
 
 
 def start_worker(
-    env: Mapping[str, str], log_dir: Path, name: str = "worker", concurrency: int = 4, pool: str = "prefork"
+    env: Mapping[str, str],
+    log_dir: Path,
+    name: str = "worker",
+    concurrency: int = 4,
+    pool: str = "prefork",
+    processes: int | None = None,
+    loglevel: str = "INFO",
 ) -> Service:
+    """`routerq worker`, returned once every one of its processes says it is ready."""
+    from worker.main import default_processes
+
+    processes = processes or default_processes(concurrency, pool)
     argv = [sys.executable, "-m", "routerq.cli", "worker", "--concurrency", str(concurrency), "--pool", pool]
+    argv += ["--processes", str(processes), "--loglevel", loglevel]
     log_path = log_dir / f"{name}.log"
     seen = log_path.stat().st_size if log_path.exists() else 0
     process, log_path = _spawn(name, argv, log_dir, env)
     service = Service(name, process, "", log_path)
-    wait_until(lambda: " ready." in service.log()[seen:], 60, f"celery {name}", service)
+    wait_until(lambda: service.log()[seen:].count(" ready.") >= processes, 60, f"celery {name}", service)
     return service

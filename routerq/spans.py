@@ -27,6 +27,7 @@ ATTEMPT = "routerq.attempt"
 ERROR_CLASS = "routerq.error.class"
 DECISION = "routerq.decision"  # what the retry policy made of a failed attempt
 BATCH_ID = "routerq.batch.id"
+BATCH_LINE = "routerq.batch.line"
 CUSTOM_ID = "routerq.custom_id"
 
 
@@ -58,13 +59,13 @@ def hide_outputs() -> bool:
     return bool(_trace_config().hide_outputs)
 
 
+def chain_kind() -> dict[str, Any]:
+    return {SpanAttributes.OPENINFERENCE_SPAN_KIND: OpenInferenceSpanKindValues.CHAIN.value}
+
+
 def chain_attributes(input_text: str) -> dict[str, Any]:
-    """A CHAIN span's kind and input (unless inputs are hidden), for producer-side root spans."""
-    attributes: dict[str, Any] = {
-        SpanAttributes.OPENINFERENCE_SPAN_KIND: OpenInferenceSpanKindValues.CHAIN.value
-    }
-    attributes[SpanAttributes.INPUT_VALUE] = REDACTED if hide_inputs() else input_text
-    return attributes
+    """A CHAIN span's kind and input (unless inputs are hidden), for the root span of a trace."""
+    return {**chain_kind(), SpanAttributes.INPUT_VALUE: REDACTED if hide_inputs() else input_text}
 
 
 def output_attribute(text: str) -> str:

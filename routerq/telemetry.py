@@ -42,8 +42,9 @@ def setup_tracing(settings: Settings) -> TracerProvider | None:
         return _provider
 
     from openinference.instrumentation.openai import OpenAIInstrumentor
-    from opentelemetry.instrumentation.celery import CeleryInstrumentor
     from phoenix.otel import BatchSpanProcessor, HTTPSpanExporter, register
+
+    from routerq.celery_tracing import CeleryInstrumentor
 
     os.environ.setdefault("PHOENIX_DISCOVER_CONFIG", "false")
     # A 50,000-line submit makes 50,000 spans in seconds: buffer them rather than drop them (the SDK

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import Stack, calls_with, line, routerq, wait_final, write_jsonl
 from phoenix_queries import by_name, trace_spans
@@ -257,19 +258,26 @@ def test_retry_sends_only_the_failed_lines_again(stack: Stack, client: BatchClie
 def test_every_line_is_its_own_trace_and_the_batch_is_one_phoenix_session(
     stack: Stack, client: BatchClient, tmp_path: Path
 ) -> None:
+    """A line's trace: `routerq.line` from its enqueue to its outcome (the queue wait is the gap before
+    the call), the LLM call under it; a retried line stays in its trace, one level deeper."""
     from phoenix.client import Client
 
     marker = uuid.uuid4().hex[:8]
-    rows = [line(f"p{i}", "chat", f"{marker} {i}") for i in range(4)]
+    rows = [line(f"p{i}", "chat", f"{marker} {i}" + (" [[flaky:1:502]]" if i == 3 else "")) for i in range(4)]
     batch = client.submit(write_jsonl(tmp_path / "traced.jsonl", rows), name="traced").batch
-    wait_final(client, batch.id)
+    assert wait_final(client, batch.id).succeeded == 4
     telemetry.flush()
 
     trace_ids: set[str] = set()
     phoenix = Client(base_url=stack.phoenix.url)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        traces = phoenix.traces.get_traces(project_identifier=stack.project, session_id=batch.id, limit=100)
+        try:  # 404 until Phoenix has ingested the project's first spans
+            traces = phoenix.traces.get_traces(
+                project_identifier=stack.project, session_id=batch.id, limit=100
+            )
+        except httpx.HTTPStatusError:
+            traces = []
         trace_ids = {t["trace_id"] for t in traces}
         if len(trace_ids) >= 5:
             break
@@ -280,15 +288,32 @@ def test_every_line_is_its_own_trace_and_the_batch_is_one_phoenix_session(
         spans = trace_spans(stack.phoenix.url, stack.project, trace_id, expect=1)
         if any(s["name"] == "routerq.submit" for s in spans):
             continue
-        spans = trace_spans(stack.phoenix.url, stack.project, trace_id, expect=3)
-        root, run, llm = (
-            by_name(spans, "routerq.line"),
-            by_name(spans, "run/"),
-            by_name(spans, "ChatCompletion"),
+        retried = any("[[flaky" in str(s["attributes"].get("input.value")) for s in spans)
+        spans = trace_spans(stack.phoenix.url, stack.project, trace_id, expect=4 if retried else 2)
+        roots = [s for s in spans if s["parent_id"] is None]
+        assert len(roots) == 1 and roots[0]["name"] == "routerq.line"
+        root = roots[0]
+        assert root["span_kind"] == "CHAIN"
+        assert root["attributes"]["routerq.batch.id"] == batch.id
+        assert root["attributes"]["session.id"] == batch.id
+        assert root["attributes"]["input.value"].startswith(f"{marker} ")
+        assert root["attributes"]["routerq.queue_wait_ms"] >= 0
+        if retried:
+            assert root["status_code"] == "ERROR" and root["attributes"]["routerq.decision"] == "retry"
+            llm_failed = by_name([s for s in spans if s["parent_id"] == root["context"]["span_id"]], "Chat")
+            assert llm_failed["status_code"] == "ERROR"
+            root = by_name([s for s in spans if s["parent_id"] == root["context"]["span_id"]], "routerq.line")
+            assert root["attributes"]["routerq.attempt"] == 2
+        llm = (
+            by_name(spans, "ChatCompletion")
+            if not retried
+            else by_name([s for s in spans if s["parent_id"] == root["context"]["span_id"]], "ChatCompletion")
         )
+        assert llm["parent_id"] == root["context"]["span_id"] and llm["status_code"] == "OK"
         assert (
-            run["parent_id"] == root["context"]["span_id"] and llm["parent_id"] == run["context"]["span_id"]
+            root["attributes"]["output.value"] == llm["attributes"]["llm.output_messages.0.message.content"]
         )
+        assert root["start_time"] <= llm["start_time"] and root["end_time"] >= llm["end_time"]
         assert llm["attributes"]["session.id"] == batch.id
         assert llm["attributes"]["metadata.batch_id"] == batch.id
         assert llm["attributes"]["metadata.batch_name"] == "traced"

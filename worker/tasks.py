@@ -16,13 +16,26 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 from openinference.instrumentation import using_attributes
-from opentelemetry import trace
+from openinference.semconv.trace import SpanAttributes
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 from opentelemetry.trace import Status, StatusCode
 
+from routerq import telemetry
 from routerq.batches import Batch, BatchStatus, Outcome, output_line
 from routerq.jobs import Job, JobError, JobFailedError, JobKind, JobResult
 from routerq.ratelimit import Lease, estimate_tokens
-from routerq.spans import ATTEMPT, DECISION, ERROR_CLASS, worker_attributes
+from routerq.spans import (
+    ATTEMPT,
+    BATCH_ID,
+    BATCH_LINE,
+    DECISION,
+    ERROR_CLASS,
+    chain_attributes,
+    chain_kind,
+    output_attribute,
+    worker_attributes,
+)
 from worker.app import EMBED_TASK_NAME, LINE_TASK_NAME, TASK_NAME
 from worker.openrouter import UpstreamAnswer
 from worker.retry import Action, Decision, decide, error_class
@@ -137,26 +150,31 @@ def _poison(job_id: str, deliveries: int) -> JobError:
     )
 
 
-def _retry(task: Task, attempt: int, delay: float) -> Exception:
-    kwargs = {**(task.request.kwargs or {}), "attempt": attempt}
+def _retry(task: Task, attempt: int, delay: float, carry: dict[str, Any] | None) -> Exception:
+    kwargs = {**(task.request.kwargs or {}), **(carry or {}), "attempt": attempt}
     return task.retry(kwargs=kwargs, countdown=delay)  # type: ignore[no-any-return]
 
 
 def attempt_or_retry(
-    rt: Runtime, task: Task, job: Job, attempt: int, before_retry: Callable[[], None] | None = None
+    rt: Runtime,
+    task: Task,
+    job: Job,
+    attempt: int,
+    before_retry: Callable[[], None] | None = None,
+    carry: dict[str, Any] | None = None,
 ) -> tuple[JobResult, Decision | None]:
     """An attempt whose outcome is final or a pause; a retry (or a long limiter wait) re-publishes
-    the task with a countdown and ends this run, after `before_retry`."""
+    the task with a countdown, plus the `carry` kwargs, and ends this run after `before_retry`."""
     try:
         result, decision = attempt_job(rt, task, job, attempt)
     except Deferred as deferred:
         if before_retry:
             before_retry()
-        raise _retry(task, attempt, deferred.delay) from None
+        raise _retry(task, attempt, deferred.delay, carry) from None
     if decision is not None and decision.action is Action.RETRY:
         if before_retry:
             before_retry()
-        raise _retry(task, attempt + 1, decision.delay)
+        raise _retry(task, attempt + 1, decision.delay, carry)
     return result, decision
 
 
@@ -178,12 +196,51 @@ def run_job(task: Task, payload: dict[str, Any], attempt: int = 1) -> dict[str, 
     return {"job_id": job.id, "status": result.status}
 
 
-def run_line(task: Task, batch_id: str, index: int, enqueued_at: float, attempt: int = 1) -> dict[str, Any]:
+def run_line(
+    task: Task,
+    batch_id: str,
+    index: int,
+    enqueued_at: float,
+    attempt: int = 1,
+    traceparent: str | None = None,
+) -> dict[str, Any]:
+    """One batch line in its own trace: `routerq.line` (CHAIN) from enqueue to outcome, the LLM call
+    under it. A retry carries the trace on, one level deeper, through `traceparent`."""
+    parent = propagate.extract({"traceparent": traceparent}) if traceparent else otel_context.Context()
+    started = enqueued_at if attempt == 1 else time.time()  # the first span shows the queue wait
+    with telemetry.tracer().start_as_current_span(
+        "routerq.line",
+        context=parent,
+        start_time=int(started * 1e9),
+        attributes={**chain_kind(), BATCH_ID: batch_id, BATCH_LINE: index, ATTEMPT: attempt},
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            summary, result = _run_line(task, span, batch_id, index, enqueued_at, attempt)
+        except Retry:
+            span.set_attribute(SpanAttributes.OUTPUT_VALUE, "retrying")
+            raise
+        except Exception as exc:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
+            raise
+        if result is not None:
+            text = result.text if result.ok else (result.error.message if result.error else result.status)
+            span.set_attribute(SpanAttributes.OUTPUT_VALUE, output_attribute(text))
+            if not result.ok:
+                span.set_status(Status(StatusCode.ERROR, text))
+                raise JobFailedError(result)
+        else:
+            span.set_attribute(SpanAttributes.OUTPUT_VALUE, summary["status"])
+        return summary
+
+
+def _run_line(
+    task: Task, span: trace.Span, batch_id: str, index: int, enqueued_at: float, attempt: int
+) -> tuple[dict[str, Any], JobResult | None]:
+    """The line's outcome: a summary, and the result when the line was tried (None when skipped)."""
     rt = runtime(task.app)
-    span = trace.get_current_span()
-    span.set_attribute("routerq.batch.id", batch_id)
-    span.set_attribute("routerq.batch.line", index)
-    span.set_attribute(ATTEMPT, attempt)
     store = rt.batches
     start = store.begin(batch_id, index, _delivery_key(task, f"{batch_id}-{index}"))
     batch, line = start.batch, start.line
@@ -191,29 +248,35 @@ def run_line(task: Task, batch_id: str, index: int, enqueued_at: float, attempt:
     if batch is None or line is None:
         store.unmark_running(batch_id, index)
         log.warning("batch %s line %d has expired or never existed; dropping it", batch_id, index)
-        return {**summary, "status": "missing"}
+        return {**summary, "status": "missing"}, None
     if start.outcome is Outcome.SUCCEEDED:
         store.unmark_running(batch_id, index)
         log.info("batch %s line %d already succeeded; not calling upstream again", batch_id, index)
-        return {**summary, "status": "succeeded"}
+        return {**summary, "status": "succeeded"}, None
     if batch.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.FAILED):
         error = JobError(
             code="batch_cancelled", message=f"batch is {batch.status.value}; line not sent upstream"
         )
         line_out = {"id": None, "custom_id": line["custom_id"], "response": None, "error": error.model_dump()}
         store.record(batch_id, index, Outcome.CANCELLED, line_out, None)
-        return {**summary, "status": "cancelled"}
+        return {**summary, "status": "cancelled"}, None
     if batch.status is BatchStatus.PAUSED and store.park(batch_id, index):
-        return {**summary, "status": "parked"}
+        return {**summary, "status": "parked"}, None
 
     job = line_job(batch, index, line, enqueued_at)
+    span.set_attributes(chain_attributes(job.prompt_text))
     if start.deliveries > rt.settings.max_deliveries:
         result = _failed_without_call(job, _poison(job.id, start.deliveries), attempt)
         store.record(batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result)
-        raise JobFailedError(result)
+        return {**summary, "status": "failed"}, result
     try:
         result, decision = attempt_or_retry(
-            rt, task, job, attempt, lambda: store.unmark_running(batch_id, index)
+            rt,
+            task,
+            job,
+            attempt,
+            lambda: store.unmark_running(batch_id, index),
+            {"traceparent": _traceparent()},
         )
     except Retry:
         raise
@@ -224,12 +287,16 @@ def run_line(task: Task, batch_id: str, index: int, enqueued_at: float, attempt:
     if decision is not None and decision.action is Action.PAUSE:
         store.pause(batch_id, decision.reason)
         if store.park(batch_id, index):
-            return {**summary, "status": "parked"}
+            return {**summary, "status": "parked"}, None
     outcome = Outcome.SUCCEEDED if result.ok else Outcome.FAILED
     store.record(batch_id, index, outcome, output_line(job.custom_id or "", result), result)
-    if not result.ok:
-        raise JobFailedError(result)
-    return {**summary, "status": result.status}
+    return {**summary, "status": result.status}, result
+
+
+def _traceparent() -> str | None:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent")
 
 
 def run_embed(
