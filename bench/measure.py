@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -84,3 +85,17 @@ class TreeSampler:
 
     def rss_now(self) -> int:
         return rss_bytes(self._all())
+
+
+def wait_idle(roots: list[int], quiet: float = 0.05, every: float = 2.0, limit: float = 1800.0) -> float:
+    """Seconds until the trees under `roots` use less than `quiet` of a core over `every` seconds
+    (Phoenix working through its span backlog), at most `limit`."""
+    started = time.perf_counter()
+    last = cpu_seconds([pid for root in roots for pid in tree(root)])
+    while time.perf_counter() - started < limit:
+        time.sleep(every)
+        now = cpu_seconds([pid for root in roots for pid in tree(root)])
+        if now - last < quiet * every:
+            return time.perf_counter() - started - every
+        last = now
+    return limit

@@ -79,7 +79,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         }
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
-        worker = start_worker(env, tmp / "logs", concurrency=4, pool="prefork")
+        worker = start_worker(env, tmp / "logs", concurrency=4, pool="prefork", loglevel="DEBUG")
         services.append(worker)
         yield Stack(redis_service, phoenix, fake, worker, api_key, env, project, tmp)
     finally:

@@ -55,7 +55,7 @@ def test_the_api_key_appears_in_no_span_log_or_stored_result(stack: Stack) -> No
     assert len(spans) >= 12
     assert stack.api_key not in json.dumps(spans)
 
-    assert "HTTP Request: POST" in stack.worker.log()  # the log is the real, verbose one
+    assert "HTTP Request: POST" in stack.worker.log()  # the session worker logs at DEBUG: everything
     assert stack.api_key not in stack.worker.log()
 
     client = redis.Redis.from_url(stack.env["REDIS_URL"])

@@ -24,6 +24,9 @@ from worker.app import create_app
 from worker.preflight import check_api_key
 
 POOLS = ("prefork", "threads", "solo", "gevent", "eventlet")
+# One record per line each (received, succeeded, HTTP request): at hundreds of lines a second that is
+# a good part of a worker's CPU. `routerq status` counts lines; failures and retries still log.
+PER_LINE_LOGGERS = ("celery.app.trace", "celery.worker.strategy", "httpx", "httpx2")
 SUPERVISED_ENV = "ROUTERQ_SUPERVISED"
 WORKER_INDEX_ENV = "ROUTERQ_WORKER_INDEX"
 
@@ -37,6 +40,9 @@ def run_worker(settings: Settings, concurrency: int, pool: str, loglevel: str = 
         log_filter = RedactingFilter(settings.secrets)
         for handler in logger.handlers:
             handler.addFilter(log_filter)
+        if loglevel.upper() != "DEBUG":
+            for name in PER_LINE_LOGGERS:
+                logging.getLogger(name).setLevel(logging.WARNING)
 
     after_setup_logger.connect(redact_logs, weak=False)
     after_setup_task_logger.connect(redact_logs, weak=False)
