@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -33,10 +34,12 @@ from routerq import telemetry
 from routerq.localstack import (
     Service,
     free_port,
+    spawn,
     start_fake_openrouter,
     start_phoenix,
     start_redis,
     start_worker,
+    wait_until,
 )
 from routerq.settings import Settings
 from worker.main import default_processes
@@ -58,10 +61,28 @@ class Run:
     phoenix_total_per_1000: float | None = None
     phoenix_catch_up: float | None = None
     peak_rss: int | None = None
+    spans: tuple[int, int] = (0, 0)
 
     @property
     def rate(self) -> float:
         return self.lines / self.seconds
+
+
+def start_span_sink(port: int, log_dir: Path) -> Service:
+    argv = [sys.executable, "-m", "bench.span_sink", "--port", str(port)]
+    process, log_path = spawn("span-sink", argv, log_dir)
+    service = Service("span-sink", process, f"http://127.0.0.1:{port}", log_path)
+    wait_until(lambda: "span sink on" in service.log(), 30, "span sink", service)
+    return service
+
+
+def span_counts(workers: list[Service]) -> tuple[int, int]:
+    """Spans the workers sent to Phoenix and dropped, from what each process logs at shutdown."""
+    sent = dropped = 0
+    for worker in workers:
+        for match in re.finditer(r"routerq: (\d+) span\(s\) sent to Phoenix, (\d+) dropped", worker.log()):
+            sent, dropped = sent + int(match[1]), dropped + int(match[2])
+    return sent, dropped
 
 
 def pct(values: list[float], q: float) -> float:
@@ -96,6 +117,7 @@ class Bench:
         self.fake = self._keep(start_fake_openrouter(free_port(), tmp, keys=[KEY]))
         httpx.post(f"{self.fake_base}/_fake/config", json={"latency_ms": args.latency_ms, "jitter": 0.2})
         self.phoenix = self._keep(start_phoenix(free_port(), free_port(), tmp / "phoenix"))
+        self.sink = self._keep(start_span_sink(free_port(), tmp))
         self.env = {
             "REDIS_URL": self.redis.url,
             "OPENROUTER_API_KEY": KEY,
@@ -147,10 +169,15 @@ class Bench:
             for i in range(self.args.workers)
         ]
 
-    def routerq(self, tracing: bool, lines: int | None = None, tag: str = "") -> tuple[Run, BatchClient, str]:
+    def routerq(
+        self, tracing: bool, lines: int | None = None, tag: str = "", sink: bool = False
+    ) -> tuple[Run, BatchClient, str]:
+        """One timed batch; with `sink`, the workers' spans go to an endpoint that discards them."""
         lines = lines or self.args.lines
-        tag = tag or ("traced" if tracing else "untraced")
+        tag = tag or ("sunk" if sink else "traced" if tracing else "untraced")
         env = {**self.env, "ROUTERQ_TRACING": "true" if tracing else "false", "ROUTERQ_QUEUE": tag}
+        if sink:
+            env |= {"PHOENIX_COLLECTOR_ENDPOINT": self.sink.url, "ROUTERQ_PHOENIX_PRICING": "false"}
         settings = Settings(**env)  # type: ignore[arg-type]
         batches = BatchClient(settings, tracing=tracing)
         source = write_batch(self.tmp / f"{tag}.jsonl", lines, tag)
@@ -170,13 +197,15 @@ class Bench:
         finally:
             for worker in workers:
                 worker.stop()  # flushes the workers' span buffers
-        catch_up = wait_idle([self.phoenix.process.pid]) if tracing else 0.0
+        catch_up = wait_idle([self.phoenix.process.pid]) if tracing and not sink else 0.0
         phoenix_total = cpu_seconds([self.phoenix.process.pid]) - phoenix.cpu_start
         done = batches.get(batch.id)
         assert done.succeeded == lines, f"{tag}: {done.succeeded}/{lines} succeeded"
         calls = [c for c in self.fake_calls() if tag in (c.get("prompt") or "")]
         run = Run(
-            f"routerq, tracing {'on' if tracing else 'off'}",
+            "routerq, tracing on, spans discarded"
+            if sink
+            else f"routerq, tracing {'on' if tracing else 'off'}",
             lines,
             seconds,
             latencies=[c["t_end"] - enqueued_at for c in calls],
@@ -185,6 +214,7 @@ class Bench:
             phoenix_cpu_per_1000=phoenix.cpu_used / lines * 1000,
             phoenix_total_per_1000=phoenix_total / lines * 1000,
             phoenix_catch_up=catch_up,
+            spans=span_counts(workers),
             peak_rss=sampler.peak_rss,
         )
         return run, batches, batch.id
@@ -241,6 +271,7 @@ class Bench:
             for worker in workers:
                 worker.stop()
         rss["seconds"] = time.perf_counter() - started
+        rss["spans_sent"], rss["spans_dropped"] = span_counts(workers)
         rss["succeeded"] = batches.get(batch_id).succeeded
         httpx.post(f"{self.fake_base}/_fake/config", json={"latency_ms": self.args.latency_ms})
         return rss
@@ -318,9 +349,12 @@ def main() -> None:
         print("routerq, tracing on ...", file=sys.stderr)
         traced, _, _ = bench.routerq(tracing=True)
         print(f"  {traced.rate:.0f} lines/s", file=sys.stderr)
+        print("routerq, tracing on, spans discarded ...", file=sys.stderr)
+        sunk, _, _ = bench.routerq(tracing=True, sink=True)
+        print(f"  {sunk.rate:.0f} lines/s", file=sys.stderr)
         telemetry.flush()
         if args.throughput_only:
-            for run in (base, untraced, traced):
+            for run in (base, untraced, traced, sunk):
                 print(f"{run.name}: {run.rate:.1f} lines/s, worker CPU/1000 {run.cpu_per_1000}, "
                       f"Phoenix CPU/1000 {run.phoenix_cpu_per_1000} ({run.phoenix_total_per_1000} with its "
                       f"backlog, {run.phoenix_catch_up} s after)", file=sys.stderr)  # fmt: skip
@@ -341,13 +375,15 @@ def main() -> None:
             small_results_s, small_results_rss = results_s, results_rss
             results_s, results_rss = bench.results_cost(huge_id)
 
-        for run in (base, traced, untraced):
+        for run in (base, traced, untraced, sunk):
             rows.append((f"{run.name}: lines/s", f"{run.rate:.1f}"))
         rows.append(("ratio routerq (tracing on) / baseline", f"{traced.rate / base.rate:.3f}  (floor 0.9)"))
         rows.append(("ratio tracing on / tracing off", f"{traced.rate / untraced.rate:.3f}  (floor 0.9)"))
-        for run in (base, traced, untraced):
+        rows.append(("ratio routerq (tracing off) / baseline", f"{untraced.rate / base.rate:.3f}"))
+        rows.append(("ratio tracing on, spans discarded / tracing off", f"{sunk.rate / untraced.rate:.3f}"))
+        for run in (base, traced, untraced, sunk):
             rows.append((f"{run.name}: line latency p50 / p95", spread(run.latencies)))
-        for run in (traced, untraced):
+        for run in (traced, untraced, sunk):
             rows.append((f"{run.name}: queue wait p50 / p95", spread(run.queue_waits)))
             rows.append((f"{run.name}: worker CPU-seconds per 1,000 lines", f"{run.cpu_per_1000:.2f}"))
             rows.append(
@@ -358,6 +394,8 @@ def main() -> None:
                              f"{run.phoenix_total_per_1000:.2f}"))  # fmt: skip
                 rows.append((f"{run.name}: Phoenix busy ingesting after the batch finished",
                              f"{run.phoenix_catch_up:.0f} s"))  # fmt: skip
+                sent, dropped = run.spans
+                rows.append((f"{run.name}: spans sent / dropped by the workers", f"{sent} / {dropped}"))
             rows.append((f"{run.name}: peak worker RSS (all processes)", mib(run.peak_rss or 0)))
         rows.append(("Redis memory per queued line", f"{memory['queued']:.0f} B"))
         rows.append(("Redis memory per stored line (chat result)", f"{memory['stored']:.0f} B"))
@@ -366,6 +404,8 @@ def main() -> None:
         )
         rows.append((f"{args.big:,}-line batch at {args.big_latency_ms:g} ms: time",
                      f"{big['seconds']:.0f} s ({big['succeeded']:.0f} succeeded)"))  # fmt: skip
+        rows.append((f"{args.big:,}-line batch: spans sent / dropped (Phoenix full: 503)",
+                     f"{big['spans_sent']:.0f} / {big['spans_dropped']:.0f}"))  # fmt: skip
         rows.append(("worker RSS at 10,000 lines / at the end",
                      f"{mib(big['rss_10k'])} / {mib(big['rss_end'])} "
                      f"({big['rss_end'] / big['rss_10k'] - 1:+.1%})"))  # fmt: skip
@@ -373,7 +413,8 @@ def main() -> None:
             rows.append(
                 (
                     f"{args.huge:,}-line batch: time",
-                    f"{huge['seconds']:.0f} s ({huge['succeeded']:.0f} succeeded)",
+                    f"{huge['seconds']:.0f} s ({huge['succeeded']:.0f} succeeded; spans sent / dropped "
+                    f"{huge['spans_sent']:.0f} / {huge['spans_dropped']:.0f})",
                 )
             )
             rows.append((f"`routerq results`, {args.big:,} lines: time / peak RSS",

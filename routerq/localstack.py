@@ -81,7 +81,7 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, service: Se
     raise StackError(f"{what}: not ready after {timeout} s\n{tail}")
 
 
-def _spawn(
+def spawn(
     name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], Path]:
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,7 @@ def start_redis(port: int, data_dir: Path, password: str | None = None) -> Servi
     ]  # fmt: skip
     if password:
         argv += ["--requirepass", password]
-    process, log_path = _spawn(f"redis-{port}", argv, data_dir)
+    process, log_path = spawn(f"redis-{port}", argv, data_dir)
     auth = f":{password}@" if password else ""
     url = f"redis://{auth}127.0.0.1:{port}/0"
     service = Service("redis", process, url, log_path)
@@ -142,7 +142,7 @@ def start_phoenix(port: int, grpc_port: int, data_dir: Path) -> Service:
         "PHOENIX_TELEMETRY_ENABLED": "false",
     }
     argv = [find_phoenix(), "serve"]
-    process, log_path = _spawn(f"phoenix-{port}", argv, data_dir, env)
+    process, log_path = spawn(f"phoenix-{port}", argv, data_dir, env)
     url = f"http://127.0.0.1:{port}"
     service = Service("phoenix", process, url, log_path)
     wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, 120, "phoenix", service)
@@ -163,7 +163,7 @@ def start_fake_openrouter(
     ]
     for key in keys or []:
         argv += ["--key", key]
-    process, log_path = _spawn(f"fake-openrouter-{port}", argv, log_dir)
+    process, log_path = spawn(f"fake-openrouter-{port}", argv, log_dir)
     url = f"http://127.0.0.1:{port}/api/v1"
     service = Service("fake-openrouter", process, url, log_path)
     base = f"http://127.0.0.1:{port}"
@@ -190,7 +190,11 @@ def start_worker(
     argv += ["--processes", str(processes), "--loglevel", loglevel]
     log_path = log_dir / f"{name}.log"
     seen = log_path.stat().st_size if log_path.exists() else 0
-    process, log_path = _spawn(name, argv, log_dir, env)
+    process, log_path = spawn(name, argv, log_dir, env)
     service = Service(name, process, "", log_path)
-    wait_until(lambda: service.log()[seen:].count(" ready.") >= processes, 60, f"celery {name}", service)
+    try:
+        wait_until(lambda: service.log()[seen:].count(" ready.") >= processes, 60, f"celery {name}", service)
+    except StackError:
+        service.stop(signal.SIGKILL)  # never leave a half-started worker behind
+        raise
     return service

@@ -109,8 +109,8 @@ class CountingExporter(SpanExporter):
         return result
 
     def shutdown(self) -> None:
-        if self.dropped:
-            log.warning("routerq: %d span(s) were dropped in all, %d sent", self.dropped, self.exported)
+        level = logging.WARNING if self.dropped else logging.INFO
+        log.log(level, "routerq: %d span(s) sent to Phoenix, %d dropped", self.exported, self.dropped)
         self._inner.shutdown()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:

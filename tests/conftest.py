@@ -112,11 +112,18 @@ def routerq(
 
 @contextmanager
 def extra_worker(
-    stack: Stack, name: str, concurrency: int = 2, pool: str = "prefork", **env: str
+    stack: Stack,
+    name: str,
+    concurrency: int = 2,
+    pool: str = "prefork",
+    processes: int | None = None,
+    **env: str,
 ) -> Iterator[tuple[Service, Settings]]:
     """A second worker on its own queue, with some settings changed."""
     full_env = {**stack.env, "ROUTERQ_QUEUE": name, **env}
-    service = start_worker(full_env, stack.tmp / "logs", name=name, concurrency=concurrency, pool=pool)
+    service = start_worker(
+        full_env, stack.tmp / "logs", name=name, concurrency=concurrency, pool=pool, processes=processes
+    )
     try:
         yield service, Settings(**full_env)  # type: ignore[arg-type]
     finally:

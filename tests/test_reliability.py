@@ -112,6 +112,38 @@ def test_429s_502s_and_200_errors_are_retried_until_every_line_succeeds(
     assert paid_duplicates(calls) == 0
 
 
+def test_concurrency_is_calls_in_flight_over_a_few_processes_and_a_dead_one_is_started_again(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """`routerq worker --concurrency 8 --processes 2 --pool threads`: 8 calls at once from 2 processes;
+    a process killed mid-batch is started again and its lines come back."""
+    marker = uuid.uuid4().hex[:8]
+    queue = f"processes-{marker}"
+    env = {**FAST_RECOVERY, "ROUTERQ_QUEUE": queue}
+    client = BatchClient(stack.settings(**env))
+    with extra_worker(stack, queue, concurrency=8, pool="threads", processes=2, **env) as (worker, _):
+        first = children_of(worker.process.pid)
+        assert len(first) == 2
+        batch = submit(client, tmp_path, marker, 48, " [[slow:0.5]]")
+        while client.get(batch.id).succeeded < 16:
+            time.sleep(0.05)
+        os.kill(first[0], signal.SIGKILL)
+        final = wait_final(client, batch.id, timeout=120)
+        assert worker.alive()
+        restarted = children_of(worker.process.pid)
+        assert len(restarted) == 2 and first[0] not in restarted and first[1] in restarted
+        assert "worker process 0 exited unexpectedly" in worker.log()
+    assert (final.succeeded, final.failed) == (48, 0)
+    calls = calls_with(stack, marker)
+    starts = sorted((c["t"], 1) for c in calls)
+    ends = sorted((c["t_end"], -1) for c in calls)
+    in_flight, most = 0, 0
+    for _, step in sorted(starts + ends, key=lambda e: (e[0], e[1])):
+        in_flight += step
+        most = max(most, in_flight)
+    assert most == 8, most  # calls in flight reached the concurrency and never passed it
+
+
 def test_sigkill_of_the_whole_worker_loses_no_line(stack: Stack, tmp_path: Path) -> None:
     marker = uuid.uuid4().hex[:8]
     queue = f"sigkill-{marker}"
