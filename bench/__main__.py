@@ -254,7 +254,7 @@ class Bench:
         """Work through the big batch, recording worker RSS at 10,000 lines and at the end."""
         httpx.post(f"{self.fake_base}/_fake/config", json={"latency_ms": self.args.big_latency_ms})
         env = {**self.env, "ROUTERQ_QUEUE": "big", "ROUTERQ_TRACING": "true"}
-        workers = self.workers(env, "big")
+        workers = self.workers(env, f"big{total}")  # its own log: spans are counted from it
         rss: dict[str, float] = {}
         started = time.perf_counter()
         try:
