@@ -20,7 +20,7 @@ from opentelemetry.trace import Status, StatusCode
 from producer.messages import StagedEnqueue
 from routerq import telemetry
 from routerq.batch_file import BatchLine, Validation, read_lines, validate
-from routerq.batches import Batch, BatchStatus, BatchStore, Outcome, new_batch_id
+from routerq.batches import Batch, BatchStatus, BatchStore, Outcome, active_key, new_batch_id
 from routerq.settings import Settings
 from routerq.spans import BATCH_ID, chain_attributes
 from routerq.store import connect
@@ -148,7 +148,7 @@ class BatchClient:
 
             # No span per line here: the worker opens the line's trace, dated from `now`.
             staged.add(LINE_TASK_NAME, [batch.id, index, now], also=also)
-        return staged.release()
+        return staged.release(watch=(active_key(self.settings.queue), batch.id))
 
     def _enqueue_failed(self, batch: Batch, exc: Exception) -> BatchError:
         """Say exactly what happened: the release is atomic, so either every line is queued or none."""

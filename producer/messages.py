@@ -22,7 +22,8 @@ from opentelemetry import propagate, trace
 
 from routerq import telemetry
 
-# Move staged messages (oldest first) onto the queue and mark the owner record in progress.
+# Move staged messages (oldest first) onto the queue; mark the owner record in progress (ARGV[2] = 1)
+# and add its id to a watch set (KEYS[4], when given) in the same step.
 _RELEASE = """
 local n = 0
 while true do
@@ -30,7 +31,10 @@ while true do
   if not v then break end
   n = n + 1
 end
-redis.call('HSET', KEYS[3], 'status', 'in_progress', 'in_progress_at', ARGV[1])
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[3], 'status', 'in_progress', 'in_progress_at', ARGV[1])
+end
+if KEYS[4] then redis.call('SADD', KEYS[4], ARGV[3]) end
 return n
 """
 
@@ -78,9 +82,16 @@ class StagedEnqueue:
         self._pending.clear()
         self._extra.clear()
 
-    def release(self) -> int:
+    def release(self, start: bool = True, watch: tuple[str, str] | None = None) -> int:
+        """All staged messages onto the queue at once. `start` marks the owner in progress; `watch`
+        (set key, member) registers the owner with whatever sweeps that set, atomically with it."""
         self.flush()
-        return int(self._release(keys=[self._staging, self._queue, self._owner], args=[time.time()]))
+        keys = [self._staging, self._queue, self._owner]
+        args: list[Any] = [time.time(), int(start)]
+        if watch is not None:
+            keys.append(watch[0])
+            args.append(watch[1])
+        return int(self._release(keys=keys, args=args))
 
     def discard(self) -> None:
         self._redis.delete(self._staging)

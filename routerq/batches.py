@@ -7,6 +7,7 @@ Keys (`{id}` is the batch id):
   routerq:batch:{id}:run    set    line indexes running now
   routerq:batch:{id}:parked set    line indexes set aside while the batch is paused (re-sent by resume)
   routerq:batches           zset   batch ids by creation time
+  routerq:active:{queue}    set    batches with lines on that queue, until the lost-line sweep sees them end
 A success is final: a redelivered line never overwrites or double-counts it.
 """
 
@@ -27,6 +28,10 @@ from routerq.jobs import JobResult
 
 INDEX_KEY = "routerq:batches"
 IDEMPOTENCY_KEY = "routerq:idempotency:{key}"
+
+
+def active_key(queue: str) -> str:
+    return f"routerq:active:{queue}"
 
 
 class BatchStatus(StrEnum):
@@ -125,12 +130,12 @@ def _int(value: float | None) -> int | None:
     return int(value) if value is not None else None
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _outcome(raw: Any) -> Outcome:
-    return Outcome(_text(raw)[:1])
+    return Outcome(as_text(raw)[:1])
 
 
 def new_batch_id() -> str:
@@ -226,7 +231,7 @@ _NUMBERS = {"total", "succeeded", "failed", "cancelled", "prompt_tokens", "compl
 def _batch(raw: dict[Any, Any], running: int, parked: int) -> Batch | None:
     if not raw:
         return None
-    data: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
+    data: dict[str, Any] = {as_text(k): as_text(v) for k, v in raw.items()}
     for name in _JSON_FIELDS:
         if name in data:
             data[name] = json.loads(data[name])
@@ -299,7 +304,7 @@ class BatchStore:
 
     def recent(self, limit: int = 50) -> list[Batch]:
         ids = self._redis.zrevrange(INDEX_KEY, 0, limit - 1)
-        batches = [self.get(_text(i)) for i in ids]
+        batches = [self.get(as_text(i)) for i in ids]
         return [b for b in batches if b is not None]
 
     def line(self, batch_id: str, index: int) -> dict[str, Any] | None:
@@ -372,7 +377,7 @@ class BatchStore:
         if self._redis.set(name, batch_id, nx=True, ex=self._ttl):
             return None
         owner = self._redis.get(name)
-        return _text(owner) if owner else None
+        return as_text(owner) if owner else None
 
     def release_idempotency_key(self, key: str) -> None:
         self._redis.delete(IDEMPOTENCY_KEY.format(key=key))

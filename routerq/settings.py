@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     result_ttl: Annotated[int, Field(alias="ROUTERQ_RESULT_TTL", gt=0)] = 7 * 24 * 3600
     visibility_timeout: Annotated[int, Field(alias="ROUTERQ_VISIBILITY_TIMEOUT", gt=0)] = 300
     restore_interval: Annotated[float, Field(alias="ROUTERQ_RESTORE_INTERVAL", gt=0)] = 5.0
+    sweep_interval: Annotated[float, Field(alias="ROUTERQ_SWEEP_INTERVAL", gt=0)] = 30.0
     job_time_limit: Annotated[float, Field(alias="ROUTERQ_JOB_TIME_LIMIT", gt=0)] = 180.0
     max_attempts: Annotated[int, Field(alias="ROUTERQ_MAX_ATTEMPTS", ge=1)] = 6
     retry_base_delay: Annotated[float, Field(alias="ROUTERQ_RETRY_BASE_DELAY", ge=0)] = 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -34,6 +35,7 @@ FAST_RECOVERY = {  # a worker tuned to get lost lines back within ~30 s
     "ROUTERQ_JOB_TIME_LIMIT": "12",
     "OPENROUTER_TIMEOUT": "10",
     "ROUTERQ_RETRY_MAX_DELAY": "3",
+    "ROUTERQ_SWEEP_INTERVAL": "2",
 }
 
 
@@ -187,6 +189,35 @@ def test_redis_killed_and_restarted_mid_batch_loses_nothing(stack: Stack, tmp_pa
     calls = calls_with(stack, marker)
     print(f"200 lines, {len(calls)} calls, {paid_duplicates(calls)} paid twice across the Redis restart")
     assert (final.succeeded, final.failed) == (200, 0)
+
+
+def line_index(raw: bytes) -> int:
+    """The batch line index a queued Celery message carries (its body is base64 JSON)."""
+    args = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+    return int(args[1])
+
+
+def test_a_line_whose_queue_message_redis_lost_is_found_and_sent_again(stack: Stack, tmp_path: Path) -> None:
+    """Redis can lose a message outright (killed between a worker's BRPOP and kombu's unacked record):
+    the batch still knows the line, so a worker sends it again."""
+    marker = uuid.uuid4().hex[:8]
+    queue = f"lost-{marker}"
+    env = {**FAST_RECOVERY, "ROUTERQ_QUEUE": queue}
+    client = BatchClient(stack.settings(**env))
+    batch = submit(client, tmp_path, marker, 20)
+    broker = redis.Redis.from_url(stack.redis.url)
+    queued = broker.lrange(queue, 0, -1)
+    assert len(queued) == 20
+    for raw in queued:
+        if line_index(raw) in (3, 11):
+            broker.lrem(queue, 1, raw)
+    assert broker.llen(queue) == 18
+    with extra_worker(stack, queue, concurrency=4, **env) as (worker, _):
+        final = wait_final(client, batch.id, timeout=60)
+    assert (final.succeeded, final.failed) == (20, 0)
+    assert "2 line(s) had no outcome and no message in Redis" in worker.log()
+    assert "sent again: 3,11" in worker.log()
+    assert sorted(c["prompt"] for c in calls_with(stack, marker)) == sorted(f"{marker} {i}" for i in range(20))
 
 
 def test_a_401_pauses_the_batch_without_burning_lines_and_resume_finishes_it(

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -14,14 +15,17 @@ from celery.signals import (
     after_setup_task_logger,
     worker_process_init,
     worker_process_shutdown,
+    worker_ready,
     worker_shutdown,
 )
 
 from routerq import telemetry
 from routerq.redaction import RedactingFilter
 from routerq.settings import Settings
+from routerq.store import connect
 from worker.app import create_app
 from worker.preflight import check_api_key
+from worker.recovery import LostLineSweeper
 
 POOLS = ("prefork", "threads", "solo", "gevent", "eventlet")
 # One record per line each (received, succeeded, HTTP request): at hundreds of lines a second that is
@@ -52,6 +56,11 @@ def run_worker(settings: Settings, concurrency: int, pool: str, loglevel: str = 
     else:
         telemetry.setup_tracing(settings)
     worker_shutdown.connect(lambda **_: telemetry.shutdown(), weak=False)
+    stop_sweeping = threading.Event()
+    sweeper = LostLineSweeper(settings, app, connect(settings.redis_url))
+    sweeping = threading.Thread(target=sweeper.run, args=(stop_sweeping,), name="routerq-sweep", daemon=True)
+    worker_ready.connect(lambda **_: sweeping.start(), weak=False)
+    worker_shutdown.connect(lambda **_: stop_sweeping.set(), weak=False)
     app.worker_main(
         [
             "worker",
