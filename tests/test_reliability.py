@@ -217,7 +217,29 @@ def test_a_line_whose_queue_message_redis_lost_is_found_and_sent_again(stack: St
     assert (final.succeeded, final.failed) == (20, 0)
     assert "2 line(s) had no outcome and no message in Redis" in worker.log()
     assert "sent again: 3,11" in worker.log()
-    assert sorted(c["prompt"] for c in calls_with(stack, marker)) == sorted(f"{marker} {i}" for i in range(20))
+    assert sorted(c["prompt"] for c in calls_with(stack, marker)) == sorted(
+        f"{marker} {i}" for i in range(20)
+    )
+
+
+def test_a_worker_whose_consumer_stops_reading_the_queue_is_started_again(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Celery's consumer can come back from a Redis outage connected but deaf; `cancel_consumer` puts a
+    live worker in that state on purpose."""
+    marker = uuid.uuid4().hex[:8]
+    queue = f"deaf-{marker}"
+    env = {**FAST_RECOVERY, "ROUTERQ_QUEUE": queue}
+    client = BatchClient(stack.settings(**env))
+    with extra_worker(stack, queue, concurrency=2, **env) as (worker, settings):
+        replies = create_app(settings).control.cancel_consumer(queue, reply=True, timeout=5)
+        assert any("no longer consuming" in json.dumps(r) for r in replies), replies
+        batch = submit(client, tmp_path, marker, 10)
+        final = wait_final(client, batch.id, timeout=90)
+        log = worker.log()
+    assert (final.succeeded, final.failed) == (10, 0)
+    assert "the consumer stopped taking jobs" in log
+    assert "exited unexpectedly (code 75)" in log
 
 
 def test_a_401_pauses_the_batch_without_burning_lines_and_resume_finishes_it(

@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import subprocess
-import threading
 import time
 from typing import Any
 
@@ -15,17 +14,15 @@ from celery.signals import (
     after_setup_task_logger,
     worker_process_init,
     worker_process_shutdown,
-    worker_ready,
     worker_shutdown,
 )
 
 from routerq import telemetry
 from routerq.redaction import RedactingFilter
 from routerq.settings import Settings
-from routerq.store import connect
 from worker.app import create_app
 from worker.preflight import check_api_key
-from worker.recovery import LostLineSweeper
+from worker.recovery import watch_broker
 
 POOLS = ("prefork", "threads", "solo", "gevent", "eventlet")
 # One record per line each (received, succeeded, HTTP request): at hundreds of lines a second that is
@@ -56,23 +53,26 @@ def run_worker(settings: Settings, concurrency: int, pool: str, loglevel: str = 
     else:
         telemetry.setup_tracing(settings)
     worker_shutdown.connect(lambda **_: telemetry.shutdown(), weak=False)
-    stop_sweeping = threading.Event()
-    sweeper = LostLineSweeper(settings, app, connect(settings.redis_url))
-    sweeping = threading.Thread(target=sweeper.run, args=(stop_sweeping,), name="routerq-sweep", daemon=True)
-    worker_ready.connect(lambda **_: sweeping.start(), weak=False)
-    worker_shutdown.connect(lambda **_: stop_sweeping.set(), weak=False)
-    app.worker_main(
-        [
-            "worker",
-            f"--concurrency={concurrency}",
-            f"--pool={pool}",
-            f"--queues={settings.queue}",
-            f"--loglevel={loglevel}",
-            "--without-gossip",
-            "--without-mingle",
-            f"--hostname=routerq{os.environ.get(WORKER_INDEX_ENV, '')}@%h",
-        ]
-    )
+    watchdog = watch_broker(app, settings, concurrency)
+    code: Any = 0
+    try:
+        app.worker_main(
+            [
+                "worker",
+                f"--concurrency={concurrency}",
+                f"--pool={pool}",
+                f"--queues={settings.queue}",
+                f"--loglevel={loglevel}",
+                "--without-gossip",
+                "--without-mingle",
+                f"--hostname=routerq{os.environ.get(WORKER_INDEX_ENV, '')}@%h",
+            ]
+        )
+    except SystemExit as exc:
+        code = exc.code
+    code = watchdog.exit_code(code)
+    if code:
+        raise SystemExit(code)
 
 
 def default_processes(concurrency: int, pool: str) -> int:

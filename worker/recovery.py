@@ -1,4 +1,6 @@
-"""Lost-line recovery: a batch line whose queue message Redis lost is found and sent again.
+"""Recovery from broker faults that late acks do not cover: lost messages and a consumer gone quiet.
+
+1. A batch line whose queue message Redis lost is found and sent again.
 
 Kombu's Redis transport takes a message off the queue (BRPOP) before it records it as unacked. If
 Redis dies in between, or after running the BRPOP but before its reply left, the message exists
@@ -7,6 +9,13 @@ line, so workers sweep: a batch that made no progress since the last pass has it
 looked up in the queue and in kombu's unacked hash; a line missing from both on two passes in a row
 (never a message in transit between the two) is sent again. A success is final in the batch store,
 so a line sent twice is at worst paid twice, never counted twice.
+
+2. Celery's consumer can reconnect to Redis and then never read its queue again (celery#8030,
+#8091, #10205). A worker with free slots, messages waiting on its queue and nothing received for two
+sweep intervals stops itself (warm shutdown, exit code RESTART_EXIT_CODE); `routerq worker`'s
+supervisor starts a fresh one, and its unacked lines come back through the visibility timeout. And
+Celery can give up on an "Unrecoverable error" while Redis is away yet exit 0, which the supervisor
+would take for a requested stop: routerq turns that into CRASHED_EXIT_CODE.
 
 Keys (beside the batch's own, see routerq.batches):
   routerq:batch:{id}:sweep      hash  done count at the last pass, suspects, next scan time
@@ -18,6 +27,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
+import signal
 import threading
 import time
 import uuid
@@ -26,10 +37,14 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.signals import task_received, worker_ready, worker_shutdown
+from celery.utils.log import worker_logger
+from celery.worker import state as worker_state
 
 from producer.messages import StagedEnqueue
-from routerq.batches import Batch, BatchStatus, BatchStore, as_text, active_key
+from routerq.batches import Batch, BatchStatus, BatchStore, active_key, as_text
 from routerq.settings import Settings
+from routerq.store import connect
 from worker.app import LINE_TASK_NAME
 
 log = logging.getLogger("routerq.recovery")
@@ -37,6 +52,101 @@ log = logging.getLogger("routerq.recovery")
 UNACKED_KEY = "unacked"  # kombu's Redis transport default
 _PAGE = 1000
 _MAX_BACKOFF = 20  # intervals between scans of a batch that waits behind others but lost nothing
+
+
+RESTART_EXIT_CODE = 75  # EX_TEMPFAIL: the watchdog stopped a quiet consumer
+CRASHED_EXIT_CODE = 70  # EX_SOFTWARE: Celery gave up on an "Unrecoverable error"
+
+
+def watch_broker(app: Celery, settings: Settings, concurrency: int) -> ConsumerWatchdog:
+    """Wire the sweep and the watchdog into a worker about to start; they run once it is ready."""
+    client = connect(settings.redis_url)
+    stop = threading.Event()
+    watchdog = ConsumerWatchdog(settings, client, concurrency)
+    thread = threading.Thread(
+        target=maintain,
+        args=(LostLineSweeper(settings, app, client), watchdog, stop),
+        name="routerq-maintain",
+        daemon=True,
+    )
+    task_received.connect(watchdog.received, weak=False)
+    worker_logger.addFilter(watchdog.note_fatal)
+    worker_ready.connect(lambda **_: thread.start(), weak=False)
+    worker_shutdown.connect(lambda **_: stop.set(), weak=False)
+    return watchdog
+
+
+def maintain(sweeper: LostLineSweeper, watchdog: ConsumerWatchdog, stop: threading.Event) -> None:
+    """Every ROUTERQ_SWEEP_INTERVAL s until `stop`: a sweep, then a look at the consumer. A pass that
+    fails (Redis down) is simply tried again next time."""
+    interval = sweeper.interval
+    while not stop.wait(interval):
+        try:
+            sweeper.sweep()
+            if watchdog.stalled():
+                break
+        except redis.RedisError as exc:
+            log.info("routerq: broker sweep skipped: %s", type(exc).__name__)
+    else:
+        return
+    watchdog.restart()
+    if not stop.wait(watchdog.grace):  # the warm shutdown hangs too: leave anyway
+        os._exit(RESTART_EXIT_CODE)
+
+
+class ConsumerWatchdog:
+    def __init__(self, settings: Settings, client: redis.Redis, concurrency: int) -> None:
+        self._queue = settings.queue
+        self._redis = client
+        self._concurrency = concurrency
+        self._window = 2 * settings.sweep_interval
+        self.grace = settings.job_time_limit + 30
+        self._last_received = time.monotonic()
+        self._starving_since: float | None = None
+        self._tripped = False
+        self._fatal = False
+
+    def received(self, **_: Any) -> None:
+        """Connected to Celery's task_received signal (consumer side, every pool)."""
+        self._last_received = time.monotonic()
+
+    def note_fatal(self, record: logging.LogRecord) -> bool:
+        """A filter on Celery's worker logger: it logs its "Unrecoverable error" at CRITICAL."""
+        if record.levelno >= logging.CRITICAL:
+            self._fatal = True
+        return True
+
+    def exit_code(self, celery_code: Any) -> Any:
+        """Celery can end on an "Unrecoverable error" (kombu failing mid-reconnect) with code 0,
+        which reads as a requested stop; routerq says it failed so the supervisor starts it again."""
+        if self._tripped:
+            return RESTART_EXIT_CODE
+        if self._fatal and not celery_code:
+            log.error(
+                "routerq: the Celery worker ended on an unrecoverable error; exiting %d", CRASHED_EXIT_CODE
+            )
+            return CRASHED_EXIT_CODE
+        return celery_code
+
+    def stalled(self) -> bool:
+        """True once messages have waited with slots free and nothing received for the window."""
+        now = time.monotonic()
+        free = len(worker_state.reserved_requests) < self._concurrency
+        starving = free and int(self._redis.llen(self._queue)) > 0
+        if not starving:
+            self._starving_since = None
+        elif self._starving_since is None or self._last_received > self._starving_since:
+            self._starving_since = now
+        return self._starving_since is not None and now - self._starving_since >= self._window
+
+    def restart(self) -> None:
+        self._tripped = True
+        log.error(
+            "routerq: the consumer stopped taking jobs (messages waiting on %s, slots free, none received "
+            "for %.0f s): shutting down so the supervisor starts a fresh worker",
+            self._queue, self._window,
+        )  # fmt: skip
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class LostLineSweeper:
@@ -47,13 +157,9 @@ class LostLineSweeper:
         self._store = BatchStore(client, settings.result_ttl)
         self._token = uuid.uuid4().hex
 
-    def run(self, stop: threading.Event) -> None:
-        """Sweep every ROUTERQ_SWEEP_INTERVAL s until `stop`; a failed pass (Redis down) is retried."""
-        while not stop.wait(self._settings.sweep_interval):
-            try:
-                self.sweep()
-            except redis.RedisError as exc:
-                log.info("routerq: lost-line sweep skipped: %s", type(exc).__name__)
+    @property
+    def interval(self) -> float:
+        return self._settings.sweep_interval
 
     def sweep(self) -> dict[str, list[int]]:
         """One pass over the queue's active batches (if no other worker made one this interval);
