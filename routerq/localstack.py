@@ -98,7 +98,17 @@ def spawn(
     return process, log_path
 
 
-def start_redis(port: int, data_dir: Path, password: str | None = None) -> Service:
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def start_redis(
+    port: int, data_dir: Path, password: str | None = None, tls: TLSFiles | None = None
+) -> Service:
+    """With `tls`, Redis listens on TLS only and the URL is rediss:// trusting `tls.ca`."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise StackError("redis-server not found: install it with `apt-get install redis-server`")
@@ -110,9 +120,15 @@ def start_redis(port: int, data_dir: Path, password: str | None = None) -> Servi
     ]  # fmt: skip
     if password:
         argv += ["--requirepass", password]
+    if tls:
+        argv[argv.index("--port") + 1] = "0"
+        argv += ["--tls-port", str(port), "--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key),
+                 "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "no"]  # fmt: skip
     process, log_path = spawn(f"redis-{port}", argv, data_dir)
     auth = f":{password}@" if password else ""
     url = f"redis://{auth}127.0.0.1:{port}/0"
+    if tls:
+        url = f"rediss://{auth}127.0.0.1:{port}/0?ssl_ca_certs={tls.ca}"
     service = Service("redis", process, url, log_path)
     wait_until(lambda: bool(redis.Redis.from_url(url).ping()), 20, "redis-server", service)
     return service

@@ -7,13 +7,16 @@ from pathlib import Path
 
 import pytest
 import redis
+import trustme
 import yaml
-from conftest import Stack, extra_worker
+from conftest import Stack, extra_worker, line, wait_final, write_jsonl
 from phoenix_queries import all_spans
 
 from producer import Producer
+from producer.batch import BatchClient
 from routerq import telemetry
 from routerq.jobs import Job, JobKind
+from routerq.localstack import TLSFiles, free_port, start_redis
 from routerq.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +73,33 @@ def test_the_api_key_appears_in_no_span_log_or_stored_result(stack: Stack) -> No
             values.extend(client.hgetall(key).values())
     assert any(b"a normal answer" in v for v in values)
     assert not any(stack.api_key.encode() in v for v in values)
+
+
+def test_redis_over_tls_with_a_password_carries_jobs_and_batches(stack: Stack, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    tls = TLSFiles(cert=tmp_path / "redis.crt", key=tmp_path / "redis.key", ca=tmp_path / "ca.crt")
+    issued.cert_chain_pems[0].write_to_path(str(tls.cert))
+    issued.private_key_pem.write_to_path(str(tls.key))
+    ca.cert_pem.write_to_path(str(tls.ca))
+    port = free_port()
+    own = start_redis(port, tmp_path / "redis", password="tls-redis-pw", tls=tls)
+    try:
+        assert own.url.startswith("rediss://:tls-redis-pw@")
+        with extra_worker(stack, "tls", REDIS_URL=own.url) as (_, settings):
+            job = Job(
+                kind=JobKind.CHAT, body={"model": CHAT, "messages": [{"role": "user", "content": "tls"}]}
+            )
+            assert Producer(settings, tracing=False).run(job, timeout=60).ok
+            client = BatchClient(settings, tracing=False)
+            rows = [line(f"t{i}", "chat", f"over tls {i}") for i in range(5)]
+            batch = client.submit(write_jsonl(tmp_path / "tls.jsonl", rows)).batch
+            assert wait_final(client, batch.id, timeout=60).succeeded == 5
+        plain = redis.Redis(port=port, password="tls-redis-pw", socket_timeout=2, socket_connect_timeout=2)
+        with pytest.raises(redis.RedisError):  # the port speaks TLS only: all of the above was encrypted
+            plain.ping()
+    finally:
+        own.stop()
 
 
 def test_settings_repr_hides_secrets(stack: Stack) -> None:

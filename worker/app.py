@@ -12,7 +12,9 @@ EMBED_TASK_NAME = "routerq.run_embed"
 
 
 def create_app(settings: Settings) -> Celery:
-    app = Celery("routerq", broker=settings.redis_url, backend=settings.redis_url, set_as_current=True)
+    # No Celery result backend: outcomes live in routerq's own stores (one copy each), and Celery's
+    # Redis backend would refuse a rediss:// URL without its own ssl_cert_reqs parameter.
+    app = Celery("routerq", broker=settings.redis_url, set_as_current=True)
     transport = {
         "visibility_timeout": settings.visibility_timeout,
         # Sweep for lost (unacked) messages every ROUTERQ_RESTORE_INTERVAL s instead of kombu's ~100 s.
@@ -26,13 +28,12 @@ def create_app(settings: Settings) -> Celery:
         result_accept_content=["json"],
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        task_ignore_result=True,  # outcomes live in routerq's result store, one copy each
+        task_ignore_result=True,
         task_default_queue=settings.queue,
         worker_prefetch_multiplier=1,
         task_time_limit=settings.job_time_limit,
         task_soft_time_limit=max(1.0, settings.job_time_limit - 5),
         broker_transport_options=transport,
-        result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
         worker_send_task_events=False,
     )
