@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import redis
 from celery import Celery
 from openinference.semconv.trace import SpanAttributes
 from opentelemetry import context as otel_context
@@ -48,6 +49,10 @@ class ResultsWritten:
     written: int
     errors: int
     unfinished: int
+
+
+class StagingFailed(BatchError):
+    """Redis failed while lines were being staged: none of them was released onto the queue."""
 
 
 class BatchClient:
@@ -137,21 +142,27 @@ class BatchClient:
         inputs_key = self.store.key(batch.id, "in")
         ttl = self.settings.result_ttl
         now = time.time()
-        for index, line in lines:
-            also = None
-            if isinstance(line, BatchLine):
-                stored = line.stored()
+        try:
+            for index, line in lines:
+                also = None
+                if isinstance(line, BatchLine):
+                    stored = line.stored()
 
-                def also(pipe: Any, index: int = index, stored: str = stored) -> None:
-                    pipe.hset(inputs_key, str(index), stored)
-                    pipe.expire(inputs_key, ttl)
+                    def also(pipe: Any, index: int = index, stored: str = stored) -> None:
+                        pipe.hset(inputs_key, str(index), stored)
+                        pipe.expire(inputs_key, ttl)
 
-            # No span per line here: the worker opens the line's trace, dated from `now`.
-            staged.add(LINE_TASK_NAME, [batch.id, index, now], also=also)
+                # No span per line here: the worker opens the line's trace, dated from `now`.
+                staged.add(LINE_TASK_NAME, [batch.id, index, now], also=also)
+            staged.flush()
+        except redis.RedisError as exc:
+            raise StagingFailed(f"Redis failed while staging lines of {batch.id}: {exc}") from exc
         return staged.release(watch=(active_key(self.settings.queue), batch.id))
 
     def _enqueue_failed(self, batch: Batch, exc: Exception) -> BatchError:
         """Say exactly what happened: the release is atomic, so either every line is queued or none."""
+        if isinstance(exc, StagingFailed):  # Redis failed before the release: nothing reached the queue
+            return self._abandon(batch, exc.__cause__ or exc)
         try:
             status = self.store.get(batch.id)
         except Exception:
@@ -161,15 +172,28 @@ class BatchClient:
             )
         if status is not None and status.status is BatchStatus.IN_PROGRESS:
             return BatchError(f"all {batch.total} lines of {batch.id} were enqueued, but: {exc}")
-        self.store.set_status(
-            batch.id, BatchStatus.FAILED, reason=f"enqueue interrupted: {type(exc).__name__}"
+        return self._abandon(batch, exc)
+
+    def _abandon(self, batch: Batch, exc: BaseException) -> BatchError:
+        """None of the batch's lines were released: mark it failed, in one quick try (Redis may still be
+        away after the retries that just ran out)."""
+        said = (
+            f"enqueue of {batch.id} was interrupted ({type(exc).__name__}: {exc}); "
+            f"none of its {batch.total} lines were enqueued"
         )
-        self.redis.delete(self.store.key(batch.id, "staging"))
-        if batch.idempotency_key:
-            self.store.release_idempotency_key(batch.idempotency_key)
-        return BatchError(
-            f"enqueue of {batch.id} was interrupted ({exc}); none of its {batch.total} lines were enqueued"
-        )
+        quick = BatchStore(redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2), 0)
+        try:
+            quick.set_status(
+                batch.id, BatchStatus.FAILED, reason=f"enqueue interrupted: {type(exc).__name__}"
+            )
+            quick.discard_staging(batch.id)
+            if batch.idempotency_key:
+                quick.release_idempotency_key(batch.idempotency_key)
+        except redis.RedisError:
+            return BatchError(
+                f"{said}; Redis is still unreachable, so its record says 'validating': submit again"
+            )
+        return BatchError(said)
 
     # -- follow, control ----------------------------------------------------------------------------
     def get(self, batch_id: str) -> Batch:

@@ -379,5 +379,8 @@ class BatchStore:
         owner = self._redis.get(name)
         return as_text(owner) if owner else None
 
+    def discard_staging(self, batch_id: str) -> None:
+        self._redis.delete(self.key(batch_id, "staging"))
+
     def release_idempotency_key(self, key: str) -> None:
         self._redis.delete(IDEMPOTENCY_KEY.format(key=key))

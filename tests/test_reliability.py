@@ -12,6 +12,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,66 @@ def test_redis_killed_and_restarted_mid_batch_loses_nothing(stack: Stack, tmp_pa
     calls = calls_with(stack, marker)
     print(f"200 lines, {len(calls)} calls, {paid_duplicates(calls)} paid twice across the Redis restart")
     assert (final.succeeded, final.failed) == (200, 0)
+
+
+@contextmanager
+def submit_while_redis_dies(
+    stack: Stack, tmp_path: Path, down_for: float | None
+) -> Iterator[tuple[Batch | Exception, redis.Redis, str]]:
+    """Submit 20,000 lines to a Redis of our own and SIGKILL it once 6,000 are staged; restart it after
+    `down_for` s, or only once the submit has given up (None). Returns what the submit returned or
+    raised, a client of the restarted Redis, and the queue name."""
+    port, data = free_port(), tmp_path / "redis"
+    own = start_redis(port, data)
+    queue = f"submit-outage-{uuid.uuid4().hex[:8]}"
+    client = BatchClient(stack.settings(REDIS_URL=own.url, ROUTERQ_QUEUE=queue), tracing=False)
+    rows = [line(f"s{i}", "chat", f"outage {i}") for i in range(20_000)]
+    path = write_jsonl(tmp_path / "outage.jsonl", rows)
+    outcome: list[Batch | Exception] = []
+
+    def run() -> None:
+        try:
+            outcome.append(client.submit(path).batch)
+        except Exception as exc:
+            outcome.append(exc)
+
+    submitter = threading.Thread(target=run)
+    submitter.start()
+    watch = redis.Redis.from_url(own.url)
+    while not any(watch.llen(k) >= 6000 for k in watch.scan_iter("routerq:batch:*:staging")):
+        assert submitter.is_alive(), f"the submit ended before Redis could be killed: {outcome}"
+        time.sleep(0.002)
+    own.stop(signal.SIGKILL)
+    submitter.join(timeout=down_for)
+    own = start_redis(port, data)
+    submitter.join()
+    own.stop()  # flush and restart, so what is checked is what Redis kept on disk
+    own = start_redis(port, data)
+    try:
+        yield outcome[0], redis.Redis.from_url(own.url), queue
+    finally:
+        own.stop()
+
+
+def queued_line_indexes(client: redis.Redis, queue: str) -> list[int]:
+    return [line_index(raw) for raw in client.lrange(queue, 0, -1)]
+
+
+def test_submit_rides_out_a_short_redis_restart_and_queues_every_line_once(
+    stack: Stack, tmp_path: Path
+) -> None:
+    with submit_while_redis_dies(stack, tmp_path, down_for=1.0) as (outcome, client, queue):
+        assert isinstance(outcome, Batch), outcome
+        assert outcome.status is BatchStatus.IN_PROGRESS
+        assert sorted(queued_line_indexes(client, queue)) == list(range(20_000))
+
+
+def test_submit_in_a_long_redis_outage_fails_clearly_and_queues_nothing(stack: Stack, tmp_path: Path) -> None:
+    with submit_while_redis_dies(stack, tmp_path, down_for=None) as (outcome, client, queue):
+        assert isinstance(outcome, Exception)
+        assert "none of its 20000 lines were enqueued" in str(outcome)
+        assert "Redis is still unreachable" in str(outcome) and "submit again" in str(outcome)
+        assert client.llen(queue) == 0
 
 
 def line_index(raw: bytes) -> int:
