@@ -43,7 +43,9 @@ class Producer:
         if tracing:
             telemetry.setup_tracing(self.settings)
         self.app = create_app(self.settings)
-        self.store = ResultStore(connect(self.settings.redis_url), self.settings.result_ttl)
+        self.store = ResultStore(
+            connect(self.settings.redis_url), self.settings.result_ttl, self.settings.queue
+        )
 
     def enqueue(
         self,
@@ -89,6 +91,7 @@ class Producer:
         return result
 
     def _publish(self, job: Job) -> None:
+        self.store.pend(job)
         self.app.send_task(
             TASK_NAME,
             args=[job.model_dump(mode="json")],

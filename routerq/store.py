@@ -1,4 +1,10 @@
-"""Result store: each job's outcome in Redis, written by workers and read by producers."""
+"""Result store: each job's outcome in Redis, written by workers and read by producers.
+
+Keys:
+  routerq:result:{job_id}          string  the outcome (JobResult JSON), kept ROUTERQ_RESULT_TTL
+  routerq:jobs:pending:{queue}     zset    job ids queued and not finished yet, by enqueue time
+  routerq:job:{job_id}:in          string  the job itself while pending, so a lost message can be re-sent
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,11 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from routerq.jobs import JobResult
+from routerq.jobs import Job, JobResult
 
 RESULT_KEY = "routerq:result:{job_id}"
+PENDING_KEY = "routerq:jobs:pending:{queue}"
+INPUT_KEY = "routerq:job:{job_id}:in"
 
 
 def connect(url: str) -> redis.Redis:
@@ -27,20 +35,43 @@ def connect(url: str) -> redis.Redis:
 
 
 class ResultStore:
-    def __init__(self, client: redis.Redis, ttl: int) -> None:
+    def __init__(self, client: redis.Redis, ttl: int, queue: str) -> None:
         self._redis = client
         self._ttl = ttl
+        self._pending = PENDING_KEY.format(queue=queue)
+
+    def pend(self, job: Job) -> None:
+        """Record the job as queued (before its message is published): the lost-message sweep
+        re-sends a pending job whose message Redis lost."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(INPUT_KEY.format(job_id=job.id), job.model_dump_json(), ex=self._ttl)
+        pipe.zadd(self._pending, {job.id: time.time()})
+        pipe.execute()
+
+    def pending(self, older_than: float) -> list[str]:
+        ids = self._redis.zrangebyscore(self._pending, "-inf", time.time() - older_than)
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    def pending_job(self, job_id: str) -> Job | None:
+        raw = self._redis.get(INPUT_KEY.format(job_id=job_id))
+        return Job.model_validate_json(raw) if raw else None
+
+    def unpend(self, job_id: str) -> None:
+        self._redis.zrem(self._pending, job_id)
 
     def put(self, result: JobResult) -> None:
         """A success is final: a redelivered job's later failure never overwrites it."""
         key = RESULT_KEY.format(job_id=result.job_id)
         data = result.model_dump_json(exclude_none=True)
-        if result.ok:
-            self._redis.set(key, data, ex=self._ttl)
-            return
-        existing = self.get(result.job_id)
-        if existing is None or not existing.ok:
-            self._redis.set(key, data, ex=self._ttl)
+        if not result.ok:
+            existing = self.get(result.job_id)
+            if existing is not None and existing.ok:
+                return
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(key, data, ex=self._ttl)
+        pipe.zrem(self._pending, result.job_id)
+        pipe.delete(INPUT_KEY.format(job_id=result.job_id))
+        pipe.execute()
 
     def get(self, job_id: str) -> JobResult | None:
         raw = self._redis.get(RESULT_KEY.format(job_id=job_id))

@@ -283,6 +283,25 @@ def test_a_line_whose_queue_message_redis_lost_is_found_and_sent_again(stack: St
     )
 
 
+def test_a_single_job_whose_queue_message_redis_lost_is_sent_again(stack: Stack) -> None:
+    marker = uuid.uuid4().hex[:8]
+    queue = f"lost-job-{marker}"
+    env = {**FAST_RECOVERY, "ROUTERQ_QUEUE": queue}
+    producer = Producer(stack.settings(**env), tracing=False)
+    handle = producer.enqueue(
+        {"model": CHAT, "messages": [{"role": "user", "content": f"{marker} lost job"}]}
+    )
+    broker = redis.Redis.from_url(stack.redis.url)
+    assert broker.lrem(queue, 1, broker.lrange(queue, 0, -1)[0]) == 1
+    with extra_worker(stack, queue, concurrency=2, **env) as (worker, _):
+        result = handle.get(timeout=60)
+        log = worker.log()
+    assert result.ok
+    assert f"job {handle.id} had no result and no message in Redis (lost by the broker); sent again" in log
+    assert len(calls_with(stack, marker)) == 1
+    assert broker.zcard(f"routerq:jobs:pending:{queue}") == 0
+
+
 def test_a_worker_whose_consumer_stops_reading_the_queue_is_started_again(
     stack: Stack, tmp_path: Path
 ) -> None:

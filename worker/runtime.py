@@ -55,7 +55,7 @@ def _build(app: Celery) -> Runtime:
             settings=settings,
             redis=client,
             limiter=SharedLimiter(client, settings),
-            store=ResultStore(client, settings.result_ttl),
+            store=ResultStore(client, settings.result_ttl, settings.queue),
             batches=BatchStore(client, settings.result_ttl),
             embeddings=EmbedStore(client, settings.result_ttl),
             openrouter=OpenRouterClient(settings),
