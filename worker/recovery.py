@@ -80,21 +80,25 @@ def watch_broker(app: Celery, settings: Settings, concurrency: int) -> ConsumerW
 
 
 def maintain(sweeper: LostMessageSweeper, watchdog: ConsumerWatchdog, stop: threading.Event) -> None:
-    """Every ROUTERQ_SWEEP_INTERVAL s until `stop`: a sweep, then a look at the consumer. A pass that
-    fails (Redis down) is simply tried again next time."""
-    interval = sweeper.interval
-    while not stop.wait(interval):
-        try:
-            sweeper.sweep()
-            if watchdog.stalled():
-                break
-        except redis.RedisError as exc:
-            log.info("routerq: broker sweep skipped: %s", type(exc).__name__)
-    else:
-        return
-    watchdog.restart()
-    if not stop.wait(watchdog.grace):  # the warm shutdown hangs too: leave anyway
-        os._exit(RESTART_EXIT_CODE)
+    """Every ROUTERQ_SWEEP_INTERVAL s until `stop`: a sweep, then a look at the consumer. A step that
+    fails (Redis down, or a bug) is logged and tried again next time; neither stops the other."""
+    while not stop.wait(sweeper.interval):
+        _guarded(sweeper.sweep, "lost-message sweep")
+        if _guarded(watchdog.stalled, "consumer check"):
+            watchdog.restart()
+            if not stop.wait(watchdog.grace):  # the warm shutdown hangs too: leave anyway
+                os._exit(RESTART_EXIT_CODE)
+            return
+
+
+def _guarded(step: Callable[[], Any], what: str) -> Any:
+    try:
+        return step()
+    except redis.RedisError as exc:
+        log.info("routerq: %s skipped: %s", what, type(exc).__name__)
+    except Exception:
+        log.exception("routerq: %s failed", what)
+    return None
 
 
 class ConsumerWatchdog:
