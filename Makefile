@@ -4,7 +4,7 @@ VENV := .venv
 PHOENIX_VENV := .venv-phoenix
 PHOENIX_SPEC ?= arize-phoenix>=12
 
-.PHONY: install demo down test lint bench clean
+.PHONY: install demo down test test-unit lint bench clean
 
 install: $(VENV)/.installed $(PHOENIX_VENV)/.installed
 	@scripts/ensure-redis
@@ -28,13 +28,18 @@ demo: install
 down:
 	$(VENV)/bin/routerq down
 
+# Both tiers: tests/unit (pure logic, no services, seconds) and tests/e2e (the whole local stack).
 test: install
 	$(VENV)/bin/python -m pytest
+
+test-unit: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest tests/unit
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(VENV)/bin/python -m bench

@@ -1,6 +1,6 @@
 """Benchmark: routerq against a hand-written asyncio script, on the local fake OpenRouter.
 
-    python -m bench                      # defaults: N=5000, C=64, 200 ms +-20 %, 2 workers x 32 threads
+    python -m bench                      # defaults: N=5000, C=64, 200 ms +-20 %, one `routerq worker`
     python -m bench --lines 1000 --big 10000 --skip-huge     # a quicker look
 
 Prints a table and writes it, with the command and the machine, to bench/RESULTS.md. Not a test:
@@ -29,9 +29,7 @@ import redis
 
 from bench.baseline import run_baseline
 from bench.measure import TreeSampler, cpu_seconds, wait_idle
-from producer.batch import BatchClient
-from routerq import telemetry
-from routerq.localstack import (
+from devstack.localstack import (
     Service,
     free_port,
     spawn,
@@ -41,8 +39,10 @@ from routerq.localstack import (
     start_worker,
     wait_until,
 )
+from producer.batch_client import BatchClient
+from routerq import telemetry
 from routerq.settings import Settings
-from worker.main import default_processes
+from worker.supervisor import default_processes
 
 MODEL = "meta-llama/llama-3.1-8b-instruct"
 KEY = "sk-or-v1-bench"

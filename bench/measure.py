@@ -61,7 +61,6 @@ class TreeSampler:
         self.cpu_start = self._cpu()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._pids: set[int] = set()
 
     def _all(self) -> list[int]:
         return [pid for root in self.roots for pid in tree(root)]

@@ -11,11 +11,13 @@ from openinference.semconv.trace import SpanAttributes
 from opentelemetry.trace import Span, Status, StatusCode
 
 from routerq import telemetry
-from routerq.jobs import Job, JobFailedError, JobKind, JobResult
+from routerq.broker import TASK_NAME, create_app
+from routerq.errors import JobFailedError
+from routerq.jobs import Job, JobKind, JobResult
+from routerq.redis_client import connect
+from routerq.result_store import ResultStore
 from routerq.settings import Settings, get_settings
 from routerq.spans import output_attribute, producer_attributes
-from routerq.store import ResultStore, connect
-from worker.app import TASK_NAME, create_app
 
 
 class JobHandle:

@@ -12,7 +12,7 @@ from typing import Any
 
 from opentelemetry.instrumentation.celery import CeleryInstrumentor as _CeleryInstrumentor
 
-from worker.app import LINE_TASK_NAME
+from routerq.broker import LINE_TASK_NAME
 
 SELF_TRACED = frozenset({LINE_TASK_NAME})
 

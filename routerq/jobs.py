@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import array
 import base64
 import json
-import sys
 import time
 import uuid
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
+
+from routerq.vectors import from_float32
 
 
 class JobKind(StrEnum):
@@ -22,9 +22,25 @@ class JobKind(StrEnum):
     @property
     def path(self) -> str:
         """OpenAI-compatible endpoint path, relative to the API base URL."""
-        return {"chat": "/chat/completions", "completion": "/completions", "embedding": "/embeddings"}[
-            self.value
-        ]
+        return _PATHS[self]
+
+    @property
+    def url(self) -> str:
+        """The `url` of an OpenAI Batch input line for this kind."""
+        return f"/v1{_PATHS[self]}"
+
+    @property
+    def input_field(self) -> str:
+        """The body field a request of this kind cannot do without."""
+        return _INPUT_FIELDS[self]
+
+
+_PATHS = {
+    JobKind.CHAT: "/chat/completions",
+    JobKind.COMPLETION: "/completions",
+    JobKind.EMBEDDING: "/embeddings",
+}
+_INPUT_FIELDS = {JobKind.CHAT: "messages", JobKind.COMPLETION: "prompt", JobKind.EMBEDDING: "input"}
 
 
 def new_job_id() -> str:
@@ -57,9 +73,8 @@ class Job(BaseModel):
 
     @model_validator(mode="after")
     def _body_fits_kind(self) -> Job:
-        required = {JobKind.CHAT: "messages", JobKind.COMPLETION: "prompt", JobKind.EMBEDDING: "input"}
-        if required[self.kind] not in self.body:
-            raise ValueError(f"a {self.kind.value} job needs `{required[self.kind]}` in its body")
+        if self.kind.input_field not in self.body:
+            raise ValueError(f"a {self.kind.value} job needs `{self.kind.input_field}` in its body")
         return self
 
     @property
@@ -143,21 +158,4 @@ class JobResult(BaseModel):
 
 def embedding_vector(value: list[float] | str) -> list[float]:
     """An embedding as floats, whether it came as JSON numbers or base64 little-endian float32."""
-    if isinstance(value, str):
-        floats = array.array("f")
-        floats.frombytes(base64.b64decode(value))
-        if sys.byteorder == "big":
-            floats.byteswap()
-        return floats.tolist()
-    return value
-
-
-class JobFailedError(RuntimeError):
-    """A job ended as failed; carries the stored result so callers see OpenRouter's message."""
-
-    def __init__(self, result: JobResult) -> None:
-        self.result = result
-        error = result.error
-        detail = f"{error.code}: {error.message}" if error else "failed"
-        status = f" (HTTP {error.status_code})" if error and error.status_code else ""
-        super().__init__(f"job {result.job_id} failed{status}: {detail}")
+    return from_float32(base64.b64decode(value)) if isinstance(value, str) else value

@@ -29,13 +29,3 @@ class RedactingFilter(logging.Filter):
             if cleaned != message:
                 record.msg, record.args = cleaned, None
         return True
-
-
-def install_log_redaction(secrets: Iterable[str]) -> None:
-    """Attach the filter to every root handler so third-party loggers are covered too."""
-    secret_list = list(secrets)
-    if not secret_list:
-        return
-    log_filter = RedactingFilter(secret_list)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(log_filter)

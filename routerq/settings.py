@@ -8,12 +8,11 @@ from typing import Annotated
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from routerq.errors import SettingsError
+
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+# Seconds between the longest a job may run plus wait for its retry, and its redelivery.
 VISIBILITY_SLACK = 10
-
-
-class SettingsError(ValueError):
-    """Raised at start-up for a bad environment; the message names the variable."""
 
 
 class ModelLimits(BaseModel):

@@ -41,6 +41,8 @@ def setup_tracing(settings: Settings) -> TracerProvider | None:
     if _provider is not None and _pid == os.getpid():
         return _provider
 
+    # Imported on first use, not with this module: together they cost about a second, and commands
+    # that never trace (status, results, tracing off) should not pay it.
     from openinference.instrumentation.openai import OpenAIInstrumentor
     from phoenix.otel import BatchSpanProcessor, HTTPSpanExporter, register
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from enum import StrEnum
 from typing import Any
 
 import httpx2
@@ -26,8 +27,16 @@ from routerq.redaction import redact
 from routerq.settings import Settings
 from routerq.spans import annotate_llm_span
 
-ORIGINAL_STATUS_HEADER = "x-routerq-original-status"
-FAILURE_HEADER = "x-routerq-failure"  # why a 200 became an error: "error-in-200" or "unusable"
+FAILURE_HEADER = "x-routerq-failure"  # why a 200 became an error: a Normalized value
+
+
+class Normalized(StrEnum):
+    """Why the transport turned an HTTP 200 into an error, and the error code the job gets for it."""
+
+    ERROR_IN_200 = "upstream_error"  # OpenRouter put an `error` object in a 200 (the provider failed)
+    UNUSABLE = "unusable_answer"  # a 200 with no choices, an empty message, finish_reason=error
+
+
 _CAST: dict[JobKind, type[ChatCompletion | Completion | CreateEmbeddingResponse]] = {
     JobKind.CHAT: ChatCompletion,
     JobKind.COMPLETION: Completion,
@@ -83,24 +92,27 @@ class OpenRouterTransport(httpx2.BaseTransport):
         if isinstance(error, dict):
             code = error.get("code")
             status = code if isinstance(code, int) and code >= 400 else 502
-            return self._as_error(response, request, status, {"error": error}, "error-in-200")
+            return self._as_error(response, request, status, {"error": error}, Normalized.ERROR_IN_200)
         reason = unusable_reason(request.url.path, body)
         if reason:
             problem = {"error": {"code": 502, "message": f"unusable answer from OpenRouter: {reason}"}}
-            return self._as_error(response, request, 502, problem, "unusable")
+            return self._as_error(response, request, 502, problem, Normalized.UNUSABLE)
         return response
 
     @staticmethod
     def _as_error(
-        original: httpx2.Response, request: httpx2.Request, status: int, body: dict[str, Any], failure: str
+        original: httpx2.Response,
+        request: httpx2.Request,
+        status: int,
+        body: dict[str, Any],
+        failure: Normalized,
     ) -> httpx2.Response:
         headers = {
             k: v
             for k, v in original.headers.items()
             if k.lower() not in ("content-length", "content-encoding", "transfer-encoding")
         }
-        headers[ORIGINAL_STATUS_HEADER] = str(original.status_code)
-        headers[FAILURE_HEADER] = failure
+        headers[FAILURE_HEADER] = failure.value
         return httpx2.Response(status, headers=headers, content=json.dumps(body).encode(), request=request)
 
     def close(self) -> None:
@@ -163,16 +175,12 @@ class OpenRouterClient:
         error = error if isinstance(error, dict) else {}
         message = str(error.get("message") or exc.response.text or exc.message)
         failure = exc.response.headers.get(FAILURE_HEADER)
-        code = {"unusable": "unusable_answer", "error-in-200": "upstream_error"}.get(failure or "")
         return JobError(
-            code=code or _error_code(exc.status_code),
+            code=failure or _error_code(exc.status_code),
             message=redact(message, self._secrets),
             status_code=exc.status_code,
             metadata=error.get("metadata") if isinstance(error.get("metadata"), dict) else None,
         )
-
-    def close(self) -> None:
-        self._client.close()
 
 
 def retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:

@@ -6,13 +6,11 @@ import logging
 
 import httpx
 
+from routerq.errors import PreflightError
 from routerq.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class PreflightError(RuntimeError):
-    pass
+KEY_CHECK_TIMEOUT_S = 15.0  # a slow OpenRouter must not hold a worker's start for long
 
 
 def check_api_key(settings: Settings) -> None:
@@ -26,7 +24,7 @@ def check_api_key(settings: Settings) -> None:
         response = httpx.get(
             f"{settings.openrouter_base_url}/key",
             headers={"Authorization": f"Bearer {settings.api_key}"},
-            timeout=min(settings.openrouter_timeout, 15.0),
+            timeout=min(settings.openrouter_timeout, KEY_CHECK_TIMEOUT_S),
         )
     except httpx.HTTPError as exc:
         log.warning("routerq: cannot check OPENROUTER_API_KEY (%s); starting anyway", type(exc).__name__)

@@ -23,7 +23,7 @@ class Action(StrEnum):
 class Decision:
     action: Action
     delay: float = 0.0
-    reason: str = ""
+    reason: str = ""  # why the policy gave up or paused; empty when the error says it all
 
 
 def error_class(error: JobError) -> str:
@@ -51,7 +51,7 @@ def decide(error: JobError, retry_after: float | None, attempt: int, settings: S
         or (status == 402 and retry_after is not None)
     ) and error.code != "unusable_answer"
     if not retryable:
-        return Decision(Action.FAIL, reason="not retryable")
+        return Decision(Action.FAIL)
     if attempt >= settings.max_attempts:
         return Decision(Action.FAIL, reason=f"gave up after {attempt} attempts")
     delay = max(backoff(attempt, settings), retry_after or 0.0)

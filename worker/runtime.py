@@ -9,13 +9,14 @@ from dataclasses import dataclass
 import redis
 from celery import Celery
 
-from routerq.batches import BatchStore
-from routerq.embeddings import EmbedStore
-from routerq.pricing import PhoenixPricing
-from routerq.ratelimit import SharedLimiter
+from routerq.batch_store import BatchStore
+from routerq.embed_store import EmbedStore
+from routerq.redis_client import connect
+from routerq.result_store import ResultStore
 from routerq.settings import Settings
-from routerq.store import ResultStore, connect
+from worker.limiter import SharedLimiter
 from worker.openrouter import OpenRouterClient
+from worker.pricing import PhoenixPricing
 
 
 @dataclass

@@ -1,0 +1,445 @@
+"""The `routerq` command line.
+
+Commands import what they use inside their own body: `routerq status` should not pay for the worker's
+openai client, nor `routerq worker` for the demo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+from routerq.batch_store import Batch
+from routerq.errors import SettingsError
+from routerq.jobs import Job, JobKind
+from routerq.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from producer.batch_client import BatchClient
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="LLM jobs on a Redis queue, traced in Phoenix."
+)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            err.print(f"[red]{option} expects key=value, got {value!r}[/red]")
+            raise typer.Exit(2)
+        pairs[key] = val
+    return pairs
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="calls in flight")] = 32,
+    pool: Annotated[str, typer.Option(help="threads (default), prefork, solo or gevent")] = "threads",
+    loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="processes sharing the concurrency (threads pool: 1 per 16, up to 2 per core)"
+        ),
+    ] = None,
+    supervise: Annotated[bool, typer.Option(help="restart the worker if it dies on its own")] = True,
+) -> None:
+    """Run a worker that takes jobs from Redis and calls OpenRouter."""
+    from routerq.errors import PreflightError
+    from worker.preflight import check_api_key
+    from worker.run import POOLS, run_worker
+    from worker.supervisor import SUPERVISED_ENV, default_processes, split
+    from worker.supervisor import supervise as run_supervised
+
+    if pool not in POOLS:
+        err.print(f"[red]--pool must be one of {', '.join(POOLS)}[/red]")
+        raise typer.Exit(2)
+    processes = processes or default_processes(concurrency, pool)
+    if processes > concurrency:
+        raise _fail("routerq worker: --processes cannot exceed --concurrency", 2)
+    if processes > 1 and not supervise:
+        raise _fail("routerq worker: --processes above 1 needs the supervisor (drop --no-supervise)", 2)
+    settings = _settings()
+    if supervise and not os.environ.get(SUPERVISED_ENV):
+        try:
+            check_api_key(settings)
+        except PreflightError as exc:
+            raise _fail(f"routerq worker: {exc}", 2) from None
+        argvs = [
+            [sys.executable, "-m", "cli", "worker", "--concurrency", str(share), "--processes", "1",
+             "--pool", pool, "--loglevel", loglevel]
+            for share in split(concurrency, processes)
+        ]  # fmt: skip
+        raise typer.Exit(run_supervised(argvs))
+    try:
+        run_worker(settings, concurrency, pool, loglevel)
+    except PreflightError as exc:
+        err.print(f"[red]routerq worker: {exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def enqueue(
+    prompt: Annotated[str, typer.Argument(help="the prompt, or the text to embed")],
+    model: Annotated[str, typer.Option(help="OpenRouter model slug")] = "meta-llama/llama-3.1-8b-instruct",
+    embed: Annotated[bool, typer.Option("--embed", help="an embeddings job")] = False,
+    completion: Annotated[bool, typer.Option("--completion", help="a text completion job")] = False,
+    session: Annotated[str | None, typer.Option(help="session id (Phoenix Sessions)")] = None,
+    user: Annotated[str | None, typer.Option(help="user id")] = None,
+    metadata: Annotated[list[str] | None, typer.Option(help="key=value, repeatable")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="tag, repeatable")] = None,
+    body: Annotated[str | None, typer.Option(help="extra JSON merged into the request body")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="wait and print the answer")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait with --wait")] = 300.0,
+) -> None:
+    """Queue one job. Prints the job id, or with --wait the answer (exit 1 if the job failed)."""
+    from producer import Producer
+
+    if embed and completion:
+        err.print("[red]--embed and --completion are exclusive[/red]")
+        raise typer.Exit(2)
+    kind = JobKind.EMBEDDING if embed else JobKind.COMPLETION if completion else JobKind.CHAT
+    request: dict[str, object] = {"model": model}
+    if kind is JobKind.CHAT:
+        request["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        request["prompt" if kind is JobKind.COMPLETION else "input"] = prompt
+    if body:
+        try:
+            request.update(json.loads(body))
+        except (ValueError, TypeError) as exc:
+            err.print(f"[red]--body is not a JSON object: {exc}[/red]")
+            raise typer.Exit(2) from None
+    try:
+        job = Job(
+            kind=kind,
+            body=request,
+            session_id=session,
+            user_id=user,
+            metadata=_pairs(metadata or [], "--metadata"),
+            tags=tag or [],
+        )
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    producer = Producer(_settings())
+    try:
+        if not wait:
+            print(producer.submit(job).id)
+            return
+        try:
+            result = producer.run(job, timeout=timeout)
+        except TimeoutError as exc:
+            err.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from None
+        if not result.ok:
+            error = result.error
+            status = f" (HTTP {error.status_code})" if error and error.status_code else ""
+            err.print(f"[red]job {result.job_id} failed{status}: {error.message if error else ''}[/red]")
+            raise typer.Exit(1)
+        print(result.text)
+    finally:
+        producer.close()
+
+
+def _batch_client() -> BatchClient:
+    from producer.batch_client import BatchClient
+
+    return BatchClient(_settings())
+
+
+@contextmanager
+def _batch_errors() -> Iterator[None]:
+    """A batch command's known failures (unknown id, wrong state) as one clear line and exit 1."""
+    from routerq.errors import BatchError
+
+    try:
+        yield
+    except BatchError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]{message}[/red]")
+    return typer.Exit(code)
+
+
+def _progress_until_done(client: BatchClient, batch_id: str) -> Batch:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task(batch_id, total=None, detail="")
+
+        def show(batch: Batch) -> None:
+            detail = (
+                f"ok {batch.succeeded} failed {batch.failed} cancelled {batch.cancelled} ${batch.cost:.6f}"
+            )
+            progress.update(task, total=batch.total, completed=batch.done, detail=detail)
+
+        return client.wait(batch_id, show)
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="OpenAI Batch input (.jsonl)")],
+    name: Annotated[str, typer.Option(help="a name for the batch")] = "",
+    metadata: Annotated[list[str] | None, typer.Option(help="key=value, repeatable")] = None,
+    model: Annotated[str | None, typer.Option(help="model for lines whose body has none")] = None,
+    session: Annotated[str | None, typer.Option(help="Phoenix session (default: the batch id)")] = None,
+    user: Annotated[str | None, typer.Option(help="user id for every line")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="same key + same file = same batch")] = None,
+    max_cost: Annotated[float | None, typer.Option(help="pause the batch when its spend reaches USD")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="show progress until the batch ends")] = False,
+) -> None:
+    """Validate a whole batch file, then enqueue all of its lines. Prints the batch id last on stdout."""
+    from routerq.errors import BatchError, BatchFileError
+
+    client = _batch_client()
+    try:
+        submitted = client.submit(
+            file,
+            name=name,
+            metadata=_pairs(metadata or [], "--metadata"),
+            model=model,
+            session_id=session,
+            user_id=user,
+            idempotency_key=idempotency_key,
+            max_cost=max_cost,
+        )
+    except BatchFileError as exc:
+        for error in exc.validation.errors:
+            err.print(error.render(str(file)), markup=False)
+        hidden = exc.validation.error_count - len(exc.validation.errors)
+        if hidden > 0:
+            err.print(f"... and {hidden} more bad line(s)")
+        raise _fail(f"{file}: {exc.validation.error_count} bad line(s); nothing was enqueued") from None
+    except BatchError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        telemetry_flush()
+    batch = submitted.batch
+    verb = "exists already (same idempotency key)" if submitted.existing else f"enqueued {batch.total} lines"
+    err.print(f"batch {batch.id}: {verb}")
+    if wait:
+        batch = _progress_until_done(client, batch.id)
+        err.print(
+            f"batch {batch.id} {batch.status.value}: {batch.succeeded} succeeded, {batch.failed} failed"
+        )
+    print(batch.id)
+    if wait and (batch.failed or batch.cancelled):
+        raise typer.Exit(1)
+
+
+def telemetry_flush() -> None:
+    from routerq import telemetry
+
+    telemetry.flush()
+
+
+def _describe(batch: Batch) -> str:
+    now = time.time()
+    started = batch.in_progress_at or batch.created_at
+    elapsed = (batch.completed_at or batch.cancelled_at or now) - started
+    rate = batch.done / elapsed if elapsed > 0 else 0.0
+    remaining = batch.total - batch.done
+    eta = f"{remaining / rate:.0f} s" if rate > 0 and not batch.status.final else "-"
+    lines = [
+        f"batch      {batch.id}" + (f" ({batch.name})" if batch.name else ""),
+        f"status     {batch.status.value}" + (f": {batch.reason}" if batch.reason else ""),
+        f"lines      {batch.total} total: {batch.queued} queued, {batch.running} running, "
+        f"{batch.succeeded} succeeded, {batch.failed} failed, {batch.cancelled} cancelled"
+        + (f", {batch.parked} parked" if batch.parked else ""),
+        f"tokens     {batch.prompt_tokens} in, {batch.completion_tokens} out",
+        f"cost       ${batch.cost:.6f}" + (f" of a ${batch.max_cost:g} budget" if batch.max_cost else ""),
+        f"throughput {rate:.1f} lines/s, ETA {eta}",
+    ]
+    return "\n".join(lines)
+
+
+@app.command()
+def status(
+    batch_id: Annotated[str, typer.Argument(metavar="BATCH")],
+    watch: Annotated[bool, typer.Option("--watch", help="refresh until the batch ends")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="OpenAI-style batch object")] = False,
+) -> None:
+    """State, counts, tokens, cost, throughput and ETA of a batch."""
+    client = _batch_client()
+    with _batch_errors():
+        if watch and not as_json:
+            _progress_until_done(client, batch_id)
+        batch = client.get(batch_id)
+    print(json.dumps(batch.openai_object(), indent=2) if as_json else _describe(batch))
+
+
+@app.command()
+def batches(limit: Annotated[int, typer.Option(help="how many")] = 20) -> None:
+    """List batches, newest first."""
+    client = _batch_client()
+    for batch in client.recent(limit):
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(batch.created_at))
+        print(
+            f"{batch.id}  {batch.status.value:<11} {batch.done:>7}/{batch.total:<7} {created}  {batch.name}"
+        )
+
+
+@app.command()
+def results(
+    batch_id: Annotated[str, typer.Argument(metavar="BATCH")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="output .jsonl")],
+    errors: Annotated[Path | None, typer.Option("--errors", help="failed lines go here instead")] = None,
+) -> None:
+    """Write OpenAI Batch output lines in the input file's order."""
+    client = _batch_client()
+    with _batch_errors():
+        batch = client.get(batch_id)
+    with output.open("wb") as out, errors.open("wb") if errors else nullcontext() as err_file:
+        written = client.write_results(batch, out, err_file)
+    err.print(f"{written.written} succeeded and {written.errors} failed line(s) written")
+    if written.unfinished:
+        err.print(
+            f"batch is {batch.status.value}: {written.unfinished} line(s) not finished yet, not written"
+        )
+
+
+@app.command()
+def cancel(batch_id: Annotated[str, typer.Argument(metavar="BATCH")]) -> None:
+    """Stop a batch: queued lines are never sent upstream; running ones finish."""
+    with _batch_errors():
+        batch = _batch_client().cancel(batch_id)
+    err.print(f"batch {batch.id} is {batch.status.value}")
+
+
+@app.command()
+def resume(
+    batch_id: Annotated[str, typer.Argument(metavar="BATCH")],
+    max_cost: Annotated[float | None, typer.Option(help="a new budget in USD")] = None,
+) -> None:
+    """Continue a paused batch once its key, credit or budget is fixed."""
+    with _batch_errors():
+        count = _batch_client().resume(batch_id, max_cost)
+    err.print(f"batch {batch_id} resumed; {count} parked line(s) re-enqueued")
+
+
+@app.command()
+def retry(batch_id: Annotated[str, typer.Argument(metavar="BATCH")]) -> None:
+    """Re-run only the failed lines of a batch."""
+    with _batch_errors():
+        count = _batch_client().retry(batch_id)
+    err.print(f"re-enqueued {count} failed line(s) of {batch_id}")
+
+
+@app.command()
+def embed(
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="JSONL or CSV with ids and texts")
+    ],
+    model: Annotated[str, typer.Option(help="embedding model slug")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="vectors .jsonl (or .parquet)")],
+    id_field: Annotated[str, typer.Option(help="the id column")] = "id",
+    text_field: Annotated[str, typer.Option(help="the text column")] = "text",
+    inputs_per_request: Annotated[int, typer.Option(min=1, max=2048, help="texts per request")] = 128,
+    dimensions: Annotated[int | None, typer.Option(help="ask the model for this many dimensions")] = None,
+) -> None:
+    """Embedding backfill. Re-running after an interruption sends only texts without a stored vector."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from producer.embed_client import EmbedClient
+    from routerq.embed_store import EmbedRun
+    from routerq.errors import EmbedInputError
+
+    client = EmbedClient(_settings())
+    try:
+        plan = client.start(
+            file,
+            model,
+            id_field=id_field,
+            text_field=text_field,
+            per_request=inputs_per_request,
+            dimensions=dimensions,
+        )
+    except EmbedInputError as exc:
+        for error in exc.errors:
+            err.print(error.render(str(file)), markup=False)
+        if exc.count > len(exc.errors):
+            err.print(f"... and {exc.count - len(exc.errors)} more bad row(s)")
+        raise _fail(f"{file}: {exc.count} bad row(s); nothing was enqueued") from None
+    finally:
+        telemetry_flush()
+    run = plan.run
+    err.print(
+        f"{run.id}: {run.total} texts, {run.total - plan.missing} already embedded, "
+        f"{plan.missing} to embed in {plan.requests} request(s)"
+    )
+    columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("embed", total=run.total)
+
+        def show(current: EmbedRun) -> None:
+            progress.update(task, completed=current.done)
+
+        run = client.wait(run.id, show)
+    written = client.write(run, output)
+    err.print(f"{written} vectors written to {output} (cost ${run.cost:.6f})")
+    if run.failed:
+        raise _fail(f"{run.failed} text(s) failed; run the same command again to retry them")
+
+
+@app.command("fake-openrouter")
+def fake_openrouter(
+    port: Annotated[int, typer.Option()] = 8765,
+    latency_ms: Annotated[float, typer.Option(help="added to every answer")] = 0.0,
+) -> None:
+    """Serve the local OpenRouter stand-in (what `make demo` uses without an API key)."""
+    from devstack.fake_openrouter import serve
+
+    serve("127.0.0.1", port, set(), latency_ms)
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option(help="keep the stack running until Ctrl-C")] = True,
+) -> None:
+    """Start a local stack, run example jobs of each kind, print results and the Phoenix URL."""
+    from devstack.demo import run_demo
+
+    sys.exit(run_demo(keep=keep))
+
+
+@app.command()
+def down() -> None:
+    """Stop a local stack that `routerq demo` left running."""
+    from devstack.demo import stop_recorded
+
+    stopped = stop_recorded()
+    err.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop")
+
+
+if __name__ == "__main__":
+    app()

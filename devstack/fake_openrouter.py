@@ -1,0 +1,321 @@
+"""A local stand-in for OpenRouter: its response shapes, its errors, and its quirks, on loopback.
+
+Used by the tests and by `make demo` when no OPENROUTER_API_KEY is set. Answers are deterministic
+(`fake_answer`, `fake_embedding`) so tests can compute what a real call would have returned.
+Directives inside a prompt trigger faults for that request:
+  [[status:429]] (with [[retry-after:2]]), [[200-error]], [[empty]], [[broken]], [[slow:1.5]],
+  [[flaky:N]] or [[flaky:N:STATUS]] (the first N calls with this exact prompt answer 500, or STATUS;
+  later ones succeed).
+`POST /_fake/config` sets latency, accepted keys and fault rules: each rule applies to prompts containing
+its `match` and, deterministically per prompt and attempt, answers 429 (with Retry-After), 502 or
+200-with-error at the given rates, or hangs the first `hang_first` calls of a prompt for `hang_s`.
+`GET /_fake/calls` and `POST /_fake/reset` expose the call log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import base64
+import hashlib
+import itertools
+import json
+import random
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+PRICES: dict[str, tuple[str, str]] = {
+    "meta-llama/llama-3.1-8b-instruct": ("0.00000002", "0.00000005"),
+    "mistralai/mistral-7b-instruct": ("0.000000028", "0.000000054"),
+    "openai/gpt-4o-mini": ("0.00000015", "0.0000006"),
+    "deepseek/deepseek-chat-v3.1": ("0.0000002", "0.0000008"),
+    "openai/text-embedding-3-small": ("0.00000002", "0"),
+    "meta-llama/llama-3.3-70b-instruct:free": ("0", "0"),
+}
+EMBEDDING_DIMS = {"openai/text-embedding-3-small": 1536}
+UPSTREAMS = ("DeepInfra", "Together", "Lambda", "Novita")
+DIRECTIVE = re.compile(r"\[\[([a-z0-9-]+)(?::([^\]]+))?\]\]")
+
+
+def fake_answer(model: str, prompt: str) -> str:
+    """What the fake says to a prompt: short, deterministic, and visibly fake."""
+    words = DIRECTIVE.sub("", prompt).split()
+    digest = hashlib.sha256(f"{model}\n{prompt}".encode()).hexdigest()[:8]
+    return f"({model}) heard {len(words)} words, ending with {' '.join(words[-3:])!r} #{digest}"
+
+
+def fake_embedding(text: str, dims: int) -> list[float]:
+    """A unit vector derived from the text, already rounded to float32 as OpenAI's wire format is."""
+    rng = random.Random(hashlib.sha256(text.encode()).digest())
+    raw = [rng.uniform(-1.0, 1.0) for _ in range(dims)]
+    norm = sum(x * x for x in raw) ** 0.5 or 1.0
+    return list(array.array("f", (x / norm for x in raw)))
+
+
+def count_tokens(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+def provider_for(model: str) -> str:
+    return UPSTREAMS[int(hashlib.md5(model.encode()).hexdigest(), 16) % len(UPSTREAMS)]
+
+
+def cost_of(model: str, prompt_tokens: int, completion_tokens: int) -> float:
+    prompt, completion = PRICES[model]
+    return prompt_tokens * float(prompt) + completion_tokens * float(completion)
+
+
+@dataclass
+class FakeState:
+    keys: set[str]
+    latency_ms: float = 0.0
+    jitter: float = 0.0
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    ids: itertools.count[int] = field(default_factory=itertools.count)
+    generations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)
+    rules: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _roll(seed: str, prompt: str, attempt: int) -> float:
+    """A uniform number fixed by prompt and attempt: faults do not depend on call order."""
+    digest = hashlib.sha256(f"{seed}\n{prompt}\n{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _rule_fault(rule: dict[str, Any], prompt: str, attempt: int) -> Response | None:
+    roll = _roll(str(rule.get("seed", "")), prompt, attempt)
+    edge = float(rule.get("rate_429", 0))
+    if roll < edge:
+        retry_after = str(rule.get("retry_after", 1))
+        return _error(429, "Rate limit exceeded: fake", {"Retry-After": retry_after}, provider_code=429)
+    edge += float(rule.get("rate_502", 0))
+    if roll < edge:
+        return _error(502, "fake provider returned an invalid response")
+    edge += float(rule.get("rate_200_error", 0))
+    if roll < edge:
+        return JSONResponse({"id": "gen-fault", "error": {"code": 502, "message": "fake error after start"}})
+    return None
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None, **metadata: Any) -> JSONResponse:
+    body: dict[str, Any] = {"error": {"code": status, "message": message}}
+    if metadata:
+        body["error"]["metadata"] = metadata
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _prompt_of(kind: str, body: dict[str, Any]) -> str:
+    if kind == "chat":
+        parts = []
+        for message in body.get("messages") or []:
+            content = message.get("content") if isinstance(message, dict) else None
+            parts.append(content if isinstance(content, str) else json.dumps(content))
+        return "\n".join(parts)
+    value = body.get("prompt" if kind == "completion" else "input")
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def create_app(state: FakeState) -> Starlette:
+    async def handle(request: Request, kind: str) -> Response:
+        started = time.time()
+        call: dict[str, Any] = {"path": request.url.path, "kind": kind, "t": started}
+        state.calls.append(call)
+        response = await _answer(request, kind, call)
+        call["status"] = response.status_code
+        call["t_end"] = time.time()
+        return response
+
+    async def _answer(request: Request, kind: str, call: dict[str, Any]) -> Response:
+        call["title"] = request.headers.get("x-openrouter-title") or request.headers.get("x-title")
+        call["referer"] = request.headers.get("http-referer")
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return _error(400, "Invalid JSON in request body")
+        model = body.get("model") or (body.get("models") or [None])[0]
+        call["model"] = model
+        if kind != "embedding":  # what the worker sent, for tests of pass-through (inputs can be large)
+            call["body"] = body
+        prompt = _prompt_of(kind, body)
+        call["prompt"] = prompt[:200]
+        if kind == "embedding":
+            call["inputs"] = len(body["input"]) if isinstance(body.get("input"), list) else 1
+        key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not key or (state.keys and key not in state.keys):
+            return _error(401, "No auth credentials found" if not key else "User not found.")
+        directives = {m.group(1): m.group(2) for m in DIRECTIVE.finditer(prompt)}
+        state.seen[prompt] = attempt = state.seen.get(prompt, 0) + 1
+        call["attempt"] = attempt
+        rule = next((r for r in state.rules if r.get("match") and r["match"] in prompt), None)
+        if rule is not None and attempt <= int(rule.get("hang_first", 0)):
+            await asyncio.sleep(float(rule.get("hang_s", 60)))
+        delay = state.latency_ms / 1000 * (1 + random.uniform(-state.jitter, state.jitter))
+        delay += float(directives.get("slow") or 0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if model not in PRICES:
+            return _error(400, f"{model} is not a valid model ID")
+        if rule is not None and (fault := _rule_fault(rule, prompt, attempt)) is not None:
+            return fault
+        if "flaky" in directives:
+            times, _, status = (directives["flaky"] or "1").partition(":")
+            if attempt <= int(times):
+                return _error(int(status or 500), "fake flaky upstream error")
+        if "status" in directives:
+            status = int(directives["status"] or 500)
+            headers = {"Retry-After": directives["retry-after"]} if "retry-after" in directives else None
+            if status == 403:
+                return _error(status, "Input flagged by moderation", headers, reasons=["harassment"])
+            return _error(status, f"fake upstream error {status}", headers)
+        if "broken" in directives:
+            return Response('{"id": "gen-broken", "choi', media_type="application/json")
+        generation = f"gen-{int(time.time())}-{next(state.ids):08d}"
+        if "200-error" in directives:
+            error = {"code": 502, "message": "Upstream provider crashed mid-generation"}
+            return JSONResponse({"id": generation, "error": error, "choices": []})
+        upstream = provider_for(model)
+        if kind == "embedding":
+            answer = _embedding_answer(model, body)
+        else:
+            answer = _text_answer(kind, model, prompt, directives)
+        usage = answer["usage"]
+        usage["cost"] = cost_of(model, usage["prompt_tokens"], usage.get("completion_tokens", 0))
+        usage["is_byok"] = False
+        answer.update({"id": generation, "model": model, "provider": upstream, "created": int(time.time())})
+        state.generations[generation] = {
+            "id": generation,
+            "total_cost": usage["cost"],
+            "provider_name": upstream,
+            "model": model,
+        }
+        call["ok"] = "empty" not in directives  # a real, billable answer
+        return JSONResponse(answer, headers={"X-Generation-Id": generation})
+
+    def _text_answer(kind: str, model: str, prompt: str, directives: dict[str, str | None]) -> dict[str, Any]:
+        text = fake_answer(model, prompt)
+        prompt_tokens, completion_tokens = count_tokens(prompt), count_tokens(text)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        if kind == "chat":
+            message = {"role": "assistant", "content": "" if "empty" in directives else text}
+            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "stop"}
+            return {
+                "object": "chat.completion",
+                "choices": [] if "empty" in directives else [choice],
+                "usage": usage,
+            }
+        choices = [] if "empty" in directives else [{"index": 0, "text": text, "finish_reason": "stop"}]
+        return {"object": "text_completion", "choices": choices, "usage": usage}
+
+    def _embedding_answer(model: str, body: dict[str, Any]) -> dict[str, Any]:
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        dims = int(body.get("dimensions") or EMBEDDING_DIMS.get(model, 256))
+        data = []
+        for index, text in enumerate(inputs):
+            vector = fake_embedding(str(text), dims)
+            encoded: Any = vector
+            if body.get("encoding_format") == "base64":
+                encoded = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        tokens = sum(count_tokens(str(t)) for t in inputs)
+        return {"object": "list", "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    async def models(_: Request) -> Response:
+        data = [
+            {"id": slug, "name": slug, "context_length": 131072, "pricing": {"prompt": p, "completion": c}}
+            for slug, (p, c) in PRICES.items()
+        ]
+        return JSONResponse({"data": data})
+
+    async def generation(request: Request) -> Response:
+        found = state.generations.get(request.query_params.get("id", ""))
+        return JSONResponse({"data": found}) if found else _error(404, "Generation not found")
+
+    async def key_info(request: Request) -> Response:
+        key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not key or (state.keys and key not in state.keys):
+            return _error(401, "No auth credentials found" if not key else "User not found.")
+        data = {
+            "label": "sk-or-v1-...",
+            "limit": None,
+            "limit_remaining": None,
+            "usage": 0,
+            "is_free_tier": False,
+        }
+        return JSONResponse({"data": data})
+
+    async def calls(_: Request) -> Response:
+        return JSONResponse({"total": len(state.calls), "calls": state.calls})
+
+    async def reset(_: Request) -> Response:
+        state.calls.clear()
+        return JSONResponse({"ok": True})
+
+    async def configure(request: Request) -> Response:
+        config = await request.json()
+        state.latency_ms = float(config.get("latency_ms", state.latency_ms))
+        state.jitter = float(config.get("jitter", state.jitter))
+        if "keys" in config:
+            state.keys = set(config["keys"])
+        if "rules" in config:
+            state.rules = list(config["rules"])
+        return JSONResponse({"latency_ms": state.latency_ms, "jitter": state.jitter, "rules": state.rules})
+
+    async def health(_: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    def endpoint(kind: str) -> Any:
+        async def route(request: Request) -> Response:
+            return await handle(request, kind)
+
+        return route
+
+    return Starlette(
+        routes=[
+            Route("/api/v1/chat/completions", endpoint("chat"), methods=["POST"]),
+            Route("/api/v1/completions", endpoint("completion"), methods=["POST"]),
+            Route("/api/v1/embeddings", endpoint("embedding"), methods=["POST"]),
+            Route("/api/v1/models", models),
+            Route("/api/v1/generation", generation),
+            Route("/api/v1/key", key_info),
+            Route("/_fake/calls", calls),
+            Route("/_fake/reset", reset, methods=["POST"]),
+            Route("/_fake/config", configure, methods=["POST"]),
+            Route("/healthz", health),
+        ]
+    )
+
+
+def serve(host: str, port: int, keys: set[str], latency_ms: float = 0.0, jitter: float = 0.0) -> None:
+    import uvicorn
+
+    state = FakeState(keys=keys, latency_ms=latency_ms, jitter=jitter)
+    uvicorn.run(create_app(state), host=host, port=port, log_level="warning", access_log=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--key", action="append", default=[], help="accepted API key (default: any)")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--jitter", type=float, default=0.0)
+    args = parser.parse_args()
+    serve(args.host, args.port, set(args.key), args.latency_ms, args.jitter)
+
+
+if __name__ == "__main__":
+    main()

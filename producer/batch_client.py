@@ -1,0 +1,244 @@
+"""Batches from the producer side: submit an OpenAI Batch file, follow it, cancel, retry, read results.
+
+Enqueueing is all-or-nothing: lines are staged in a private Redis list (pipelined, thousands per round
+trip) and moved onto the queue by one Lua script, so workers see every line of a batch or none.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import redis
+from celery import Celery
+from openinference.semconv.trace import SpanAttributes
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Status, StatusCode
+
+from routerq import telemetry
+from routerq.batch_format import BatchLine, read_lines, validate
+from routerq.batch_store import Batch, BatchStatus, BatchStore, Outcome, active_key, new_batch_id
+from routerq.broker import LINE_TASK_NAME, create_app
+from routerq.errors import BatchError, BatchFileError, StagingFailed
+from routerq.redis_client import connect
+from routerq.settings import Settings
+from routerq.spans import BATCH_ID, chain_attributes
+from routerq.staged_enqueue import StagedEnqueue
+
+
+@dataclass
+class Submitted:
+    batch: Batch
+    existing: bool  # True when an idempotency key returned an earlier batch
+
+
+@dataclass
+class ResultsWritten:
+    written: int
+    errors: int
+    unfinished: int
+
+
+class BatchClient:
+    def __init__(self, settings: Settings, app: Celery | None = None, *, tracing: bool = True) -> None:
+        self.settings = settings
+        if tracing:
+            telemetry.setup_tracing(settings)
+        self.app = app or create_app(settings)
+        self.redis = connect(settings.redis_url)
+        self.store = BatchStore(self.redis, settings.result_ttl)
+
+    # -- submit -------------------------------------------------------------------------------------
+    def submit(
+        self,
+        path: Path,
+        *,
+        name: str = "",
+        metadata: dict[str, str] | None = None,
+        model: str | None = None,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        idempotency_key: str | None = None,
+        max_cost: float | None = None,
+    ) -> Submitted:
+        tracer = telemetry.tracer()
+        with tracer.start_as_current_span("routerq.submit", context=otel_context.Context()) as span:
+            span.set_attributes(chain_attributes(str(path)))
+            validation = validate(path, model)
+            span.set_attribute("routerq.batch.lines", validation.lines)
+            if not validation.ok:
+                span.set_status(Status(StatusCode.ERROR, f"{validation.error_count} bad line(s)"))
+                raise BatchFileError(validation)
+            batch = Batch(
+                id=new_batch_id(),
+                name=name,
+                total=validation.lines,
+                metadata=dict(metadata or {}),
+                session_id=session_id,
+                user_id=user_id,
+                input_file=path.name,
+                digest=validation.digest,
+                idempotency_key=idempotency_key,
+                max_cost=max_cost,
+            )
+            if idempotency_key:
+                earlier = self._claim(idempotency_key, batch)
+                if earlier is not None:
+                    span.set_attribute(BATCH_ID, earlier.id)
+                    span.set_attribute(SpanAttributes.OUTPUT_VALUE, f"{earlier.id} (existing)")
+                    return Submitted(earlier, existing=True)
+            span.set_attribute(BATCH_ID, batch.id)
+            span.set_attribute(SpanAttributes.SESSION_ID, session_id or batch.id)
+            self.store.create(batch)
+            try:
+                self._enqueue(batch, read_lines(path, model))
+            except Exception as exc:
+                raise self._enqueue_failed(batch, exc) from exc
+            span.set_attribute(SpanAttributes.OUTPUT_VALUE, batch.id)
+        return Submitted(self.get(batch.id), existing=False)
+
+    def _claim(self, key: str, batch: Batch) -> Batch | None:
+        owner = self.store.claim_idempotency_key(key, batch.id)
+        if owner is None:
+            return None
+        earlier = self.store.get(owner)
+        if earlier is None:  # expired: the key is free again
+            self.store.release_idempotency_key(key)
+            return self._claim(key, batch)
+        if earlier.digest != batch.digest:
+            raise BatchError(f"idempotency key {key!r} was used for batch {earlier.id} with a different file")
+        return earlier
+
+    def _enqueue(self, batch: Batch, lines: Iterable[BatchLine | Any]) -> None:
+        indexed = ((index, line) for index, line in enumerate(lines) if isinstance(line, BatchLine))
+        self._stage_and_release(batch, indexed)
+
+    def _stage_and_release(
+        self, batch: Batch, lines: Iterable[tuple[int, BatchLine | dict[str, Any]]]
+    ) -> int:
+        staged = StagedEnqueue(self.app, self.redis, self.store.key(batch.id))
+        inputs_key = self.store.key(batch.id, "in")
+        ttl = self.settings.result_ttl
+        now = time.time()
+        try:
+            for index, line in lines:
+                also = None
+                if isinstance(line, BatchLine):
+                    stored = line.stored()
+
+                    def also(pipe: Any, index: int = index, stored: str = stored) -> None:
+                        pipe.hset(inputs_key, str(index), stored)
+                        pipe.expire(inputs_key, ttl)
+
+                # No span per line here: the worker opens the line's trace, dated from `now`.
+                staged.add(LINE_TASK_NAME, [batch.id, index, now], also=also)
+            staged.flush()
+        except redis.RedisError as exc:
+            raise StagingFailed(f"Redis failed while staging lines of {batch.id}: {exc}") from exc
+        return staged.release(watch=(active_key(self.settings.queue), batch.id))
+
+    def _enqueue_failed(self, batch: Batch, exc: Exception) -> BatchError:
+        """Say exactly what happened: the release is atomic, so either every line is queued or none."""
+        if isinstance(exc, StagingFailed):  # Redis failed before the release: nothing reached the queue
+            return self._abandon(batch, exc.__cause__ or exc)
+        try:
+            status = self.store.get(batch.id)
+        except Exception:
+            return BatchError(
+                f"Redis failed while enqueueing {batch.id} ({type(exc).__name__}); cannot tell yet whether "
+                f"its {batch.total} lines were released: check `routerq status {batch.id}`"
+            )
+        if status is not None and status.status is BatchStatus.IN_PROGRESS:
+            return BatchError(f"all {batch.total} lines of {batch.id} were enqueued, but: {exc}")
+        return self._abandon(batch, exc)
+
+    def _abandon(self, batch: Batch, exc: BaseException) -> BatchError:
+        """None of the batch's lines were released: mark it failed, in one quick try (Redis may still be
+        away after the retries that just ran out)."""
+        said = (
+            f"enqueue of {batch.id} was interrupted ({type(exc).__name__}: {exc}); "
+            f"none of its {batch.total} lines were enqueued"
+        )
+        quick = BatchStore(redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2), 0)
+        try:
+            quick.set_status(
+                batch.id, BatchStatus.FAILED, reason=f"enqueue interrupted: {type(exc).__name__}"
+            )
+            quick.discard_staging(batch.id)
+            if batch.idempotency_key:
+                quick.release_idempotency_key(batch.idempotency_key)
+        except redis.RedisError:
+            return BatchError(
+                f"{said}; Redis is still unreachable, so its record says 'validating': submit again"
+            )
+        return BatchError(said)
+
+    # -- follow, control ----------------------------------------------------------------------------
+    def get(self, batch_id: str) -> Batch:
+        batch = self.store.get(batch_id)
+        if batch is None:
+            raise BatchError(f"no batch {batch_id!r} (wrong id, or older than ROUTERQ_RESULT_TTL)")
+        return batch
+
+    def wait(self, batch_id: str, on_update: Callable[[Batch], None], poll: float = 0.5) -> Batch:
+        while True:
+            batch = self.get(batch_id)
+            on_update(batch)
+            if batch.status.final:
+                return batch
+            time.sleep(poll)
+
+    def cancel(self, batch_id: str) -> Batch:
+        """Queued lines are skipped by workers (never sent upstream); running ones finish."""
+        batch = self.get(batch_id)
+        if batch.status.final:
+            return batch
+        self.store.set_status(batch_id, BatchStatus.CANCELLING, cancelled_at=time.time())
+        return self.get(batch_id)
+
+    def resume(self, batch_id: str, max_cost: float | None = None) -> int:
+        """Continue a paused batch once its key, credit or budget is fixed; returns the lines re-sent."""
+        batch = self.get(batch_id)
+        if max_cost is not None:
+            self.redis.hset(self.store.key(batch_id), "max_cost", repr(max_cost))
+        parked = self.store.resume(batch_id)
+        if parked is None:
+            raise BatchError(f"batch {batch_id} is {batch.status.value}, not paused")
+        lines = [(index, self.store.line(batch_id, index) or {}) for index in parked]
+        return self._stage_and_release(batch, lines)
+
+    def retry(self, batch_id: str) -> int:
+        """Re-enqueue only the failed lines; returns how many."""
+        batch = self.get(batch_id)
+        if batch.status in (BatchStatus.CANCELLING, BatchStatus.VALIDATING):
+            raise BatchError(f"batch {batch_id} is {batch.status.value}; retry it once it has ended")
+        failed = sorted(self.store.indexes_with(batch_id, {Outcome.FAILED}))
+        if not failed:
+            return 0
+        lines = [(index, self.store.line(batch_id, index) or {}) for index in failed]
+        pipe = self.redis.pipeline()
+        pipe.hdel(self.store.key(batch_id, "out"), *failed)
+        pipe.hincrby(self.store.key(batch_id), "failed", -len(failed))
+        pipe.hdel(self.store.key(batch_id), "completed_at")
+        pipe.execute()
+        return self._stage_and_release(batch, lines)
+
+    def write_results(self, batch: Batch, out: IO[bytes], errors: IO[bytes] | None = None) -> ResultsWritten:
+        """Output lines in input order, streamed page by page; unfinished lines are counted, not written."""
+        written = failed = unfinished = 0
+        for _, outcome, raw in self.store.outputs(batch.id, batch.total):
+            if outcome is None:
+                unfinished += 1
+            elif outcome is Outcome.SUCCEEDED:
+                out.write(raw + b"\n")
+                written += 1
+            else:
+                (errors or out).write(raw + b"\n")
+                failed += 1
+        return ResultsWritten(written, failed, unfinished)
+
+    def recent(self, limit: int = 50) -> Iterator[Batch]:
+        yield from self.store.recent(limit)

@@ -1,0 +1,211 @@
+"""Embedding backfills: texts from JSONL or CSV, many per request, vectors back in input order.
+
+A run's id is derived from the input file, model and options, so running the same command again
+after an interruption finds the stored vectors and sends only the texts that have none.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from openinference.semconv.trace import SpanAttributes
+
+from routerq import telemetry
+from routerq.batch_format import LineError
+from routerq.broker import EMBED_TASK_NAME, create_app
+from routerq.embed_store import EmbedRun, EmbedStore
+from routerq.errors import EmbedError, EmbedInputError
+from routerq.redis_client import connect
+from routerq.settings import Settings
+from routerq.spans import chain_attributes
+from routerq.staged_enqueue import StagedEnqueue
+from routerq.vectors import from_float32
+
+
+@dataclass
+class EmbedPlan:
+    run: EmbedRun
+    missing: int
+    requests: int
+    errors: list[LineError] = field(default_factory=list)
+
+
+def read_rows(path: Path, id_field: str, text_field: str) -> Iterator[tuple[int, str, str] | LineError]:
+    """(line number, id, text) from JSONL, or from CSV with a header row; streamed."""
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                yield _row(reader.line_num, row, id_field, text_field)
+        return
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                yield LineError(number, "invalid_json_line", "not valid JSON")
+                continue
+            yield (
+                _row(number, row, id_field, text_field)
+                if isinstance(row, dict)
+                else LineError(number, "invalid_json_line", "a line must be a JSON object")
+            )
+
+
+def _row(
+    number: int, row: dict[str, Any], id_field: str, text_field: str
+) -> tuple[int, str, str] | LineError:
+    ident, text = row.get(id_field), row.get(text_field)
+    if ident is None or ident == "":
+        return LineError(number, "missing_id", f"no `{id_field}`")
+    if not isinstance(text, str) or not text:
+        return LineError(number, "missing_text", f"no text in `{text_field}`")
+    return number, str(ident), text
+
+
+class EmbedClient:
+    def __init__(self, settings: Settings, *, tracing: bool = True) -> None:
+        self.settings = settings
+        if tracing:
+            telemetry.setup_tracing(settings)
+        self.app = create_app(settings)
+        self.redis = connect(settings.redis_url)
+        self.store = EmbedStore(self.redis, settings.result_ttl)
+
+    def run_id(self, path: Path, model: str, id_field: str, text_field: str, dimensions: int | None) -> str:
+        digest = hashlib.sha256(f"{model}\0{id_field}\0{text_field}\0{dimensions}\0".encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return f"emb_{digest.hexdigest()[:24]}"
+
+    def start(
+        self,
+        path: Path,
+        model: str,
+        *,
+        id_field: str = "id",
+        text_field: str = "text",
+        per_request: int = 128,
+        dimensions: int | None = None,
+    ) -> EmbedPlan:
+        """Validate the whole input, store its texts once, enqueue requests for texts without vectors."""
+        run = EmbedRun(
+            id=self.run_id(path, model, id_field, text_field, dimensions),
+            model=model,
+            dimensions=dimensions,
+            input_file=path.name,
+        )
+        existing = self.store.get(run.id)
+        if existing is None:
+            run.total = self._store_inputs(run, path, id_field, text_field)
+        else:
+            run = existing
+        self.store.save(run)
+        missing = list(self.store.missing(run.id, run.total))
+        staged = StagedEnqueue(self.app, self.redis, self.store.key(run.id))
+        now = time.time()
+        requests = 0
+        for start in range(0, len(missing), per_request):
+            chunk = missing[start : start + per_request]
+            attributes = {
+                **chain_attributes(f"{len(chunk)} texts from {path.name}"),
+                SpanAttributes.SESSION_ID: run.id,
+                "routerq.embed.run": run.id,
+            }
+            staged.add(EMBED_TASK_NAME, [run.id, chunk, now], ("routerq.embed_request", attributes))
+            requests += 1
+        staged.release()
+        return EmbedPlan(run, len(missing), requests)
+
+    def _store_inputs(self, run: EmbedRun, path: Path, id_field: str, text_field: str) -> int:
+        """First pass validates everything (nothing is stored if any row is bad); the second stores."""
+        errors: list[LineError] = []
+        count, ids = 0, set()
+        for item in read_rows(path, id_field, text_field):
+            if isinstance(item, tuple) and item[1] in ids:
+                item = LineError(item[0], "duplicate_id", f"id {item[1]!r} repeats")
+            if isinstance(item, LineError):
+                count += 1
+                if len(errors) < 20:
+                    errors.append(item)
+            else:
+                ids.add(item[1])
+        if count:
+            raise EmbedInputError(errors, count)
+        if not ids:
+            raise EmbedInputError([LineError(0, "empty_file", "no rows")], 1)
+        key = self.store.key(run.id, "in")
+        pipe = self.redis.pipeline(transaction=False)
+        total = 0
+        for item in read_rows(path, id_field, text_field):
+            assert isinstance(item, tuple)
+            pipe.hset(key, str(total), json.dumps({"id": item[1], "text": item[2]}))
+            total += 1
+            if total % 2000 == 0:
+                pipe.execute()
+        pipe.expire(key, self.settings.result_ttl)
+        pipe.execute()
+        return total
+
+    def wait(self, run_id: str, on_update: Callable[[EmbedRun], None], poll: float = 0.5) -> EmbedRun:
+        while True:
+            run = self.store.get(run_id)
+            if run is None:
+                raise EmbedError(f"embedding run {run_id} has expired")
+            on_update(run)
+            if run.done + run.failed >= run.total:
+                return run
+            time.sleep(poll)
+
+    def write(self, run: EmbedRun, path: Path) -> int:
+        """Vectors in input order: JSONL `{"id", "embedding"}` lines, or Parquet for a .parquet path."""
+        if path.suffix.lower() == ".parquet":
+            return self._write_parquet(run, path)
+        written = 0
+        with path.open("w", encoding="utf-8") as out:
+            written = self._write_jsonl(run, out)
+        return written
+
+    def _write_jsonl(self, run: EmbedRun, out: IO[str]) -> int:
+        written = 0
+        for ident, raw in self.store.vectors(run.id, run.total):
+            if raw is None:
+                continue
+            out.write(json.dumps({"id": ident, "embedding": from_float32(raw)}) + "\n")
+            written += 1
+        return written
+
+    def _write_parquet(self, run: EmbedRun, path: Path) -> int:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise EmbedError("Parquet output needs pyarrow: pip install 'routerq[parquet]'") from exc
+        schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32()))])
+        written = 0
+        with pq.ParquetWriter(str(path), schema) as writer:
+            ids: list[str] = []
+            vectors: list[list[float]] = []
+            for ident, raw in self.store.vectors(run.id, run.total):
+                if raw is None:
+                    continue
+                ids.append(ident)
+                vectors.append(from_float32(raw))
+                if len(ids) >= 2000:
+                    writer.write_table(pa.table({"id": ids, "embedding": vectors}, schema=schema))
+                    written += len(ids)
+                    ids, vectors = [], []
+            if ids:
+                writer.write_table(pa.table({"id": ids, "embedding": vectors}, schema=schema))
+                written += len(ids)
+        return written

@@ -1,0 +1,352 @@
+"""Batch state in Redis: the batch record, its input lines, per-line outcomes, all with one TTL.
+
+Keys (`{id}` is the batch id):
+  routerq:batch:{id}        hash   the record: status, counts, usage, metadata
+  routerq:batch:{id}:in     hash   line index -> input line (what workers run, what `retry` re-sends)
+  routerq:batch:{id}:out    hash   line index -> outcome: one letter (S, F, C) + the OpenAI output line
+  routerq:batch:{id}:run    set    line indexes running now
+  routerq:batch:{id}:parked set    line indexes set aside while the batch is paused (re-sent by resume)
+  routerq:batches           zset   batch ids by creation time
+  routerq:active:{queue}    set    batches with lines on that queue, until the lost-line sweep sees them end
+A success is final: a redelivered line never overwrites or double-counts it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import redis
+from pydantic import BaseModel, Field
+
+from routerq.jobs import JobResult
+from routerq.redis_client import as_text
+
+INDEX_KEY = "routerq:batches"
+IDEMPOTENCY_KEY = "routerq:idempotency:{key}"
+
+
+def active_key(queue: str) -> str:
+    return f"routerq:active:{queue}"
+
+
+class BatchStatus(StrEnum):
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.CANCELLED)
+
+
+class Outcome(StrEnum):
+    SUCCEEDED = "S"
+    FAILED = "F"
+    CANCELLED = "C"
+
+
+class Batch(BaseModel):
+    id: str
+    name: str = ""
+    status: BatchStatus = BatchStatus.VALIDATING
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    running: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    metadata: dict[str, str] = Field(default_factory=dict)
+    session_id: str | None = None
+    user_id: str | None = None
+    input_file: str = ""
+    digest: str = ""
+    idempotency_key: str | None = None
+    reason: str | None = None
+    max_cost: float | None = None
+    parked: int = 0
+    created_at: float = Field(default_factory=time.time)
+    in_progress_at: float | None = None
+    completed_at: float | None = None
+    cancelled_at: float | None = None
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed + self.cancelled
+
+    @property
+    def queued(self) -> int:
+        return max(0, self.total - self.done - self.running - self.parked)
+
+    def openai_object(self) -> dict[str, Any]:
+        """The batch as OpenAI's batch object, with routerq's finer counts beside OpenAI's three."""
+        return {
+            "id": self.id,
+            "object": "batch",
+            "status": self.status.value,
+            "input_file": self.input_file,
+            "request_counts": {
+                "total": self.total,
+                "completed": self.succeeded,
+                "failed": self.failed,
+                "queued": self.queued,
+                "running": self.running,
+                "parked": self.parked,
+                "succeeded": self.succeeded,
+                "cancelled": self.cancelled,
+            },
+            "usage": {
+                "input_tokens": self.prompt_tokens,
+                "output_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "cost": self.cost,
+            },
+            "metadata": {"name": self.name, **self.metadata} if self.name else dict(self.metadata),
+            "reason": self.reason,
+            "max_cost": self.max_cost,
+            "created_at": int(self.created_at),
+            "in_progress_at": _int(self.in_progress_at),
+            "completed_at": _int(self.completed_at),
+            "cancelled_at": _int(self.cancelled_at),
+        }
+
+
+def _int(value: float | None) -> int | None:
+    return int(value) if value is not None else None
+
+
+def _outcome(raw: Any) -> Outcome:
+    return Outcome(as_text(raw)[:1])
+
+
+def new_batch_id() -> str:
+    return f"batch_{uuid.uuid4().hex[:24]}"
+
+
+# Record one outcome atomically: counters, usage, running set and the final status move together.
+_RECORD = """
+local meta, out, run = KEYS[1], KEYS[2], KEYS[3]
+local index, outcome, value = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', meta) == 0 then return -1 end
+local names = {S = 'succeeded', F = 'failed', C = 'cancelled'}
+local prev = redis.call('HGET', out, index)
+if prev then
+  local p = string.sub(prev, 1, 1)
+  if p == 'S' or p == outcome then
+    redis.call('SREM', run, index)
+    return 0
+  end
+  redis.call('HINCRBY', meta, names[p], -1)
+end
+redis.call('HSET', out, index, outcome .. value)
+redis.call('HINCRBY', meta, names[outcome], 1)
+if outcome == 'S' then
+  redis.call('HINCRBY', meta, 'prompt_tokens', ARGV[4])
+  redis.call('HINCRBY', meta, 'completion_tokens', ARGV[5])
+  local spent = tonumber(redis.call('HINCRBYFLOAT', meta, 'cost', ARGV[6]))
+  local budget = tonumber(redis.call('HGET', meta, 'max_cost') or '')
+  if budget and spent >= budget and redis.call('HGET', meta, 'status') == 'in_progress' then
+    redis.call('HSET', meta, 'status', 'paused', 'reason', string.format('budget of $%s reached', budget))
+  end
+end
+redis.call('SREM', run, index)
+redis.call('EXPIRE', out, ARGV[8])
+local f = redis.call('HMGET', meta, 'total', 'succeeded', 'failed', 'cancelled', 'status')
+local done = tonumber(f[2] or 0) + tonumber(f[3] or 0) + tonumber(f[4] or 0)
+if done >= tonumber(f[1]) then
+  if f[5] == 'in_progress' or f[5] == 'paused' then
+    redis.call('HSET', meta, 'status', 'completed', 'completed_at', ARGV[7])
+  elseif f[5] == 'cancelling' then
+    redis.call('HSET', meta, 'status', 'cancelled', 'cancelled_at', ARGV[7])
+  end
+end
+return 1
+"""
+
+# Set a line aside while the batch is paused; 0 means the batch is running again: run the line.
+_PARK = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'paused' then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+# Pause only a running batch (a cancel or an end wins), keeping the first reason.
+_PAUSE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'paused', 'reason', ARGV[1])
+return 1
+"""
+
+# Resume: running again first (so no new line is parked), then hand back the parked lines.
+_RESUME = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'paused' then return false end
+redis.call('HSET', KEYS[1], 'status', 'in_progress')
+redis.call('HDEL', KEYS[1], 'reason')
+local parked = redis.call('SMEMBERS', KEYS[2])
+redis.call('DEL', KEYS[2])
+return parked
+"""
+
+_JSON_FIELDS = ("metadata",)
+_NUMBERS = {"total", "succeeded", "failed", "cancelled", "prompt_tokens", "completion_tokens"}
+
+
+def _batch(raw: dict[Any, Any], running: int, parked: int) -> Batch | None:
+    if not raw:
+        return None
+    data: dict[str, Any] = {as_text(k): as_text(v) for k, v in raw.items()}
+    for name in _JSON_FIELDS:
+        if name in data:
+            data[name] = json.loads(data[name])
+    data["running"], data["parked"] = running, parked
+    return Batch.model_validate(data)
+
+
+@dataclass(frozen=True)
+class LineStart:
+    batch: Batch | None
+    line: dict[str, Any] | None
+    outcome: Outcome | None
+    deliveries: int
+
+
+class BatchStore:
+    def __init__(self, client: redis.Redis, ttl: int) -> None:
+        self._redis = client
+        self._ttl = ttl
+        self._record = client.register_script(_RECORD)
+        self._park = client.register_script(_PARK)
+        self._pause = client.register_script(_PAUSE)
+        self._resume = client.register_script(_RESUME)
+
+    @staticmethod
+    def key(batch_id: str, part: str = "") -> str:
+        return f"routerq:batch:{batch_id}" + (f":{part}" if part else "")
+
+    def create(self, batch: Batch) -> None:
+        fields: dict[str, Any] = {}
+        for name, value in batch.model_dump(exclude_none=True).items():
+            fields[name] = json.dumps(value) if name in _JSON_FIELDS else value
+        pipe = self._redis.pipeline()
+        pipe.hset(self.key(batch.id), mapping=fields)  # type: ignore[arg-type]
+        pipe.expire(self.key(batch.id), self._ttl)
+        pipe.zadd(INDEX_KEY, {batch.id: batch.created_at})
+        pipe.execute()
+
+    def get(self, batch_id: str) -> Batch | None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(self.key(batch_id))
+        pipe.scard(self.key(batch_id, "run"))
+        pipe.scard(self.key(batch_id, "parked"))
+        raw, running, parked = pipe.execute()
+        return _batch(raw, running, parked)
+
+    def begin(self, batch_id: str, index: int, delivery_key: str) -> LineStart:
+        """Everything a worker needs before it may call upstream for a line, in one round trip:
+        the batch, the line, its outcome so far, and how often this message was delivered. The line
+        is marked running at once; every path that does not run it records, parks or unmarks it."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.sadd(self.key(batch_id, "run"), index)
+        pipe.expire(self.key(batch_id, "run"), self._ttl)
+        pipe.hgetall(self.key(batch_id))
+        pipe.hget(self.key(batch_id, "in"), str(index))
+        pipe.hget(self.key(batch_id, "out"), str(index))
+        pipe.incr(delivery_key)
+        pipe.expire(delivery_key, 24 * 3600)
+        _, _, raw, line, outcome, deliveries, _ = pipe.execute()
+        return LineStart(
+            batch=_batch(raw, 0, 0),
+            line=json.loads(line) if line else None,
+            outcome=_outcome(outcome) if outcome else None,
+            deliveries=int(deliveries),
+        )
+
+    def set_status(self, batch_id: str, status: BatchStatus, **fields: Any) -> None:
+        mapping: dict[str, str | float] = {"status": status.value, **fields}
+        self._redis.hset(self.key(batch_id), mapping=mapping)  # type: ignore[arg-type]
+
+    def recent(self, limit: int = 50) -> list[Batch]:
+        ids = self._redis.zrevrange(INDEX_KEY, 0, limit - 1)
+        batches = [self.get(as_text(i)) for i in ids]
+        return [b for b in batches if b is not None]
+
+    def line(self, batch_id: str, index: int) -> dict[str, Any] | None:
+        raw = self._redis.hget(self.key(batch_id, "in"), str(index))
+        return json.loads(raw) if raw else None
+
+    def unmark_running(self, batch_id: str, index: int) -> None:
+        self._redis.srem(self.key(batch_id, "run"), index)
+
+    def park(self, batch_id: str, index: int) -> bool:
+        keys = [self.key(batch_id), self.key(batch_id, "parked"), self.key(batch_id, "run")]
+        return bool(self._park(keys=keys, args=[index, self._ttl]))
+
+    def pause(self, batch_id: str, reason: str) -> bool:
+        return bool(self._pause(keys=[self.key(batch_id)], args=[reason]))
+
+    def resume(self, batch_id: str) -> list[int] | None:
+        """The parked line indexes, or None when the batch was not paused."""
+        parked = self._resume(keys=[self.key(batch_id), self.key(batch_id, "parked")])
+        return None if parked is None else sorted(int(i) for i in parked)
+
+    def record(
+        self, batch_id: str, index: int, outcome: Outcome, line: dict[str, Any], result: JobResult | None
+    ) -> bool:
+        usage = result.usage if result and result.usage else None
+        keys = [self.key(batch_id), self.key(batch_id, "out"), self.key(batch_id, "run")]
+        args = [
+            index,
+            outcome.value,
+            json.dumps(line, separators=(",", ":")),
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+            repr(usage.cost or 0.0) if usage else "0",
+            time.time(),
+            self._ttl,
+        ]
+        return int(self._record(keys=keys, args=args)) == 1
+
+    def outputs(
+        self, batch_id: str, total: int, page: int = 1000
+    ) -> Iterator[tuple[int, Outcome | None, bytes]]:
+        """Outcomes in input order, `page` per round trip, so memory stays flat in the batch size."""
+        key = self.key(batch_id, "out")
+        for start in range(0, total, page):
+            indexes = list(range(start, min(start + page, total)))
+            for index, raw in zip(indexes, self._redis.hmget(key, indexes), strict=True):
+                if raw:
+                    yield index, _outcome(raw), raw[1:] if isinstance(raw, bytes) else raw[1:].encode()
+                else:
+                    yield index, None, b""
+
+    def indexes_with(self, batch_id: str, outcomes: set[Outcome]) -> Iterator[int]:
+        for field, value in self._redis.hscan_iter(self.key(batch_id, "out"), count=1000):
+            if _outcome(value) in outcomes:
+                yield int(field)
+
+    def claim_idempotency_key(self, key: str, batch_id: str) -> str | None:
+        """Returns the batch that already owns `key`, or None when this batch now owns it."""
+        name = IDEMPOTENCY_KEY.format(key=key)
+        if self._redis.set(name, batch_id, nx=True, ex=self._ttl):
+            return None
+        owner = self._redis.get(name)
+        return as_text(owner) if owner else None
+
+    def discard_staging(self, batch_id: str) -> None:
+        self._redis.delete(self.key(batch_id, "staging"))
+
+    def release_idempotency_key(self, key: str) -> None:
+        self._redis.delete(IDEMPOTENCY_KEY.format(key=key))

@@ -1,0 +1,102 @@
+"""Embedding backfill state in Redis: texts to embed and their vectors, stored as raw float32.
+
+Keys (`{id}` is the run id, derived from the input file, model and options, so a re-run finds it):
+  routerq:embed:{id}        hash  the run: model, dimensions, total, done, failed, tokens, cost
+  routerq:embed:{id}:in     hash  index -> {"id", "text"}
+  routerq:embed:{id}:vec    hash  index -> little-endian float32 bytes (4 bytes a dimension, no JSON)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import redis
+from pydantic import BaseModel, Field
+
+from routerq.redis_client import as_text
+
+
+class EmbedRun(BaseModel):
+    id: str
+    model: str
+    dimensions: int | None = None
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    cost: float = 0.0
+    input_file: str = ""
+    created_at: float = Field(default_factory=time.time)
+
+
+class EmbedStore:
+    def __init__(self, client: redis.Redis, ttl: int) -> None:
+        self._redis = client
+        self._ttl = ttl
+
+    @staticmethod
+    def key(run_id: str, part: str = "") -> str:
+        return f"routerq:embed:{run_id}" + (f":{part}" if part else "")
+
+    def save(self, run: EmbedRun) -> None:
+        fields = {k: v for k, v in run.model_dump(exclude_none=True).items() if k not in ("done", "failed")}
+        pipe = self._redis.pipeline()
+        pipe.hset(self.key(run.id), mapping=fields)  # type: ignore[arg-type]
+        pipe.hsetnx(self.key(run.id), "done", 0)
+        pipe.hset(self.key(run.id), "failed", 0)
+        pipe.expire(self.key(run.id), self._ttl)
+        pipe.execute()
+
+    def get(self, run_id: str) -> EmbedRun | None:
+        raw = self._redis.hgetall(self.key(run_id))
+        if not raw:
+            return None
+        return EmbedRun.model_validate({as_text(k): as_text(v) for k, v in raw.items()})
+
+    def texts(self, run_id: str, indexes: list[int]) -> list[str | None]:
+        values = self._redis.hmget(self.key(run_id, "in"), indexes)
+        return [json.loads(v)["text"] if v else None for v in values]
+
+    def missing(self, run_id: str, total: int, page: int = 2000) -> Iterator[int]:
+        """Indexes with no stored vector, in input order."""
+        for start in range(0, total, page):
+            yield from self.missing_of(run_id, list(range(start, min(start + page, total))))
+
+    def missing_of(self, run_id: str, indexes: list[int]) -> list[int]:
+        key = self.key(run_id, "vec")
+        pipe = self._redis.pipeline(transaction=False)
+        for index in indexes:
+            pipe.hexists(key, str(index))
+        return [index for index, present in zip(indexes, pipe.execute(), strict=True) if not present]
+
+    def store_vectors(self, run_id: str, vectors: dict[int, bytes], tokens: int, cost: float) -> int:
+        """Store new vectors only (HSETNX): a redelivered request never double-counts."""
+        key = self.key(run_id, "vec")
+        pipe = self._redis.pipeline(transaction=False)
+        for index, raw in vectors.items():
+            pipe.hsetnx(key, str(index), raw)
+        added = sum(1 for created in pipe.execute() if created)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.expire(key, self._ttl)
+        pipe.hincrby(self.key(run_id), "done", added)
+        if added:
+            pipe.hincrby(self.key(run_id), "prompt_tokens", tokens)
+            pipe.hincrbyfloat(self.key(run_id), "cost", cost)
+        pipe.execute()
+        return added
+
+    def record_failure(self, run_id: str, count: int) -> None:
+        self._redis.hincrby(self.key(run_id), "failed", count)
+
+    def vectors(self, run_id: str, total: int, page: int = 500) -> Iterator[tuple[str, bytes | None]]:
+        """(id, raw vector) in input order, `page` per round trip."""
+        for start in range(0, total, page):
+            indexes = list(range(start, min(start + page, total)))
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hmget(self.key(run_id, "in"), indexes)
+            pipe.hmget(self.key(run_id, "vec"), indexes)
+            inputs, vectors = pipe.execute()
+            for raw_in, raw_vec in zip(inputs, vectors, strict=True):
+                yield json.loads(raw_in)["id"], raw_vec

@@ -1,0 +1,30 @@
+"""Redis connections as every routerq component opens them, and the one bytes-to-text helper."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+# Retries with backoff capped at 2 s, 20 times: about 30 s, longer than a Redis restart takes.
+RECONNECT_RETRIES = 20
+
+
+def connect(url: str) -> redis.Redis:
+    """One place for connection options, so every component rides out a Redis restart the same way:
+    commands wait and retry with backoff (up to about 30 s) instead of failing the job."""
+    return redis.Redis.from_url(
+        url,
+        health_check_interval=30,
+        socket_keepalive=True,
+        socket_connect_timeout=5,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=RECONNECT_RETRIES),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+def as_text(value: Any) -> str:
+    """A Redis reply as text (clients here do not decode responses, to keep vectors as bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

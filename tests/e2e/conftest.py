@@ -1,0 +1,187 @@
+"""Session-wide real services: redis-server, phoenix serve, the fake OpenRouter, a prefork worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from subprocess import CompletedProcess
+from typing import Any
+
+import httpx
+import pytest
+
+from devstack.localstack import (
+    Service,
+    free_port,
+    start_fake_openrouter,
+    start_phoenix,
+    start_redis,
+    start_worker,
+)
+from producer.batch_client import BatchClient
+from routerq import telemetry
+from routerq.batch_store import Batch
+from routerq.settings import Settings
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e needs the whole stack: `pytest -m "not e2e"` skips it."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@dataclass
+class Stack:
+    redis: Service
+    phoenix: Service
+    fake: Service
+    worker: Service
+    api_key: str
+    env: dict[str, str]
+    project: str
+    tmp: Path
+
+    @property
+    def fake_base(self) -> str:
+        return self.fake.url.removesuffix("/api/v1")
+
+    def settings(self, **overrides: str) -> Settings:
+        return Settings(**{**self.env, **overrides})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("stack")
+    api_key = "sk-or-v1-" + secrets.token_hex(24)
+    services: list[Service] = []
+    try:
+        redis_service = start_redis(free_port(), tmp / "redis")
+        services.append(redis_service)
+        fake = start_fake_openrouter(free_port(), tmp / "logs", keys=[api_key])
+        services.append(fake)
+        phoenix = start_phoenix(free_port(), free_port(), tmp / "phoenix")
+        services.append(phoenix)
+        project = "routerq-tests"
+        env = {
+            "REDIS_URL": redis_service.url,
+            "OPENROUTER_API_KEY": api_key,
+            "OPENROUTER_BASE_URL": fake.url,
+            "OPENROUTER_HTTP_REFERER": "https://example.test/routerq",
+            "OPENROUTER_TIMEOUT": "30",
+            "PHOENIX_COLLECTOR_ENDPOINT": phoenix.url,
+            "PHOENIX_PROJECT_NAME": project,
+            "PHOENIX_DISCOVER_CONFIG": "false",
+            "ROUTERQ_MAX_ATTEMPTS": "3",
+            "ROUTERQ_RETRY_BASE_DELAY": "0.1",
+            "ROUTERQ_RETRY_MAX_DELAY": "3",
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        worker = start_worker(env, tmp / "logs", concurrency=4, pool="prefork", loglevel="DEBUG")
+        services.append(worker)
+        yield Stack(redis_service, phoenix, fake, worker, api_key, env, project, tmp)
+    finally:
+        telemetry.flush()  # while Phoenix still listens
+        for service in reversed(services):
+            service.stop()
+        for key, value in locals().get("saved", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+ROUTERQ = str(Path(sys.executable).with_name("routerq"))
+
+
+def routerq(
+    stack: Stack, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> CompletedProcess[str]:
+    """Run the real `routerq` command, as a user would, against the test stack."""
+    return subprocess.run(
+        [ROUTERQ, *args],
+        env={**os.environ, **stack.env, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@contextmanager
+def extra_worker(
+    stack: Stack,
+    name: str,
+    concurrency: int = 2,
+    pool: str = "prefork",
+    processes: int | None = None,
+    **env: str,
+) -> Iterator[tuple[Service, Settings]]:
+    """A second worker on its own queue, with some settings changed."""
+    full_env = {**stack.env, "ROUTERQ_QUEUE": name, **env}
+    service = start_worker(
+        full_env, stack.tmp / "logs", name=name, concurrency=concurrency, pool=pool, processes=processes
+    )
+    try:
+        yield service, Settings(**full_env)  # type: ignore[arg-type]
+    finally:
+        service.stop()
+
+
+# Batch helpers shared by the batch, embedding and reliability tests.
+MODELS = {
+    "chat": "meta-llama/llama-3.1-8b-instruct",
+    "completion": "mistralai/mistral-7b-instruct",
+    "embedding": "openai/text-embedding-3-small",
+}
+
+
+def line(custom_id: str, kind: str, text: str, model: str | None = None) -> dict[str, Any]:
+    url = {"chat": "/v1/chat/completions", "completion": "/v1/completions", "embedding": "/v1/embeddings"}[
+        kind
+    ]
+    body: dict[str, Any] = {"model": model or MODELS[kind]}
+    if kind == "chat":
+        body["messages"] = [{"role": "user", "content": text}]
+    else:
+        body["prompt" if kind == "completion" else "input"] = text
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]] | list[str]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def calls_with(stack: Stack, marker: str) -> list[dict[str, Any]]:
+    calls = httpx.get(f"{stack.fake_base}/_fake/calls").json()["calls"]
+    return [c for c in calls if marker in (c.get("prompt") or "")]
+
+
+def wait_for(check: Callable[[], object], what: str, timeout: float = 60, poll: float = 0.05) -> None:
+    """Poll `check` until it is true; fail naming `what` was awaited, never hang until pytest-timeout."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}")
+        time.sleep(poll)
+
+
+def wait_final(client: BatchClient, batch_id: str, timeout: float = 180) -> Batch:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.get(batch_id)
+        if batch.status.final:
+            return batch
+        time.sleep(0.2)
+    raise AssertionError(f"batch {batch_id} still {client.get(batch_id)} after {timeout} s")

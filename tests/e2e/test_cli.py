@@ -1,0 +1,76 @@
+"""What a user sees from the `routerq` command."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import Stack, routerq
+
+from devstack.fake_openrouter import fake_answer
+
+CHAT = "meta-llama/llama-3.1-8b-instruct"
+
+
+def test_enqueue_wait_prints_the_chat_answer(stack: Stack) -> None:
+    done = routerq(
+        stack, "enqueue", "--model", CHAT, "--session", "S1", "--user", "U1",
+        "--metadata", "team=search", "--tag", "nightly", "--wait", "Write a haiku about observability.",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == fake_answer(CHAT, "Write a haiku about observability.")
+
+
+def test_enqueue_wait_prints_the_embedding_size(stack: Stack) -> None:
+    done = routerq(
+        stack, "enqueue", "--embed", "--model", "openai/text-embedding-3-small", "--wait", "some text"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1 embedding(s) of dimension 1536"
+
+
+def test_enqueue_wait_prints_the_completion_text(stack: Stack) -> None:
+    model = "mistralai/mistral-7b-instruct"
+    done = routerq(stack, "enqueue", "--completion", "--model", model, "--wait", "Once upon a time")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == fake_answer(model, "Once upon a time")
+
+
+def test_enqueue_without_wait_prints_the_job_id(stack: Stack) -> None:
+    done = routerq(stack, "enqueue", "--model", CHAT, "hello")
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"job_[0-9a-f]{32}", done.stdout.strip())
+
+
+def test_a_failed_job_exits_non_zero_with_openrouters_message(stack: Stack) -> None:
+    done = routerq(stack, "enqueue", "--model", CHAT, "--wait", "moderate me [[status:403]]")
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert "HTTP 403" in done.stderr and "Input flagged by moderation" in done.stderr
+
+
+def test_an_unknown_model_fails_with_openrouters_message(stack: Stack) -> None:
+    done = routerq(stack, "enqueue", "--model", "nobody/no-such-model", "--wait", "hi")
+    assert done.returncode == 1
+    assert "nobody/no-such-model is not a valid model ID" in done.stderr
+
+
+def test_invalid_settings_fail_at_start_naming_the_variable(stack: Stack) -> None:
+    for name, value in [
+        ("REDIS_URL", "localhost:6379"),
+        ("OPENROUTER_TIMEOUT", "soon"),
+        ("ROUTERQ_TRACING", "maybe"),
+    ]:
+        for command in (["worker"], ["enqueue", "hi"]):
+            done = routerq(stack, *command, env={name: value}, timeout=60)
+            assert done.returncode == 2, (name, command, done.stderr)
+            assert name in done.stderr, done.stderr
+
+
+def test_a_worker_with_a_rejected_api_key_refuses_to_start(stack: Stack) -> None:
+    done = routerq(stack, "worker", env={"OPENROUTER_API_KEY": "sk-or-v1-wrong"}, timeout=60)
+    assert done.returncode == 2
+    assert "OPENROUTER_API_KEY was rejected" in done.stderr
+    assert "sk-or-v1-wrong" not in done.stderr
+    done = routerq(stack, "worker", env={"OPENROUTER_API_KEY": ""}, timeout=60)
+    assert done.returncode == 2
+    assert "OPENROUTER_API_KEY is not set" in done.stderr

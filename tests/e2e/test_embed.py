@@ -1,0 +1,141 @@
+"""Embedding backfills: packed requests, vectors in id order, float32 storage, resumable."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+import redis
+from conftest import ROUTERQ, Stack, extra_worker, routerq, wait_for
+
+from devstack.fake_openrouter import fake_embedding
+from producer.embed_client import EmbedClient
+from routerq.embed_store import EmbedStore
+
+MODEL = "openai/text-embedding-3-small"
+
+
+def texts_file(path: Path, marker: str, n: int, slow: bool = False) -> Path:
+    rows = []
+    for i in range(n):
+        text = f"{marker} text number {i}" + (" [[slow:0.4]]" if slow and i % 128 == 0 else "")
+        rows.append(json.dumps({"doc": f"d{i:04d}", "body": text}))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def embed_calls(stack: Stack, marker: str) -> list[dict[str, object]]:
+    calls = httpx.get(f"{stack.fake_base}/_fake/calls").json()["calls"]
+    return [c for c in calls if c["kind"] == "embedding" and marker in (c.get("prompt") or "")]
+
+
+def test_embed_packs_1000_texts_into_8_requests_and_writes_vectors_in_id_order(
+    stack: Stack, tmp_path: Path
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    source = texts_file(tmp_path / "texts.jsonl", marker, 1000)
+    out = tmp_path / "vectors.jsonl"
+    done = routerq(
+        stack, "embed", str(source), "--model", MODEL, "--id-field", "doc", "--text-field", "body",
+        "--inputs-per-request", "128", "-o", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    calls = embed_calls(stack, marker)
+    assert len(calls) == 8
+    assert sorted(c["inputs"] for c in calls) == [104] + [128] * 7
+
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"d{i:04d}" for i in range(1000)]
+    for i in (0, 1, 127, 128, 500, 999):
+        assert rows[i]["embedding"] == fake_embedding(f"{marker} text number {i}", 1536)
+
+    parquet = tmp_path / "vectors.parquet"
+    again = routerq(stack, "embed", str(source), "--model", MODEL, "--id-field", "doc", "--text-field", "body",
+                    "-o", str(parquet))  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert len(embed_calls(stack, marker)) == 8  # everything was stored: nothing sent again
+    table = pq.read_table(parquet)
+    assert table.column("id").to_pylist() == [f"d{i:04d}" for i in range(1000)]
+    assert table.column("embedding").to_pylist()[999] == rows[999]["embedding"]
+
+    run_id = next(w for w in done.stderr.split() if w.startswith("emb_")).rstrip(":")
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    key = EmbedStore.key(run_id, "vec")
+    per_vector = client.memory_usage(key, samples=0) / client.hlen(key)
+    assert per_vector <= 1.3 * 1536 * 4, per_vector
+
+
+def test_bad_rows_are_refused_with_line_numbers(stack: Stack, tmp_path: Path) -> None:
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"id": "a", "text": "fine"}\n{"id": "b"}\nnot json\n{"id": "a", "text": "again"}\n')
+    done = routerq(stack, "embed", str(source), "--model", MODEL, "-o", str(tmp_path / "v.jsonl"))
+    assert done.returncode == 1
+    assert f"{source}:2: missing_text" in done.stderr
+    assert f"{source}:3: invalid_json_line" in done.stderr
+    assert f"{source}:4: duplicate_id" in done.stderr
+
+
+def test_csv_input_works_like_jsonl(stack: Stack, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex[:8]
+    source = tmp_path / "texts.csv"
+    source.write_text("id,text\n" + "".join(f'{i},"{marker}, number {i}"\n' for i in range(10)))
+    out = tmp_path / "v.jsonl"
+    done = routerq(stack, "embed", str(source), "--model", MODEL, "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [str(i) for i in range(10)]
+    assert rows[3]["embedding"] == fake_embedding(f"{marker}, number 3", 1536)
+
+
+@pytest.mark.timeout(240)
+def test_an_interrupted_embed_resends_only_the_texts_without_vectors(stack: Stack, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex[:8]
+    source = texts_file(tmp_path / "resume.jsonl", marker, 1000, slow=True)
+    out = tmp_path / "vectors.jsonl"
+    argv = [
+        ROUTERQ,
+        "embed",
+        str(source),
+        "--model",
+        MODEL,
+        "--id-field",
+        "doc",
+        "--text-field",
+        "body",
+        "-o",
+        str(out),
+    ]
+    queue = f"embed-resume-{marker}"
+    env = {**stack.env, "ROUTERQ_QUEUE": queue}
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    with extra_worker(stack, queue, ROUTERQ_QUEUE=queue) as (worker, _):
+        cli = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        )
+        wait_for(
+            lambda: len([c for c in embed_calls(stack, marker) if "status" in c]) >= 3,
+            "3 embedding requests to be answered",
+        )
+        worker.stop(signal.SIGKILL)
+        cli.send_signal(signal.SIGKILL)
+        cli.wait(10)
+    client.delete(queue)  # whatever was still queued is gone: only the re-run can finish the job
+    run_id = EmbedClient(stack.settings(), tracing=False).run_id(source, MODEL, "doc", "body", None)
+    stored = client.hlen(EmbedStore.key(run_id, "vec"))
+    assert 0 < stored < 1000
+    sent_before = len(embed_calls(stack, marker))
+
+    with extra_worker(stack, queue, ROUTERQ_QUEUE=queue):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    resent = embed_calls(stack, marker)[sent_before:]
+    assert sum(int(c["inputs"]) for c in resent) == 1000 - stored  # type: ignore[call-overload]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"d{i:04d}" for i in range(1000)]
+    assert rows[640]["embedding"] == fake_embedding(f"{marker} text number 640 [[slow:0.4]]", 1536)

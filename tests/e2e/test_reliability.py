@@ -1,0 +1,548 @@
+"""Faults from the fake upstream, from signals and from Redis: every line ends accounted for."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from conftest import Stack, calls_with, extra_worker, line, routerq, wait_final, wait_for, write_jsonl
+
+from devstack.localstack import free_port, start_redis, start_worker
+from producer import Producer
+from producer.batch_client import BatchClient
+from routerq import envelope
+from routerq.batch_store import Batch, BatchStatus
+from routerq.broker import LINE_TASK_NAME, TASK_NAME, create_app
+from routerq.jobs import Job, JobKind
+
+CHAT = "meta-llama/llama-3.1-8b-instruct"
+FAST_RECOVERY = {  # a worker tuned to get lost lines back within ~30 s
+    "ROUTERQ_VISIBILITY_TIMEOUT": "25",
+    "ROUTERQ_RESTORE_INTERVAL": "2",
+    "ROUTERQ_JOB_TIME_LIMIT": "12",
+    "OPENROUTER_TIMEOUT": "10",
+    "ROUTERQ_RETRY_MAX_DELAY": "3",
+    "ROUTERQ_SWEEP_INTERVAL": "2",
+}
+
+
+def configure_fake(stack: Stack, **config: Any) -> None:
+    httpx.post(f"{stack.fake_base}/_fake/config", json=config).raise_for_status()
+
+
+@pytest.fixture
+def fake_rules(stack: Stack) -> Iterator[None]:
+    yield
+    configure_fake(stack, rules=[], keys=[stack.api_key])
+
+
+def settle_paused(client: BatchClient, batch_id: str) -> Batch:
+    """Wait for the pause, then a moment more for lines already running to land."""
+    wait_for(lambda: client.get(batch_id).status is BatchStatus.PAUSED, f"batch {batch_id} to pause", 30)
+    time.sleep(1)
+    return client.get(batch_id)
+
+
+def paid_duplicates(calls: list[dict[str, Any]]) -> int:
+    """Successful upstream answers beyond the first for the same line: money spent twice."""
+    ok = defaultdict(int)
+    for call in calls:
+        if call.get("ok"):
+            ok[call["prompt"]] += 1
+    return sum(n - 1 for n in ok.values())
+
+
+def children_of(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
+
+
+def submit(client: BatchClient, tmp_path: Path, marker: str, n: int, suffix: str = "") -> Batch:
+    rows = [line(f"l{i}", "chat", f"{marker} {i}{suffix}") for i in range(n)]
+    return client.submit(write_jsonl(tmp_path / f"{marker}.jsonl", rows)).batch
+
+
+def test_429s_502s_and_200_errors_are_retried_until_every_line_succeeds(
+    stack: Stack, tmp_path: Path, fake_rules: None
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    rule = {
+        "match": marker,
+        "seed": marker,
+        "rate_429": 0.3,
+        "retry_after": 1,
+        "rate_502": 0.1,
+        "rate_200_error": 0.05,
+    }
+    configure_fake(stack, rules=[rule])
+    queue = f"faults-{marker}"
+    with extra_worker(stack, queue, concurrency=4, ROUTERQ_MAX_ATTEMPTS="12") as (_, settings):
+        client = BatchClient(settings)
+        batch = submit(client, tmp_path, marker, 60)
+        final = wait_final(client, batch.id)
+    assert (final.status, final.succeeded, final.failed) == (BatchStatus.COMPLETED, 60, 0)
+
+    calls = calls_with(stack, marker)
+    by_line: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for call in calls:
+        by_line[call["prompt"]].append(call)
+    statuses = [c["status"] for c in calls]
+    print(f"60 lines, {len(calls)} upstream calls: {statuses.count(429)} x 429, {statuses.count(502)} x 502, "
+          f"max attempts for a line {max(len(v) for v in by_line.values())}")  # fmt: skip
+    assert statuses.count(429) > 0 and statuses.count(502) > 0
+    for attempts in by_line.values():
+        assert len(attempts) <= 12
+        attempts.sort(key=lambda c: c["t"])
+        for before, after in pairwise(attempts):
+            if before["status"] == 429:  # Retry-After: 1 was respected
+                assert after["t"] >= before["t_end"] + 1.0 - 0.01, (before, after)
+    assert paid_duplicates(calls) == 0
+
+
+def test_concurrency_is_calls_in_flight_over_a_few_processes_and_a_dead_one_is_started_again(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """`routerq worker --concurrency 8 --processes 2 --pool threads`: 8 calls at once from 2 processes;
+    a process killed mid-batch is started again and its lines come back."""
+    marker = uuid.uuid4().hex[:8]
+    queue = f"processes-{marker}"
+    env = {**FAST_RECOVERY, "ROUTERQ_QUEUE": queue}
+    client = BatchClient(stack.settings(**env))
+    with extra_worker(stack, queue, concurrency=8, pool="threads", processes=2, **env) as (worker, _):
+        first = children_of(worker.process.pid)
+        assert len(first) == 2
+        batch = submit(client, tmp_path, marker, 48, " [[slow:0.5]]")
+        wait_for(lambda: client.get(batch.id).succeeded >= 16, "16 lines to succeed")
+        os.kill(first[0], signal.SIGKILL)
+        final = wait_final(client, batch.id, timeout=120)
+        assert worker.alive()
+        restarted = children_of(worker.process.pid)
+        assert len(restarted) == 2 and first[0] not in restarted and first[1] in restarted
+        assert "worker process 0 exited unexpectedly" in worker.log()
+    assert (final.succeeded, final.failed) == (48, 0)
+    calls = calls_with(stack, marker)
+    starts = sorted((c["t"], 1) for c in calls)
+    ends = sorted((c["t_end"], -1) for c in calls)
+    in_flight, most = 0, 0
+    for _, step in sorted(starts + ends, key=lambda e: (e[0], e[1])):
+        in_flight += step
+        most = max(most, in_flight)
+    assert most == 8, most  # calls in flight reached the concurrency and never passed it
+
+
+def test_sigkill_of_the_whole_worker_loses_no_line(stack: Stack, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex[:8]
+    queue = f"sigkill-{marker}"
+    env = {**FAST_RECOVERY, "ROUTERQ_QUEUE": queue}
+    client = BatchClient(stack.settings(**env))
+    with extra_worker(stack, queue, concurrency=8, **env) as (worker, _):
+        batch = submit(client, tmp_path, marker, 500, " [[slow:0.2]]")
+        wait_for(lambda: client.get(batch.id).succeeded >= 150, "150 lines to succeed")
+        in_flight = client.get(batch.id).running
+        worker.stop(signal.SIGKILL)
+        killed_at = time.monotonic()
+    with extra_worker(stack, queue, concurrency=8, **env):
+        final = wait_final(client, batch.id)
+        recovered = time.monotonic() - killed_at
+    calls = calls_with(stack, marker)
+    duplicates = paid_duplicates(calls)
+    print(f"500 lines, {len(calls)} calls, {in_flight} in flight at the kill, {duplicates} paid twice, "
+          f"all done {recovered:.1f} s after the kill")  # fmt: skip
+    assert (final.succeeded, final.failed, final.cancelled) == (500, 0, 0)
+    assert duplicates <= max(in_flight, 8)
+
+
+def test_redis_killed_and_restarted_mid_batch_loses_nothing(stack: Stack, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex[:8]
+    port, data = free_port(), tmp_path / "redis"
+    own_redis = start_redis(port, data)
+    env = {**FAST_RECOVERY, "REDIS_URL": own_redis.url, "ROUTERQ_QUEUE": f"redis-restart-{marker}"}
+    try:
+        client = BatchClient(stack.settings(**env))
+        with extra_worker(stack, env["ROUTERQ_QUEUE"], concurrency=8, **env):
+            batch = submit(client, tmp_path, marker, 200, " [[slow:0.1]]")
+            wait_for(lambda: client.get(batch.id).succeeded >= 50, "50 lines to succeed")
+            own_redis.stop(signal.SIGKILL)
+            time.sleep(2)
+            own_redis = start_redis(port, data)
+            final = wait_final(client, batch.id)
+    finally:
+        own_redis.stop()
+    calls = calls_with(stack, marker)
+    print(f"200 lines, {len(calls)} calls, {paid_duplicates(calls)} paid twice across the Redis restart")
+    assert (final.succeeded, final.failed) == (200, 0)
+
+
+@contextmanager
+def submit_while_redis_dies(
+    stack: Stack, tmp_path: Path, down_for: float | None
+) -> Iterator[tuple[Batch | Exception, redis.Redis, str]]:
+    """Submit 20,000 lines to a Redis of our own and SIGKILL it once 6,000 are staged; restart it after
+    `down_for` s, or only once the submit has given up (None). Returns what the submit returned or
+    raised, a client of the restarted Redis, and the queue name."""
+    port, data = free_port(), tmp_path / "redis"
+    own = start_redis(port, data)
+    queue = f"submit-outage-{uuid.uuid4().hex[:8]}"
+    client = BatchClient(stack.settings(REDIS_URL=own.url, ROUTERQ_QUEUE=queue), tracing=False)
+    rows = [line(f"s{i}", "chat", f"outage {i}") for i in range(20_000)]
+    path = write_jsonl(tmp_path / "outage.jsonl", rows)
+    outcome: list[Batch | Exception] = []
+
+    def run() -> None:
+        try:
+            outcome.append(client.submit(path).batch)
+        except Exception as exc:
+            outcome.append(exc)
+
+    submitter = threading.Thread(target=run)
+    submitter.start()
+    watch = redis.Redis.from_url(own.url)
+    deadline = time.monotonic() + 60
+    while not any(watch.llen(k) >= 6000 for k in watch.scan_iter("routerq:batch:*:staging")):
+        assert submitter.is_alive(), f"the submit ended before Redis could be killed: {outcome}"
+        assert time.monotonic() < deadline, "waited 60 s for 6,000 staged lines"
+        time.sleep(0.002)
+    own.stop(signal.SIGKILL)
+    submitter.join(timeout=down_for)
+    own = start_redis(port, data)
+    submitter.join()
+    own.stop()  # flush and restart, so what is checked is what Redis kept on disk
+    own = start_redis(port, data)
+    try:
+        yield outcome[0], redis.Redis.from_url(own.url), queue
+    finally:
+        own.stop()
+
+
+def queued_line_indexes(client: redis.Redis, queue: str) -> list[int]:
+    return [line_index(raw) for raw in client.lrange(queue, 0, -1)]
+
+
+def test_submit_rides_out_a_short_redis_restart_and_queues_every_line_once(
+    stack: Stack, tmp_path: Path
+) -> None:
+    with submit_while_redis_dies(stack, tmp_path, down_for=1.0) as (outcome, client, queue):
+        assert isinstance(outcome, Batch), outcome
+        assert outcome.status is BatchStatus.IN_PROGRESS
+        assert sorted(queued_line_indexes(client, queue)) == list(range(20_000))
+
+
+def test_submit_in_a_long_redis_outage_fails_clearly_and_queues_nothing(stack: Stack, tmp_path: Path) -> None:
+    with submit_while_redis_dies(stack, tmp_path, down_for=None) as (outcome, client, queue):
+        assert isinstance(outcome, Exception)
+        assert "none of its 20000 lines were enqueued" in str(outcome)
+        assert "Redis is still unreachable" in str(outcome) and "submit again" in str(outcome)
+        assert client.llen(queue) == 0
+
+
+def line_index(raw: bytes) -> int:
+    """The batch line index a queued Celery message carries."""
+    message = envelope.parse(raw)
+    assert message is not None and message.task == LINE_TASK_NAME, raw[:200]
+    return int(message.args[1])
+
+
+def test_a_line_whose_queue_message_redis_lost_is_found_and_sent_again(stack: Stack, tmp_path: Path) -> None:
+    """Redis can lose a message outright (killed between a worker's BRPOP and kombu's unacked record):
+    the batch still knows the line, so a worker sends it again."""
+    marker = uuid.uuid4().hex[:8]
+    queue = f"lost-{marker}"
+    env = {**FAST_RECOVERY, "ROUTERQ_QUEUE": queue}
+    client = BatchClient(stack.settings(**env))
+    batch = submit(client, tmp_path, marker, 20)
+    broker = redis.Redis.from_url(stack.redis.url)
+    queued = broker.lrange(queue, 0, -1)
+    assert len(queued) == 20
+    for raw in queued:
+        if line_index(raw) in (3, 11):
+            broker.lrem(queue, 1, raw)
+    assert broker.llen(queue) == 18
+    with extra_worker(stack, queue, concurrency=4, **env) as (worker, _):
+        final = wait_final(client, batch.id, timeout=60)
+    assert (final.succeeded, final.failed) == (20, 0)
+    assert "2 line(s) had no outcome and no message in Redis" in worker.log()
+    assert "sent again: 3,11" in worker.log()
+    assert sorted(c["prompt"] for c in calls_with(stack, marker)) == sorted(
+        f"{marker} {i}" for i in range(20)
+    )
+
+
+def test_a_single_job_whose_queue_message_redis_lost_is_sent_again(stack: Stack) -> None:
+    marker = uuid.uuid4().hex[:8]
+    queue = f"lost-job-{marker}"
+    env = {**FAST_RECOVERY, "ROUTERQ_QUEUE": queue}
+    producer = Producer(stack.settings(**env), tracing=False)
+    handle = producer.enqueue(
+        {"model": CHAT, "messages": [{"role": "user", "content": f"{marker} lost job"}]}
+    )
+    broker = redis.Redis.from_url(stack.redis.url)
+    assert broker.lrem(queue, 1, broker.lrange(queue, 0, -1)[0]) == 1
+    with extra_worker(stack, queue, concurrency=2, **env) as (worker, _):
+        result = handle.get(timeout=60)
+        log = worker.log()
+    assert result.ok
+    assert f"job {handle.id} had no result and no message in Redis (lost by the broker); sent again" in log
+    assert len(calls_with(stack, marker)) == 1
+    assert broker.zcard(f"routerq:jobs:pending:{queue}") == 0
+
+
+def test_a_worker_whose_consumer_stops_reading_the_queue_is_started_again(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Celery's consumer can come back from a Redis outage connected but deaf; `cancel_consumer` puts a
+    live worker in that state on purpose."""
+    marker = uuid.uuid4().hex[:8]
+    queue = f"deaf-{marker}"
+    env = {**FAST_RECOVERY, "ROUTERQ_QUEUE": queue}
+    client = BatchClient(stack.settings(**env))
+    with extra_worker(stack, queue, concurrency=2, **env) as (worker, settings):
+        replies = create_app(settings).control.cancel_consumer(queue, reply=True, timeout=5)
+        assert any("no longer consuming" in json.dumps(r) for r in replies), replies
+        batch = submit(client, tmp_path, marker, 10)
+        final = wait_final(client, batch.id, timeout=90)
+        log = worker.log()
+    assert (final.succeeded, final.failed) == (10, 0)
+    assert "the consumer stopped taking jobs" in log
+    assert "exited unexpectedly (code 75)" in log
+
+
+def test_a_401_pauses_the_batch_without_burning_lines_and_resume_finishes_it(
+    stack: Stack, tmp_path: Path, fake_rules: None
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    queue = f"auth-{marker}"
+    with extra_worker(stack, queue, concurrency=2) as (_, settings):
+        client = BatchClient(settings)
+        batch = submit(client, tmp_path, marker, 40, " [[slow:0.1]]")
+        wait_for(lambda: client.get(batch.id).succeeded >= 5, "5 lines to succeed", poll=0.02)
+        configure_fake(stack, keys=["sk-or-v1-someone-else"])  # the key was revoked mid-batch
+        paused = settle_paused(client, batch.id)
+        assert paused.status is BatchStatus.PAUSED and "401" in (paused.reason or "")
+        assert paused.failed == 0 and paused.succeeded < 40
+        status = routerq(stack, "status", batch.id, env={"ROUTERQ_QUEUE": queue})
+        assert "paused: HTTP 401" in status.stdout
+        unauthorized = [c for c in calls_with(stack, marker) if c["status"] == 401]
+        assert 1 <= len(unauthorized) <= 2  # one per worker slot at most, not 40 identical failures
+
+        configure_fake(stack, keys=[stack.api_key])
+        done = routerq(stack, "resume", batch.id, env={"ROUTERQ_QUEUE": queue})
+        assert done.returncode == 0, done.stderr
+        final = wait_final(client, batch.id)
+    assert (final.status, final.succeeded, final.failed) == (BatchStatus.COMPLETED, 40, 0)
+
+
+def test_a_batch_pauses_when_its_budget_is_spent(stack: Stack, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex[:8]
+    rows = [line(f"b{i}", "chat", f"{marker} {i} [[slow:0.05]]") for i in range(30)]
+    client = BatchClient(stack.settings())
+    batch = client.submit(write_jsonl(tmp_path / "budget.jsonl", rows), max_cost=2e-6).batch
+    paused = settle_paused(client, batch.id)
+    assert paused.status is BatchStatus.PAUSED and "budget" in (paused.reason or "")
+    assert paused.succeeded < 30 and paused.cost >= 2e-6
+    assert client.resume(batch.id, max_cost=1.0) > 0
+    final = wait_final(client, batch.id)
+    assert (final.succeeded, final.failed) == (30, 0)
+
+
+def test_a_hanging_upstream_times_out_and_retries_while_the_worker_stays_responsive(
+    stack: Stack, tmp_path: Path, fake_rules: None
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    configure_fake(stack, rules=[{"match": marker, "hang_first": 1, "hang_s": 60}])
+    queue = f"hang-{marker}"
+    env = {"OPENROUTER_TIMEOUT": "2", "ROUTERQ_JOB_TIME_LIMIT": "10"}
+    with extra_worker(stack, queue, concurrency=4, **env) as (_, settings):
+        client = BatchClient(settings)
+        batch = submit(client, tmp_path, marker, 3)
+        time.sleep(0.5)
+        probe = Producer(settings).run(
+            Job(
+                kind=JobKind.CHAT,
+                body={"model": CHAT, "messages": [{"role": "user", "content": "still there?"}]},
+            ),
+            timeout=10,
+        )
+        assert probe.ok and probe.finished_at - probe.started_at < 1.5
+        final = wait_final(client, batch.id, timeout=60)
+    assert (final.succeeded, final.failed) == (3, 0)
+    calls = calls_with(stack, marker)
+    assert len(calls) == 6 and sorted(c["attempt"] for c in calls) == [1, 1, 1, 2, 2, 2]
+
+
+def test_the_shared_limiter_holds_across_worker_processes(stack: Stack, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex[:8]
+    queue = f"limit-{marker}"
+    limits = {"ROUTERQ_RATE_LIMIT_REQUESTS": "10", "ROUTERQ_RATE_LIMIT_WINDOW": "5"}
+    with (
+        extra_worker(stack, queue, concurrency=4, **limits) as (_, settings),
+        extra_worker(stack, queue + "-b", concurrency=4, **{**limits, "ROUTERQ_QUEUE": queue}),
+    ):
+        client = BatchClient(settings)
+        batch = submit(client, tmp_path, marker, 30)
+        final = wait_final(client, batch.id, timeout=60)
+    assert final.succeeded == 30
+    starts = sorted(c["t"] for c in calls_with(stack, marker))
+    busiest = max(sum(1 for t in starts if s <= t < s + 5.0) for s in starts)
+    print(f"30 lines, limit 10 per 5 s over two workers: busiest 5 s window saw {busiest} calls")
+    assert busiest <= 10 + 1  # +1: the fake stamps arrival, the limiter stamps the grant a moment earlier
+    assert starts[-1] - starts[0] >= 10.0  # 30 calls at 10 per 5 s need at least two full windows
+
+
+def test_a_poison_line_is_tried_a_bounded_number_of_times_and_the_rest_succeed(
+    stack: Stack, tmp_path: Path
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    queue = f"poison-{marker}"
+    rows = [line(f"ok{i}", "chat", f"{marker} fine {i}") for i in range(10)]
+    rows.insert(5, line("poison", "chat", f"{marker} poison [[slow:3]]"))
+    with extra_worker(stack, queue, concurrency=1, ROUTERQ_MAX_DELIVERIES="3") as (worker, settings):
+        client = BatchClient(settings)
+        batch = client.submit(write_jsonl(tmp_path / "poison.jsonl", rows)).batch
+        stop = threading.Event()
+
+        def kill_whoever_runs_the_poison() -> None:
+            killed = 0
+            while not stop.is_set():
+                seen = len([c for c in calls_with(stack, marker) if "poison" in c["prompt"]])
+                if seen > killed:
+                    celery_main = children_of(worker.process.pid)  # under routerq's supervisor
+                    for pid in (p for main in celery_main for p in children_of(main)):
+                        os.kill(pid, signal.SIGKILL)  # the pool process running the line, as a crash would
+                    killed = seen
+                time.sleep(0.1)
+
+        killer = threading.Thread(target=kill_whoever_runs_the_poison, daemon=True)
+        killer.start()
+        try:
+            final = wait_final(client, batch.id, timeout=120)
+        finally:
+            stop.set()
+            killer.join()
+        assert worker.alive()
+    assert (final.succeeded, final.failed) == (10, 1)
+    poison_calls = [c for c in calls_with(stack, marker) if "poison" in c["prompt"]]
+    assert len(poison_calls) == 3
+    out = tmp_path / "out.jsonl"
+    routerq(stack, "results", batch.id, "-o", str(out), env={"ROUTERQ_QUEUE": queue})
+    poisoned = next(json.loads(x) for x in out.read_text().splitlines() if '"poison"' in x)
+    assert poisoned["error"]["code"] == "worker_lost" and "died 3 times" in poisoned["error"]["message"]
+
+
+def test_sigterm_finishes_running_lines_and_returns_the_rest_at_once(stack: Stack, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex[:8]
+    queue = f"sigterm-{marker}"
+    env = {"ROUTERQ_QUEUE": queue}  # default visibility timeout (300 s): the test shows it is not waited for
+    client = BatchClient(stack.settings(**env))
+    with extra_worker(stack, queue, concurrency=2, **env) as (worker, _):
+        batch = submit(client, tmp_path, marker, 12, " [[slow:1]]")
+        wait_for(lambda: len(calls_with(stack, marker)) >= 3, "3 lines to reach the fake upstream")
+        worker.stop(signal.SIGTERM, timeout=30)
+        stopped_at = time.monotonic()
+    after_stop = client.get(batch.id)
+    assert after_stop.running == 0  # what was running finished
+    with extra_worker(stack, queue, concurrency=4, **env):
+        final = wait_final(client, batch.id, timeout=60)
+        took = time.monotonic() - stopped_at
+    assert (final.succeeded, final.failed) == (12, 0)
+    assert took < 60  # far below the 300 s visibility timeout: nothing waited for redelivery
+    assert paid_duplicates(calls_with(stack, marker)) == 0
+
+
+class _Boom:
+    """Unpickling this runs a shell command: what a pickle message in the queue could do."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_a_pickle_message_in_the_queue_is_refused_and_never_executed(stack: Stack, tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+    app = create_app(stack.settings())
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            ([_Boom(target)], {}, {}),
+            routing_key=stack.env.get("ROUTERQ_QUEUE", "routerq"),
+            serializer="pickle",
+            headers={"task": TASK_NAME, "id": "pickle-job", "lang": "py", "argsrepr": "", "kwargsrepr": ""},
+        )
+    time.sleep(3)
+    assert not target.exists()
+    assert "pickle" in stack.worker.log() and "untrusted content" in stack.worker.log().lower()
+    assert redis.Redis.from_url(stack.env["REDIS_URL"]).get("routerq:result:pickle-job") is None
+
+
+def test_a_password_protected_redis_works(stack: Stack, tmp_path: Path) -> None:
+    password = uuid.uuid4().hex
+    own_redis = start_redis(free_port(), tmp_path / "redis-auth", password=password)
+    try:
+        assert f":{password}@" in own_redis.url
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(own_redis.url.replace(password, "wrong")).ping()
+        env = {"REDIS_URL": own_redis.url, "ROUTERQ_QUEUE": "with-password"}
+        worker = start_worker({**stack.env, **env}, tmp_path, name="auth-worker", concurrency=1)
+        try:
+            job = Job(
+                kind=JobKind.CHAT,
+                body={"model": CHAT, "messages": [{"role": "user", "content": "behind a password"}]},
+            )
+            assert Producer(stack.settings(**env)).run(job, timeout=30).ok
+            assert password not in worker.log()
+        finally:
+            worker.stop()
+    finally:
+        own_redis.stop()
+
+
+def test_openinference_hide_settings_cover_inputs_outputs_and_embeddings(stack: Stack) -> None:
+    from phoenix.client import Client
+
+    secret = f"confidential-{uuid.uuid4().hex[:8]}"
+    session = f"hidden-{uuid.uuid4().hex[:8]}"
+    hide = {
+        "OPENINFERENCE_HIDE_INPUTS": "true",
+        "OPENINFERENCE_HIDE_OUTPUTS": "true",
+        "OPENINFERENCE_HIDE_EMBEDDINGS_TEXT": "true",
+        "OPENINFERENCE_HIDE_EMBEDDINGS_VECTORS": "true",
+    }
+    with extra_worker(stack, session, **hide):
+        env = {**hide, "ROUTERQ_QUEUE": session}
+        chat = routerq(
+            stack, "enqueue", "--model", CHAT, "--session", session, "--wait", f"{secret} chat", env=env
+        )
+        emb = routerq(stack, "enqueue", "--embed", "--model", "openai/text-embedding-3-small", "--session", session,
+                      "--wait", f"{secret} embed", env=env)  # fmt: skip
+        assert chat.returncode == 0 and emb.returncode == 0, chat.stderr + emb.stderr
+    assert secret in chat.stdout  # the answer itself is not hidden from the user, only from traces
+    phoenix = Client(base_url=stack.phoenix.url)
+    deadline = time.monotonic() + 60
+    spans: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        traces = phoenix.traces.get_traces(
+            project_identifier=stack.project, session_id=session, include_spans=True
+        )
+        spans = [span for t in traces for span in t.get("spans", [])]
+        if len(traces) == 2 and len(spans) >= 8:
+            break
+        time.sleep(0.5)
+    names = {s["name"] for s in spans}
+    assert {"routerq.job", "ChatCompletion", "CreateEmbeddings"} <= names, names
+    dumped = json.dumps(spans)
+    assert secret not in dumped
+    assert ".embedding.vector" not in dumped

@@ -1,0 +1,91 @@
+"""Jobs, their endpoints and estimates, vectors, and the queue messages that carry them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import pytest
+from pydantic import ValidationError
+
+from routerq import envelope
+from routerq.errors import SettingsError
+from routerq.jobs import Job, JobKind, embedding_vector
+from routerq.settings import Settings, load_settings
+from routerq.vectors import from_float32
+from worker.limiter import estimate_tokens
+
+
+def test_each_kind_knows_its_openrouter_path_and_batch_url() -> None:
+    assert [k.path for k in JobKind] == ["/chat/completions", "/completions", "/embeddings"]
+    assert [k.url for k in JobKind] == ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "message"),
+    [
+        (JobKind.CHAT, {"messages": []}, "needs a model"),
+        (JobKind.CHAT, {"model": "m", "messages": [], "stream": True}, "streaming is not supported"),
+        (JobKind.COMPLETION, {"model": "m", "messages": []}, "needs `prompt`"),
+        (JobKind.EMBEDDING, {"model": "m", "prompt": "x"}, "needs `input`"),
+    ],
+)
+def test_a_job_that_cannot_be_sent_is_refused_before_it_is_queued(
+    kind: JobKind, body: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Job(kind=kind, body=body)
+
+
+def test_fallback_models_are_all_models_the_job_may_be_served_by() -> None:
+    job = Job(kind=JobKind.CHAT, body={"model": "a", "models": ["a", "b"], "messages": []})
+    assert job.models == ["a", "b"]
+
+
+def test_token_estimate_is_prompt_size_plus_the_completion_budget() -> None:
+    prompt = {"messages": [{"role": "user", "content": "x" * 400}]}
+    base = len(json.dumps(prompt["messages"])) // 4
+    assert estimate_tokens(prompt) == base + 256
+    assert estimate_tokens({**prompt, "max_tokens": 1000}) == base + 1000
+    assert estimate_tokens({**prompt, "max_completion_tokens": "50"}) == base + 50
+    assert estimate_tokens({"input": "abcd" * 10}) == len(json.dumps("abcd" * 10)) // 4 + 256
+
+
+def test_vectors_decode_from_base64_float32_and_pass_through_as_floats() -> None:
+    raw = struct.pack("<3f", 0.5, -1.0, 2.25)
+    assert from_float32(raw) == [0.5, -1.0, 2.25]
+    assert embedding_vector(base64.b64encode(raw).decode()) == [0.5, -1.0, 2.25]
+    assert embedding_vector([0.1, 0.2]) == [0.1, 0.2]
+
+
+def test_a_queued_message_reads_back_as_its_task_id_and_args() -> None:
+    headers = {"task": "routerq.run_line", "id": "abc"}
+    raw = envelope.build("abc", headers, ["batch_1", 7, 1.5], "routerq")
+    assert envelope.parse(raw) == envelope.Message("routerq.run_line", "abc", ["batch_1", 7, 1.5])
+    unacked = json.dumps([json.loads(raw), "", "routerq"])  # kombu's unacked hash entry
+    assert envelope.parse(unacked) == envelope.parse(raw)
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"{}", b'{"headers": {}, "body": "!!"}', b"[]"])
+def test_anything_else_on_a_queue_is_not_a_message(raw: bytes) -> None:
+    assert envelope.parse(raw) is None
+
+
+def test_settings_refuse_a_visibility_timeout_that_would_deliver_running_jobs_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ROUTERQ_VISIBILITY_TIMEOUT", "60")
+    with pytest.raises(SettingsError, match="ROUTERQ_VISIBILITY_TIMEOUT"):
+        load_settings()
+
+
+def test_a_bad_value_is_one_line_naming_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "http://localhost")
+    with pytest.raises(SettingsError, match=r"REDIS_URL: .*must start with redis://"):
+        load_settings()
+
+
+def test_the_defaults_are_consistent() -> None:
+    settings = Settings()
+    assert settings.job_time_limit + settings.retry_max_delay < settings.visibility_timeout

@@ -1,0 +1,89 @@
+"""The retry policy: which upstream failures are tried again, when, and which pause a batch."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from routerq.jobs import JobError
+from routerq.settings import Settings
+from worker.attempt import final_error
+from worker.retry import Action, backoff, decide, error_class
+
+SETTINGS = Settings(ROUTERQ_MAX_ATTEMPTS=6, ROUTERQ_RETRY_BASE_DELAY=1.0, ROUTERQ_RETRY_MAX_DELAY=60.0)
+
+
+def error(status: int | None, code: str = "server_error") -> JobError:
+    return JobError(code=code, message="upstream said no", status_code=status)
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+def test_transient_statuses_are_retried_after_a_backoff(status: int) -> None:
+    decision = decide(error(status), None, attempt=1, settings=SETTINGS)
+    assert decision.action is Action.RETRY
+    assert 0.0 <= decision.delay <= SETTINGS.retry_base_delay
+
+
+@pytest.mark.parametrize("code", ["timeout", "connection_error", "upstream_error"])
+def test_timeouts_connection_errors_and_errors_inside_a_200_are_retried(code: str) -> None:
+    assert decide(error(None, code), None, 1, SETTINGS).action is Action.RETRY
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 422])
+def test_client_errors_fail_at_once_with_upstreams_message_unchanged(status: int) -> None:
+    decision = decide(error(status, "invalid_request_error"), None, 1, SETTINGS)
+    assert decision.action is Action.FAIL and decision.reason == ""
+    assert final_error(error(status), decision) == error(status)
+
+
+def test_an_unusable_answer_is_not_paid_for_again() -> None:
+    assert decide(error(502, "unusable_answer"), None, 1, SETTINGS).action is Action.FAIL
+
+
+def test_a_401_pauses_the_batch_instead_of_failing_lines() -> None:
+    decision = decide(error(401, "authentication_error"), None, 1, SETTINGS)
+    assert decision.action is Action.PAUSE and "HTTP 401" in decision.reason
+
+
+def test_a_402_without_retry_after_pauses_for_credit() -> None:
+    decision = decide(error(402, "insufficient_credits"), None, 1, SETTINGS)
+    assert decision.action is Action.PAUSE and "HTTP 402" in decision.reason
+
+
+def test_a_402_with_retry_after_is_waited_out() -> None:
+    decision = decide(error(402, "insufficient_credits"), 7.0, 1, SETTINGS)
+    assert decision.action is Action.RETRY and decision.delay >= 7.0
+
+
+def test_retry_after_is_a_floor_under_the_backoff() -> None:
+    for attempt in range(1, 5):
+        assert decide(error(429, "rate_limit_exceeded"), 12.5, attempt, SETTINGS).delay >= 12.5
+
+
+def test_the_last_attempt_fails_saying_the_budget_ran_out() -> None:
+    decision = decide(error(502), None, attempt=6, settings=SETTINGS)
+    assert decision.action is Action.FAIL
+    assert final_error(error(502), decision) == error(502).model_copy(
+        update={"message": "upstream said no (gave up after 6 attempts)"}
+    )
+
+
+def test_a_retry_after_beyond_the_max_delay_fails_instead_of_outliving_the_visibility_timeout() -> None:
+    decision = decide(error(429, "rate_limit_exceeded"), 3600.0, 1, SETTINGS)
+    assert decision.action is Action.FAIL and "ROUTERQ_RETRY_MAX_DELAY" in decision.reason
+
+
+def test_backoff_is_full_jitter_under_an_exponential_ceiling_capped_by_the_max_delay() -> None:
+    rng = random.Random(7)
+    for attempt in range(1, 12):
+        ceiling = min(SETTINGS.retry_max_delay, SETTINGS.retry_base_delay * 2 ** (attempt - 1))
+        samples = [backoff(attempt, SETTINGS, rng) for _ in range(200)]
+        assert all(0.0 <= s <= ceiling for s in samples)
+        assert max(samples) > ceiling * 0.8  # the whole range is used, not a fixed delay
+
+
+def test_error_classes_name_rate_limits_and_auth_for_dashboards() -> None:
+    assert error_class(error(429, "rate_limit_exceeded")) == "rate_limited"
+    assert error_class(error(401, "authentication_error")) == "auth"
+    assert error_class(error(None, "timeout")) == "timeout"

@@ -1,0 +1,173 @@
+"""One upstream attempt, and what the retry policy makes of it.
+
+Every task runs the same attempt: shared rate limiter, one upstream call, then the retry policy
+decides: done, retry later (re-published with a countdown, freeing the worker slot), fail, or pause
+the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+from openinference.instrumentation import using_attributes
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from routerq.errors import RouterqError
+from routerq.jobs import Job, JobError, JobResult
+from routerq.spans import DECISION, ERROR_CLASS, worker_attributes
+from worker.limiter import Lease, estimate_tokens
+from worker.openrouter import UpstreamAnswer
+from worker.retry import Action, Decision, decide, error_class
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+# A limiter wait longer than this gives the slot back and comes back later (re-published with a
+# countdown); shorter waits are slept in place, cheaper than a round trip through the queue.
+LIMITER_DEFER_S = 5.0
+
+
+class Deferred(RouterqError):
+    """The shared limiter asks for a long wait: re-publish instead of holding the slot."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(f"rate limited for {delay:.1f} s")
+        self.delay = delay
+
+
+def attempt_job(rt: Runtime, job: Job, attempt: int) -> tuple[JobResult, Decision | None]:
+    """One upstream attempt with the job's context on every span. Decision is None on success."""
+    started = time.time()
+    span = trace.get_current_span()
+    for key, value in worker_attributes(job, (started - job.enqueued_at) * 1000, attempt).items():
+        span.set_attribute(key, value)
+    rt.pricing.ensure(job.models)
+    model = job.models[0]
+    lease = _acquire(rt, model, estimate_tokens(job.body))
+    answer: UpstreamAnswer | None = None
+    try:
+        with using_attributes(**_context_kwargs(job)):
+            try:
+                answer = rt.openrouter.call(job)
+            except SoftTimeLimitExceeded:
+                message = f"no answer within ROUTERQ_JOB_TIME_LIMIT ({rt.settings.job_time_limit:g} s)"
+                answer = UpstreamAnswer(None, JobError(code="timeout", message=message))
+    finally:
+        usage = answer.usage if answer is not None else None
+        rt.limiter.release(lease, usage.total_tokens if usage else None)
+    decision = None
+    if answer.error:
+        decision = decide(answer.error, answer.retry_after, attempt, rt.settings)
+        span.set_status(Status(StatusCode.ERROR, answer.error.message))
+        span.set_attribute(ERROR_CLASS, error_class(answer.error))
+        span.set_attribute(DECISION, decision.action.value)
+        if answer.error.status_code == 429:
+            rt.limiter.penalize(model, answer.retry_after or 1.0)
+        log.warning(
+            "job %s attempt %d: %s (%s) -> %s %s",
+            job.id, attempt, answer.error.message, answer.error.code, decision.action.value, decision.reason,
+        )  # fmt: skip
+    response = answer.response or {}
+    result = JobResult(
+        job_id=job.id,
+        kind=job.kind,
+        status="failed" if answer.error else "succeeded",
+        response=answer.response,
+        error=final_error(answer.error, decision),
+        model=response.get("model") or model,
+        provider=response.get("provider"),
+        generation_id=response.get("id"),
+        usage=answer.usage,
+        attempts=attempt,
+        enqueued_at=job.enqueued_at,
+        started_at=started,
+        finished_at=time.time(),
+        batch_id=job.batch_id,
+        custom_id=job.custom_id,
+        trace_id=_trace_id(span),
+    )
+    return result, decision
+
+
+def _acquire(rt: Runtime, model: str, tokens: int) -> Lease:
+    waited = 0.0
+    while True:
+        lease, wait = rt.limiter.try_acquire(model, tokens)
+        if lease is not None:
+            return lease
+        if wait > LIMITER_DEFER_S or waited + wait > LIMITER_DEFER_S * 4:
+            raise Deferred(wait)
+        time.sleep(wait)
+        waited += wait
+
+
+def final_error(error: JobError | None, decision: Decision | None) -> JobError | None:
+    """The error a failed job keeps: upstream's, plus why the policy gave up when it did."""
+    if error is None or decision is None or decision.action is not Action.FAIL or not decision.reason:
+        return error
+    return error.model_copy(update={"message": f"{error.message} ({decision.reason})"})
+
+
+def _retry(task: Task, attempt: int, delay: float, carry: dict[str, Any] | None) -> Exception:
+    kwargs = {**(task.request.kwargs or {}), **(carry or {}), "attempt": attempt}
+    return task.retry(kwargs=kwargs, countdown=delay)  # type: ignore[no-any-return]
+
+
+def attempt_or_retry(
+    rt: Runtime,
+    task: Task,
+    job: Job,
+    attempt: int,
+    before_retry: Callable[[], None] | None = None,
+    carry: dict[str, Any] | None = None,
+) -> tuple[JobResult, Decision | None]:
+    """An attempt whose outcome is final or a pause; a retry (or a long limiter wait) re-publishes
+    the task with a countdown, plus the `carry` kwargs, and ends this run after `before_retry`."""
+    try:
+        result, decision = attempt_job(rt, job, attempt)
+    except Deferred as deferred:
+        if before_retry:
+            before_retry()
+        raise _retry(task, attempt, deferred.delay, carry) from None
+    if decision is not None and decision.action is Action.RETRY:
+        if before_retry:
+            before_retry()
+        raise _retry(task, attempt + 1, decision.delay, carry)
+    return result, decision
+
+
+def failed_without_call(job: Job, error: JobError, attempt: int) -> JobResult:
+    now = time.time()
+    return JobResult(
+        job_id=job.id,
+        kind=job.kind,
+        status="failed",
+        error=error,
+        attempts=attempt,
+        enqueued_at=job.enqueued_at,
+        started_at=now,
+        finished_at=now,
+        batch_id=job.batch_id,
+        custom_id=job.custom_id,
+    )
+
+
+def _trace_id(span: trace.Span) -> str | None:
+    context = span.get_span_context()
+    return f"{context.trace_id:032x}" if context.is_valid else None
+
+
+def _context_kwargs(job: Job) -> dict[str, Any]:
+    """Only what the job has: OpenInference would otherwise record empty sessions and users."""
+    kwargs: dict[str, Any] = {"session_id": job.session_id, "user_id": job.user_id}
+    kwargs = {k: v for k, v in kwargs.items() if v}
+    if job.metadata:
+        kwargs["metadata"] = dict(job.metadata)
+    if job.tags:
+        kwargs["tags"] = list(job.tags)
+    return kwargs

@@ -1,0 +1,71 @@
+"""Running one worker process: the Celery app plus tracing wired around fork, flush and log redaction."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
+
+from routerq import telemetry
+from routerq.redaction import RedactingFilter
+from routerq.settings import Settings
+from worker.app import create_worker_app
+from worker.maintenance import watch_broker
+from worker.preflight import check_api_key
+from worker.supervisor import WORKER_INDEX_ENV
+
+POOLS = ("prefork", "threads", "solo", "gevent", "eventlet")
+# One record per line each (received, succeeded, HTTP request): at hundreds of lines a second that is
+# a good part of a worker's CPU. `routerq status` counts lines; failures and retries still log.
+PER_LINE_LOGGERS = ("celery.app.trace", "celery.worker.strategy", "httpx", "httpx2")
+
+
+def run_worker(settings: Settings, concurrency: int, pool: str, loglevel: str = "INFO") -> None:
+    """Blocks until the worker stops. Prefork children set up tracing after fork, others up front."""
+    check_api_key(settings)
+    app = create_worker_app(settings)
+
+    def redact_logs(logger: logging.Logger, **_: Any) -> None:
+        log_filter = RedactingFilter(settings.secrets)
+        for handler in logger.handlers:
+            handler.addFilter(log_filter)
+        if loglevel.upper() != "DEBUG":
+            for name in PER_LINE_LOGGERS:
+                logging.getLogger(name).setLevel(logging.WARNING)
+
+    after_setup_logger.connect(redact_logs, weak=False)
+    after_setup_task_logger.connect(redact_logs, weak=False)
+    if pool == "prefork":
+        worker_process_init.connect(lambda **_: telemetry.setup_tracing(settings), weak=False)
+        worker_process_shutdown.connect(lambda **_: telemetry.flush(), weak=False)
+    else:
+        telemetry.setup_tracing(settings)
+    worker_shutdown.connect(lambda **_: telemetry.shutdown(), weak=False)
+    watchdog = watch_broker(app, settings, concurrency)
+    code: Any = 0
+    try:
+        app.worker_main(
+            [
+                "worker",
+                f"--concurrency={concurrency}",
+                f"--pool={pool}",
+                f"--queues={settings.queue}",
+                f"--loglevel={loglevel}",
+                "--without-gossip",
+                "--without-mingle",
+                f"--hostname=routerq{os.environ.get(WORKER_INDEX_ENV, '')}@%h",
+            ]
+        )
+    except SystemExit as exc:
+        code = exc.code
+    code = watchdog.exit_code(code)
+    if code:
+        raise SystemExit(code)
