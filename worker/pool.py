@@ -1,0 +1,154 @@
+"""A Celery execution pool that runs every task of the process as a coroutine on one asyncio loop.
+
+Celery stays the engine: its consumer takes messages off Redis, holds at most `--concurrency`
+unacknowledged (prefetch), schedules countdowns, and acknowledges a message when its task is done
+(late acks). Where the threads pool would hand each message to a thread (one OS thread and one
+blocking HTTP call per line in flight), this pool starts a coroutine on the process's loop, so
+hundreds of upstream calls wait together at the cost of a few kilobytes each.
+
+Tasks are `async def handler(delivery, *args, **kwargs)`, registered by name (worker.tasks). A task
+that raises is logged and acknowledged, as Celery acknowledges failed late-ack tasks; a task still
+running when the process dies is not acknowledged, so Redis delivers it again (worker.deliveries
+bounds how often). A warm shutdown (SIGTERM, one Ctrl-C) waits for running tasks; a cold one
+cancels them unacknowledged, so their messages go back to the queue when the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery.concurrency.base import BasePool
+
+from routerq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[..., Awaitable[Any]]
+# Beyond the job time limit, how long a warm shutdown waits for running tasks to record their outcome.
+SHUTDOWN_SLACK_S = 30.0
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a task knows of the message that carried it."""
+
+    task: str
+    id: str
+    retries: int
+    headers: dict[str, Any] = field(default_factory=dict)
+
+
+class AsyncioPool(BasePool):
+    body_can_be_buffer = True
+    signal_safe = False
+    is_green = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        settings: Settings = self.app.conf.routerq_settings
+        self._stop_timeout = settings.job_time_limit + SHUTDOWN_SLACK_S
+        self._running: set[concurrent.futures.Future[Any]] = set()
+        self._lock = threading.Lock()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="routerq-loop", daemon=True)
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def on_start(self) -> None:
+        self._thread.start()
+
+    def on_apply(
+        self,
+        target: Any,
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        callback: Callable[..., Any] | None = None,
+        accept_callback: Callable[..., Any] | None = None,
+        **_: Any,
+    ) -> concurrent.futures.Future[Any]:
+        """`args` are what Celery gives its tracer: task name, id, request, body, content type."""
+        name, task_id, request, body, content_type, _encoding = args or ()
+        if accept_callback is not None:
+            accept_callback(os.getpid(), time.monotonic())
+        future = asyncio.run_coroutine_threadsafe(
+            self._execute(name, task_id, request, body, content_type, callback), self.loop
+        )
+        with self._lock:
+            self._running.add(future)
+        future.add_done_callback(self._forget)
+        return future
+
+    def _forget(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._running.discard(future)
+
+    async def _execute(
+        self,
+        name: str,
+        task_id: str,
+        request: dict[str, Any],
+        body: Any,
+        content_type: str,
+        callback: Callable[..., Any] | None,
+    ) -> None:
+        started = time.monotonic()
+        result: Any = None
+        try:
+            if content_type != "application/json":  # the consumer accepts JSON only; never run the rest
+                raise ValueError(f"refusing a {content_type} message")
+            args, kwargs, _embed = json.loads(bytes(body) if isinstance(body, memoryview) else body)
+            delivery = Delivery(name, task_id, int(request.get("retries") or 0), request)
+            handler: Handler = self.app.tasks[name].run
+            result = await handler(delivery, *args, **kwargs)
+        except asyncio.CancelledError:
+            log.warning("task %s[%s] cancelled by a cold shutdown; its message goes back to the queue", name, task_id)
+            raise
+        except Exception:
+            log.exception("task %s[%s] failed", name, task_id)
+        if callback is not None:
+            callback((False, result, time.monotonic() - started))
+
+    def _wait_running(self, timeout: float) -> None:
+        with self._lock:
+            running = list(self._running)
+        if running:
+            log.info("waiting for %d running task(s) to finish", len(running))
+            concurrent.futures.wait(running, timeout=timeout)
+
+    def on_stop(self) -> None:
+        """Warm shutdown: running tasks finish (bounded by the job time limit), then the loop stops."""
+        self._wait_running(self._stop_timeout)
+        self._stop_loop()
+
+    def on_terminate(self) -> None:
+        """Cold shutdown: running tasks are cancelled and never acknowledged."""
+        with self._lock:
+            running = list(self._running)
+        for future in running:
+            future.cancel()
+        self._stop_loop()
+
+    def terminate_job(self, pid: int, signal: int | None = None) -> None:
+        """Celery asks to kill the process of one job; here every job shares the process: cancel all."""
+        self.on_terminate()
+
+    def _stop_loop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+
+    def _get_info(self) -> dict[str, Any]:
+        info = super()._get_info()
+        info.update({"max-concurrency": self.limit, "running": len(self._running)})
+        return info
