@@ -163,7 +163,6 @@ class Bench:
                 self.tmp,
                 name=f"{name}-{i}",
                 concurrency=per_worker,
-                pool=self.args.pool,
                 processes=self.args.processes,
             )
             for i in range(self.args.workers)
@@ -321,7 +320,6 @@ def main() -> None:
     parser.add_argument(
         "--processes", type=int, default=None, help="processes per worker (default: routerq's own choice)"
     )
-    parser.add_argument("--pool", default="threads", help="Celery pool of each worker")
     parser.add_argument("--big", type=int, default=50_000, help="lines for submit/results/RSS runs")
     parser.add_argument(
         "--big-latency-ms", type=float, default=20.0, help="the fake's latency for the big run"
@@ -428,14 +426,14 @@ def main() -> None:
         bench.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    worker_processes = args.processes or default_processes(args.concurrency // args.workers, args.pool)
+    worker_processes = args.processes or default_processes(args.concurrency // args.workers)
     table = "\n".join(["| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     report = (
         f"# routerq benchmark\n\nCommand: `{command.strip()}`  \nMachine: {machine()}  \n"
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
         f"Setup: N={args.lines}, C={args.concurrency}, fake latency {args.latency_ms:g} ms +-20 %, "
-        f"{args.workers} x `routerq worker --concurrency {args.concurrency // args.workers} "
-        f"--pool {args.pool}` ({worker_processes} processes each), "
+        f"{args.workers} x `routerq worker --concurrency {args.concurrency // args.workers}` "
+        f"({worker_processes} processes each), "
         "Redis, Phoenix and the fake on this machine too.\n\n" + table + "\n"
     )
     args.out.write_text(report)

@@ -53,13 +53,15 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
 
 @app.command()
 def worker(
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="calls in flight")] = 32,
-    pool: Annotated[str, typer.Option(help="threads (default), prefork, solo or gevent")] = "threads",
+    concurrency: Annotated[
+        int,
+        typer.Option("--concurrency", "-c", min=1, help="upstream calls in flight, all processes together"),
+    ] = 64,
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
     processes: Annotated[
         int | None,
         typer.Option(
-            min=1, help="processes sharing the concurrency (threads pool: 1 per 16, up to 2 per core)"
+            min=1, help="processes sharing the concurrency, each one event loop (default: 1 per core)"
         ),
     ] = None,
     supervise: Annotated[bool, typer.Option(help="restart the worker if it dies on its own")] = True,
@@ -67,14 +69,11 @@ def worker(
     """Run a worker that takes jobs from Redis and calls OpenRouter."""
     from routerq.errors import PreflightError
     from worker.preflight import check_api_key
-    from worker.run import POOLS, run_worker
+    from worker.run import run_worker
     from worker.supervisor import SUPERVISED_ENV, default_processes, split
     from worker.supervisor import supervise as run_supervised
 
-    if pool not in POOLS:
-        err.print(f"[red]--pool must be one of {', '.join(POOLS)}[/red]")
-        raise typer.Exit(2)
-    processes = processes or default_processes(concurrency, pool)
+    processes = processes or default_processes(concurrency)
     if processes > concurrency:
         raise _fail("routerq worker: --processes cannot exceed --concurrency", 2)
     if processes > 1 and not supervise:
@@ -87,12 +86,12 @@ def worker(
             raise _fail(f"routerq worker: {exc}", 2) from None
         argvs = [
             [sys.executable, "-m", "cli", "worker", "--concurrency", str(share), "--processes", "1",
-             "--pool", pool, "--loglevel", loglevel]
+             "--loglevel", loglevel]
             for share in split(concurrency, processes)
         ]  # fmt: skip
         raise typer.Exit(run_supervised(argvs))
     try:
-        run_worker(settings, concurrency, pool, loglevel)
+        run_worker(settings, concurrency, loglevel)
     except PreflightError as exc:
         err.print(f"[red]routerq worker: {exc}[/red]")
         raise typer.Exit(2) from None

@@ -91,7 +91,7 @@ def run_demo(keep: bool) -> int:
             env |= {"OPENROUTER_API_KEY": LOCAL_KEY, "OPENROUTER_BASE_URL": fake.url}
             console.print(f"no OPENROUTER_API_KEY: using the local OpenRouter stand-in at {fake.url}")
         os.environ.update(env)
-        services.append(start_worker(env, logs, concurrency=8, pool="threads"))
+        services.append(start_worker(env, logs, concurrency=8))
         _record(services)
         failures = _run_examples(Settings(**env))  # type: ignore[arg-type]
         console.print(
@@ -100,6 +100,8 @@ def run_demo(keep: bool) -> int:
         console.print(f"logs: {logs}/")
         if keep and sys.stdin.isatty():
             console.print("The stack keeps running for you to look around; Ctrl-C stops it.")
+            console.print("To use it from another terminal:")
+            console.print(export_lines(env), markup=False)
             while all(s.alive() for s in services):
                 time.sleep(1)
         return 1 if failures else 0
@@ -113,6 +115,12 @@ def run_demo(keep: bool) -> int:
             service.stop()
         STATE_FILE.unlink(missing_ok=True)
         console.print("stopped the local stack")
+
+
+def export_lines(env: dict[str, str]) -> str:
+    """Shell lines that point `routerq` at this stack; a real OpenRouter key is never printed."""
+    shown = {k: v for k, v in env.items() if k != "OPENROUTER_API_KEY" or v == LOCAL_KEY}
+    return "\n".join(f"export {name}={value}" for name, value in shown.items())
 
 
 def _run_examples(settings: Settings) -> int:

@@ -199,13 +199,12 @@ def start_worker(
     log_dir: Path,
     name: str = "worker",
     concurrency: int = 4,
-    pool: str = "prefork",
     processes: int | None = None,
     loglevel: str = "INFO",
 ) -> Service:
     """`routerq worker`, returned once every one of its processes says it is ready."""
-    processes = processes or default_processes(concurrency, pool)
-    argv = [sys.executable, "-m", "cli", "worker", "--concurrency", str(concurrency), "--pool", pool]
+    processes = processes or default_processes(concurrency)
+    argv = [sys.executable, "-m", "cli", "worker", "--concurrency", str(concurrency)]
     argv += ["--processes", str(processes), "--loglevel", loglevel]
     log_path = log_dir / f"{name}.log"
     seen = log_path.stat().st_size if log_path.exists() else 0

@@ -22,13 +22,19 @@ from enum import StrEnum
 from typing import Any
 
 import redis
+import redis.asyncio as aredis
 from pydantic import BaseModel, Field
 
 from routerq.jobs import JobResult
 from routerq.redis_client import as_text
 
 INDEX_KEY = "routerq:batches"
+DELIVERY_KEY_TTL_S = 24 * 3600  # far beyond any visibility timeout: a counter outlives its redeliveries
 IDEMPOTENCY_KEY = "routerq:idempotency:{key}"
+
+
+def batch_key(batch_id: str, part: str = "") -> str:
+    return f"routerq:batch:{batch_id}" + (f":{part}" if part else "")
 
 
 def active_key(queue: str) -> str:
@@ -227,14 +233,9 @@ class BatchStore:
     def __init__(self, client: redis.Redis, ttl: int) -> None:
         self._redis = client
         self._ttl = ttl
-        self._record = client.register_script(_RECORD)
-        self._park = client.register_script(_PARK)
-        self._pause = client.register_script(_PAUSE)
         self._resume = client.register_script(_RESUME)
 
-    @staticmethod
-    def key(batch_id: str, part: str = "") -> str:
-        return f"routerq:batch:{batch_id}" + (f":{part}" if part else "")
+    key = staticmethod(batch_key)
 
     def create(self, batch: Batch) -> None:
         fields: dict[str, Any] = {}
@@ -254,26 +255,6 @@ class BatchStore:
         raw, running, parked = pipe.execute()
         return _batch(raw, running, parked)
 
-    def begin(self, batch_id: str, index: int, delivery_key: str) -> LineStart:
-        """Everything a worker needs before it may call upstream for a line, in one round trip:
-        the batch, the line, its outcome so far, and how often this message was delivered. The line
-        is marked running at once; every path that does not run it records, parks or unmarks it."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.sadd(self.key(batch_id, "run"), index)
-        pipe.expire(self.key(batch_id, "run"), self._ttl)
-        pipe.hgetall(self.key(batch_id))
-        pipe.hget(self.key(batch_id, "in"), str(index))
-        pipe.hget(self.key(batch_id, "out"), str(index))
-        pipe.incr(delivery_key)
-        pipe.expire(delivery_key, 24 * 3600)
-        _, _, raw, line, outcome, deliveries, _ = pipe.execute()
-        return LineStart(
-            batch=_batch(raw, 0, 0),
-            line=json.loads(line) if line else None,
-            outcome=_outcome(outcome) if outcome else None,
-            deliveries=int(deliveries),
-        )
-
     def set_status(self, batch_id: str, status: BatchStatus, **fields: Any) -> None:
         mapping: dict[str, str | float] = {"status": status.value, **fields}
         self._redis.hset(self.key(batch_id), mapping=mapping)  # type: ignore[arg-type]
@@ -287,37 +268,10 @@ class BatchStore:
         raw = self._redis.hget(self.key(batch_id, "in"), str(index))
         return json.loads(raw) if raw else None
 
-    def unmark_running(self, batch_id: str, index: int) -> None:
-        self._redis.srem(self.key(batch_id, "run"), index)
-
-    def park(self, batch_id: str, index: int) -> bool:
-        keys = [self.key(batch_id), self.key(batch_id, "parked"), self.key(batch_id, "run")]
-        return bool(self._park(keys=keys, args=[index, self._ttl]))
-
-    def pause(self, batch_id: str, reason: str) -> bool:
-        return bool(self._pause(keys=[self.key(batch_id)], args=[reason]))
-
     def resume(self, batch_id: str) -> list[int] | None:
         """The parked line indexes, or None when the batch was not paused."""
         parked = self._resume(keys=[self.key(batch_id), self.key(batch_id, "parked")])
         return None if parked is None else sorted(int(i) for i in parked)
-
-    def record(
-        self, batch_id: str, index: int, outcome: Outcome, line: dict[str, Any], result: JobResult | None
-    ) -> bool:
-        usage = result.usage if result and result.usage else None
-        keys = [self.key(batch_id), self.key(batch_id, "out"), self.key(batch_id, "run")]
-        args = [
-            index,
-            outcome.value,
-            json.dumps(line, separators=(",", ":")),
-            usage.prompt_tokens if usage else 0,
-            usage.completion_tokens if usage else 0,
-            repr(usage.cost or 0.0) if usage else "0",
-            time.time(),
-            self._ttl,
-        ]
-        return int(self._record(keys=keys, args=args)) == 1
 
     def outputs(
         self, batch_id: str, total: int, page: int = 1000
@@ -350,3 +304,63 @@ class BatchStore:
 
     def release_idempotency_key(self, key: str) -> None:
         self._redis.delete(IDEMPOTENCY_KEY.format(key=key))
+
+
+class AsyncBatchStore:
+    """The worker's side of a batch, on redis.asyncio: start a line, then record, park or pause it."""
+
+    key = staticmethod(batch_key)
+
+    def __init__(self, client: aredis.Redis, ttl: int) -> None:
+        self._redis = client
+        self._ttl = ttl
+        self._record = client.register_script(_RECORD)
+        self._park = client.register_script(_PARK)
+        self._pause = client.register_script(_PAUSE)
+
+    async def begin(self, batch_id: str, index: int, delivery_key: str) -> LineStart:
+        """Everything a worker needs before it may call upstream for a line, in one round trip:
+        the batch, the line, its outcome so far, and how often this message was delivered. The line
+        is marked running at once; every path that does not run it records, parks or unmarks it."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.sadd(self.key(batch_id, "run"), index)
+        pipe.expire(self.key(batch_id, "run"), self._ttl)
+        pipe.hgetall(self.key(batch_id))
+        pipe.hget(self.key(batch_id, "in"), str(index))
+        pipe.hget(self.key(batch_id, "out"), str(index))
+        pipe.incr(delivery_key)
+        pipe.expire(delivery_key, DELIVERY_KEY_TTL_S)
+        _, _, raw, line, outcome, deliveries, _ = await pipe.execute()
+        return LineStart(
+            batch=_batch(raw, 0, 0),
+            line=json.loads(line) if line else None,
+            outcome=_outcome(outcome) if outcome else None,
+            deliveries=int(deliveries),
+        )
+
+    async def unmark_running(self, batch_id: str, index: int) -> None:
+        await self._redis.srem(self.key(batch_id, "run"), index)
+
+    async def park(self, batch_id: str, index: int) -> bool:
+        keys = [self.key(batch_id), self.key(batch_id, "parked"), self.key(batch_id, "run")]
+        return bool(await self._park(keys=keys, args=[index, self._ttl]))
+
+    async def pause(self, batch_id: str, reason: str) -> bool:
+        return bool(await self._pause(keys=[self.key(batch_id)], args=[reason]))
+
+    async def record(
+        self, batch_id: str, index: int, outcome: Outcome, line: dict[str, Any], result: JobResult | None
+    ) -> bool:
+        usage = result.usage if result and result.usage else None
+        keys = [self.key(batch_id), self.key(batch_id, "out"), self.key(batch_id, "run")]
+        args = [
+            index,
+            outcome.value,
+            json.dumps(line, separators=(",", ":")),
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+            repr(usage.cost or 0.0) if usage else "0",
+            time.time(),
+            self._ttl,
+        ]
+        return int(await self._record(keys=keys, args=args)) == 1

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import redis
+import redis.asyncio as aredis
 from pydantic import BaseModel, Field
 
 from routerq.redis_client import as_text
@@ -31,14 +32,16 @@ class EmbedRun(BaseModel):
     created_at: float = Field(default_factory=time.time)
 
 
+def embed_key(run_id: str, part: str = "") -> str:
+    return f"routerq:embed:{run_id}" + (f":{part}" if part else "")
+
+
 class EmbedStore:
     def __init__(self, client: redis.Redis, ttl: int) -> None:
         self._redis = client
         self._ttl = ttl
 
-    @staticmethod
-    def key(run_id: str, part: str = "") -> str:
-        return f"routerq:embed:{run_id}" + (f":{part}" if part else "")
+    key = staticmethod(embed_key)
 
     def save(self, run: EmbedRun) -> None:
         fields = {k: v for k, v in run.model_dump(exclude_none=True).items() if k not in ("done", "failed")}
@@ -55,10 +58,6 @@ class EmbedStore:
             return None
         return EmbedRun.model_validate({as_text(k): as_text(v) for k, v in raw.items()})
 
-    def texts(self, run_id: str, indexes: list[int]) -> list[str | None]:
-        values = self._redis.hmget(self.key(run_id, "in"), indexes)
-        return [json.loads(v)["text"] if v else None for v in values]
-
     def missing(self, run_id: str, total: int, page: int = 2000) -> Iterator[int]:
         """Indexes with no stored vector, in input order."""
         for start in range(0, total, page):
@@ -71,25 +70,6 @@ class EmbedStore:
             pipe.hexists(key, str(index))
         return [index for index, present in zip(indexes, pipe.execute(), strict=True) if not present]
 
-    def store_vectors(self, run_id: str, vectors: dict[int, bytes], tokens: int, cost: float) -> int:
-        """Store new vectors only (HSETNX): a redelivered request never double-counts."""
-        key = self.key(run_id, "vec")
-        pipe = self._redis.pipeline(transaction=False)
-        for index, raw in vectors.items():
-            pipe.hsetnx(key, str(index), raw)
-        added = sum(1 for created in pipe.execute() if created)
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.expire(key, self._ttl)
-        pipe.hincrby(self.key(run_id), "done", added)
-        if added:
-            pipe.hincrby(self.key(run_id), "prompt_tokens", tokens)
-            pipe.hincrbyfloat(self.key(run_id), "cost", cost)
-        pipe.execute()
-        return added
-
-    def record_failure(self, run_id: str, count: int) -> None:
-        self._redis.hincrby(self.key(run_id), "failed", count)
-
     def vectors(self, run_id: str, total: int, page: int = 500) -> Iterator[tuple[str, bytes | None]]:
         """(id, raw vector) in input order, `page` per round trip."""
         for start in range(0, total, page):
@@ -100,3 +80,49 @@ class EmbedStore:
             inputs, vectors = pipe.execute()
             for raw_in, raw_vec in zip(inputs, vectors, strict=True):
                 yield json.loads(raw_in)["id"], raw_vec
+
+
+class AsyncEmbedStore:
+    """The worker's side of an embedding run, on redis.asyncio: read texts, store vectors."""
+
+    key = staticmethod(embed_key)
+
+    def __init__(self, client: aredis.Redis, ttl: int) -> None:
+        self._redis = client
+        self._ttl = ttl
+
+    async def get(self, run_id: str) -> EmbedRun | None:
+        raw = await self._redis.hgetall(self.key(run_id))
+        if not raw:
+            return None
+        return EmbedRun.model_validate({as_text(k): as_text(v) for k, v in raw.items()})
+
+    async def texts(self, run_id: str, indexes: list[int]) -> list[str | None]:
+        values = await self._redis.hmget(self.key(run_id, "in"), indexes)
+        return [json.loads(v)["text"] if v else None for v in values]
+
+    async def missing_of(self, run_id: str, indexes: list[int]) -> list[int]:
+        key = self.key(run_id, "vec")
+        pipe = self._redis.pipeline(transaction=False)
+        for index in indexes:
+            pipe.hexists(key, str(index))
+        return [index for index, present in zip(indexes, await pipe.execute(), strict=True) if not present]
+
+    async def store_vectors(self, run_id: str, vectors: dict[int, bytes], tokens: int, cost: float) -> int:
+        """Store new vectors only (HSETNX): a redelivered request never double-counts."""
+        key = self.key(run_id, "vec")
+        pipe = self._redis.pipeline(transaction=False)
+        for index, raw in vectors.items():
+            pipe.hsetnx(key, str(index), raw)
+        added = sum(1 for created in await pipe.execute() if created)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.expire(key, self._ttl)
+        pipe.hincrby(self.key(run_id), "done", added)
+        if added:
+            pipe.hincrby(self.key(run_id), "prompt_tokens", tokens)
+            pipe.hincrbyfloat(self.key(run_id), "cost", cost)
+        await pipe.execute()
+        return added
+
+    async def record_failure(self, run_id: str, count: int) -> None:
+        await self._redis.hincrby(self.key(run_id), "failed", count)

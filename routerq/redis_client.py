@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+import redis.asyncio as aredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -21,6 +23,18 @@ def connect(url: str) -> redis.Redis:
         socket_keepalive=True,
         socket_connect_timeout=5,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=RECONNECT_RETRIES),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+def connect_async(url: str) -> aredis.Redis:
+    """`connect` for the worker's event loop: the same options, on redis.asyncio."""
+    return aredis.Redis.from_url(
+        url,
+        health_check_interval=30,
+        socket_keepalive=True,
+        socket_connect_timeout=5,
+        retry=AsyncRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=RECONNECT_RETRIES),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import redis
+import redis.asyncio as aredis
 
 from routerq.errors import ResultTimeoutError
 from routerq.jobs import Job, JobResult
@@ -46,20 +47,6 @@ class ResultStore:
     def unpend(self, job_id: str) -> None:
         self._redis.zrem(self._pending, job_id)
 
-    def put(self, result: JobResult) -> None:
-        """A success is final: a redelivered job's later failure never overwrites it."""
-        key = RESULT_KEY.format(job_id=result.job_id)
-        data = result.model_dump_json(exclude_none=True)
-        if not result.ok:
-            existing = self.get(result.job_id)
-            if existing is not None and existing.ok:
-                return
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.set(key, data, ex=self._ttl)
-        pipe.zrem(self._pending, result.job_id)
-        pipe.delete(INPUT_KEY.format(job_id=result.job_id))
-        pipe.execute()
-
     def get(self, job_id: str) -> JobResult | None:
         raw = self._redis.get(RESULT_KEY.format(job_id=job_id))
         return JobResult.model_validate_json(raw) if raw else None
@@ -76,3 +63,30 @@ class ResultStore:
                 raise ResultTimeoutError(f"job {job_id} has no result after {timeout} s")
             time.sleep(delay)
             delay = min(delay * 1.5, 0.2)
+
+
+class AsyncResultStore:
+    """The worker's side of single-job results, on redis.asyncio."""
+
+    def __init__(self, client: aredis.Redis, ttl: int, queue: str) -> None:
+        self._redis = client
+        self._ttl = ttl
+        self._pending = PENDING_KEY.format(queue=queue)
+
+    async def get(self, job_id: str) -> JobResult | None:
+        raw = await self._redis.get(RESULT_KEY.format(job_id=job_id))
+        return JobResult.model_validate_json(raw) if raw else None
+
+    async def put(self, result: JobResult) -> None:
+        """A success is final: a redelivered job's later failure never overwrites it."""
+        key = RESULT_KEY.format(job_id=result.job_id)
+        data = result.model_dump_json(exclude_none=True)
+        if not result.ok:
+            existing = await self.get(result.job_id)
+            if existing is not None and existing.ok:
+                return
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(key, data, ex=self._ttl)
+        pipe.zrem(self._pending, result.job_id)
+        pipe.delete(INPUT_KEY.format(job_id=result.job_id))
+        await pipe.execute()

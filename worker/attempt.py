@@ -1,19 +1,18 @@
 """One upstream attempt, and what the retry policy makes of it.
 
-Every task runs the same attempt: shared rate limiter, one upstream call, then the retry policy
-decides: done, retry later (re-published with a countdown, freeing the worker slot), fail, or pause
-the batch.
+Every task runs the same attempt: shared rate limiter, one upstream call bounded by
+ROUTERQ_JOB_TIME_LIMIT, then the retry policy decides: done, retry later (the task is re-published
+with a countdown, so the message is acknowledged and the slot freed), fail, or pause the batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
 from openinference.instrumentation import using_attributes
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
@@ -23,6 +22,7 @@ from routerq.jobs import Job, JobError, JobResult
 from routerq.spans import DECISION, ERROR_CLASS, worker_attributes
 from worker.limiter import Lease, estimate_tokens
 from worker.openrouter import UpstreamAnswer
+from worker.pool import Delivery
 from worker.retry import Action, Decision, decide, error_class
 from worker.runtime import Runtime
 
@@ -40,26 +40,30 @@ class Deferred(RouterqError):
         self.delay = delay
 
 
-def attempt_job(rt: Runtime, job: Job, attempt: int) -> tuple[JobResult, Decision | None]:
+class Retrying(RouterqError):
+    """The attempt was re-published with a countdown; this run of the task ends here."""
+
+
+async def attempt_job(rt: Runtime, job: Job, attempt: int) -> tuple[JobResult, Decision | None]:
     """One upstream attempt with the job's context on every span. Decision is None on success."""
     started = time.time()
     span = trace.get_current_span()
-    for key, value in worker_attributes(job, (started - job.enqueued_at) * 1000, attempt).items():
-        span.set_attribute(key, value)
-    rt.pricing.ensure(job.models)
+    span.set_attributes(worker_attributes(job, (started - job.enqueued_at) * 1000, attempt))
+    await rt.ensure_priced(job.models)
     model = job.models[0]
-    lease = _acquire(rt, model, estimate_tokens(job.body))
+    lease = await _acquire(rt, model, estimate_tokens(job.body))
     answer: UpstreamAnswer | None = None
     try:
         with using_attributes(**_context_kwargs(job)):
             try:
-                answer = rt.openrouter.call(job)
-            except SoftTimeLimitExceeded:
+                async with asyncio.timeout(rt.settings.job_time_limit):
+                    answer = await rt.openrouter.call(job)
+            except TimeoutError:
                 message = f"no answer within ROUTERQ_JOB_TIME_LIMIT ({rt.settings.job_time_limit:g} s)"
                 answer = UpstreamAnswer(None, JobError(code="timeout", message=message))
     finally:
         usage = answer.usage if answer is not None else None
-        rt.limiter.release(lease, usage.total_tokens if usage else None)
+        await rt.limiter.release(lease, usage.total_tokens if usage else None)
     decision = None
     if answer.error:
         decision = decide(answer.error, answer.retry_after, attempt, rt.settings)
@@ -67,7 +71,7 @@ def attempt_job(rt: Runtime, job: Job, attempt: int) -> tuple[JobResult, Decisio
         span.set_attribute(ERROR_CLASS, error_class(answer.error))
         span.set_attribute(DECISION, decision.action.value)
         if answer.error.status_code == 429:
-            rt.limiter.penalize(model, answer.retry_after or 1.0)
+            await rt.limiter.penalize(model, answer.retry_after or 1.0)
         log.warning(
             "job %s attempt %d: %s (%s) -> %s %s",
             job.id, attempt, answer.error.message, answer.error.code, decision.action.value, decision.reason,
@@ -94,15 +98,15 @@ def attempt_job(rt: Runtime, job: Job, attempt: int) -> tuple[JobResult, Decisio
     return result, decision
 
 
-def _acquire(rt: Runtime, model: str, tokens: int) -> Lease:
+async def _acquire(rt: Runtime, model: str, tokens: int) -> Lease:
     waited = 0.0
     while True:
-        lease, wait = rt.limiter.try_acquire(model, tokens)
+        lease, wait = await rt.limiter.try_acquire(model, tokens)
         if lease is not None:
             return lease
         if wait > LIMITER_DEFER_S or waited + wait > LIMITER_DEFER_S * 4:
             raise Deferred(wait)
-        time.sleep(wait)
+        await asyncio.sleep(wait)
         waited += wait
 
 
@@ -113,32 +117,49 @@ def final_error(error: JobError | None, decision: Decision | None) -> JobError |
     return error.model_copy(update={"message": f"{error.message} ({decision.reason})"})
 
 
-def _retry(task: Task, attempt: int, delay: float, carry: dict[str, Any] | None) -> Exception:
-    kwargs = {**(task.request.kwargs or {}), **(carry or {}), "attempt": attempt}
-    return task.retry(kwargs=kwargs, countdown=delay)  # type: ignore[no-any-return]
-
-
-def attempt_or_retry(
+async def attempt_or_retry(
     rt: Runtime,
-    task: Task,
+    delivery: Delivery,
+    args: list[Any],
     job: Job,
     attempt: int,
-    before_retry: Callable[[], None] | None = None,
+    before_retry: Callable[[], Awaitable[None]] | None = None,
     carry: dict[str, Any] | None = None,
 ) -> tuple[JobResult, Decision | None]:
-    """An attempt whose outcome is final or a pause; a retry (or a long limiter wait) re-publishes
-    the task with a countdown, plus the `carry` kwargs, and ends this run after `before_retry`."""
+    """An attempt whose outcome is final or a pause. A retry (or a long limiter wait) re-publishes the
+    task, with `args`, the next attempt number and `carry`, after `before_retry`; then raises Retrying."""
     try:
-        result, decision = attempt_job(rt, job, attempt)
+        result, decision = await attempt_job(rt, job, attempt)
     except Deferred as deferred:
-        if before_retry:
-            before_retry()
-        raise _retry(task, attempt, deferred.delay, carry) from None
+        await _republish(rt, delivery, args, attempt, deferred.delay, carry, before_retry)
+        raise Retrying from None
     if decision is not None and decision.action is Action.RETRY:
-        if before_retry:
-            before_retry()
-        raise _retry(task, attempt + 1, decision.delay, carry)
+        await _republish(rt, delivery, args, attempt + 1, decision.delay, carry, before_retry)
+        raise Retrying
     return result, decision
+
+
+async def _republish(
+    rt: Runtime,
+    delivery: Delivery,
+    args: list[Any],
+    attempt: int,
+    delay: float,
+    carry: dict[str, Any] | None,
+    before_retry: Callable[[], Awaitable[None]] | None,
+) -> None:
+    if before_retry is not None:
+        await before_retry()
+    rt.app.send_task(
+        delivery.task,
+        args=args,
+        kwargs={**(carry or {}), "attempt": attempt},
+        task_id=delivery.id,
+        retries=delivery.retries + 1,
+        countdown=delay,
+        queue=rt.settings.queue,
+        ignore_result=True,
+    )
 
 
 def failed_without_call(job: Job, error: JobError, attempt: int) -> JobResult:

@@ -7,26 +7,24 @@ higher), and past ROUTERQ_MAX_DELIVERIES the job fails as `worker_lost` without 
 
 from __future__ import annotations
 
-from celery import Task
-
+from routerq.batch_store import DELIVERY_KEY_TTL_S
 from routerq.jobs import JobError
+from worker.pool import Delivery
 from worker.runtime import Runtime
 
-DELIVERY_KEY_TTL_S = 24 * 3600  # far beyond any visibility timeout: a counter outlives its redeliveries
 
-
-def delivery_key(task: Task, job_id: str) -> str:
+def delivery_key(delivery: Delivery, job_id: str) -> str:
     """One counter per message: a retry is a new message (its `retries` is one higher)."""
-    return f"routerq:deliveries:{job_id}:{task.request.id}:{task.request.retries or 0}"
+    return f"routerq:deliveries:{job_id}:{delivery.id}:{delivery.retries}"
 
 
-def over_delivered(rt: Runtime, task: Task, job_id: str) -> int | None:
+async def over_delivered(rt: Runtime, delivery: Delivery, job_id: str) -> int | None:
     """Counts this delivery; returns the count when it is past the bound, else None."""
-    name = delivery_key(task, job_id)
+    name = delivery_key(delivery, job_id)
     pipe = rt.redis.pipeline(transaction=False)
     pipe.incr(name)
     pipe.expire(name, DELIVERY_KEY_TTL_S)
-    count = int(pipe.execute()[0])
+    count = int((await pipe.execute())[0])
     return count if count > rt.settings.max_deliveries else None
 
 

@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import redis
+import redis.asyncio as aredis
 
 from routerq.settings import Settings
 
@@ -125,7 +125,7 @@ class SharedLimiter:
     """With no limits configured, only the shared cool-down after a 429 applies; it is read from
     Redis at most every COOLDOWN_CACHE_S per process, so an unlimited worker pays no round trip per call."""
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(self, client: aredis.Redis, settings: Settings) -> None:
         self._settings = settings
         self._redis = client
         self._cooldown: dict[str, tuple[float, float]] = {}  # model -> (read at, cool-down until), seconds
@@ -146,10 +146,10 @@ class SharedLimiter:
         base = f"routerq:limit:{{{scope}}}"
         return [f"{base}:req", f"{base}:tok", f"{base}:fly", f"{base}:state"]
 
-    def try_acquire(self, model: str, tokens: int) -> tuple[Lease | None, float]:
+    async def try_acquire(self, model: str, tokens: int) -> tuple[Lease | None, float]:
         """A lease, or how many seconds to wait before asking again."""
         if not self.active:
-            wait = self._cooldown_until(model) - time.time()
+            wait = await self._cooldown_until(model) - time.time()
             return (None, wait) if wait > 0 else (NO_LEASE, 0.0)
         scopes = self._scopes(model)
         keys = [key for scope, _ in scopes for key in self._keys(scope)]
@@ -165,33 +165,33 @@ class SharedLimiter:
         ]
         for _, limits in scopes:
             args.extend(limits)
-        wait_ms = int(self._acquire(keys=keys, args=args))
+        wait_ms = int(await self._acquire(keys=keys, args=args))
         if wait_ms > 0:
             return None, wait_ms / 1000.0
         return Lease(lease, tuple(scope for scope, _ in scopes), max(0, tokens)), 0.0
 
-    def _cooldown_until(self, model: str) -> float:
+    async def _cooldown_until(self, model: str) -> float:
         now = time.time()
         read_at, until = self._cooldown.get(model, (0.0, 0.0))
         if now - read_at > COOLDOWN_CACHE_S:
             pipe = self._redis.pipeline(transaction=False)
             for scope, _ in self._scopes(model):
                 pipe.hget(self._keys(scope)[3], "cooldown")
-            until = max((float(v) / 1000.0 for v in pipe.execute() if v), default=0.0)
+            until = max((float(v) / 1000.0 for v in await pipe.execute() if v), default=0.0)
             self._cooldown[model] = (now, until)
         return until
 
-    def release(self, lease: Lease, actual_tokens: int | None) -> None:
+    async def release(self, lease: Lease, actual_tokens: int | None) -> None:
         if lease is NO_LEASE:
             return
         keys = [key for scope in lease.scopes for key in self._keys(scope)]
         actual = lease.tokens if actual_tokens is None else actual_tokens
-        self._release(keys=keys, args=[lease.id, lease.tokens, actual])
+        await self._release(keys=keys, args=[lease.id, lease.tokens, actual])
 
-    def penalize(self, model: str, cooldown_s: float) -> None:
+    async def penalize(self, model: str, cooldown_s: float) -> None:
         """An upstream 429: every worker slows down, not only the one that got it."""
         keys = [self._keys(scope)[3] for scope, _ in self._scopes(model)]
-        self._penalize(
+        await self._penalize(
             keys=keys, args=[int(time.time() * 1000), int(cooldown_s * 1000), int(RECOVERY_S * 1000)]
         )
 

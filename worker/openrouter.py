@@ -75,15 +75,15 @@ def unusable_reason(path: str, body: Any) -> str | None:
     return None
 
 
-class OpenRouterTransport(httpx2.BaseTransport):
+class OpenRouterTransport(httpx2.AsyncBaseTransport):
     """Normalizes OpenRouter's answers at the HTTP layer, inside the LLM span."""
 
-    def __init__(self, inner: httpx2.BaseTransport) -> None:
+    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
         self._inner = inner
 
-    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        response = self._inner.handle_request(request)
-        response.read()
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self._inner.handle_async_request(request)
+        await response.aread()
         body = _json_body(response)
         annotate_llm_span(trace.get_current_span(), response.status_code, body)
         if response.status_code != 200 or request.method != "POST":
@@ -115,8 +115,8 @@ class OpenRouterTransport(httpx2.BaseTransport):
         headers[FAILURE_HEADER] = failure.value
         return httpx2.Response(status, headers=headers, content=json.dumps(body).encode(), request=request)
 
-    def close(self) -> None:
-        self._inner.close()
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 @dataclass
@@ -134,30 +134,37 @@ class UpstreamAnswer:
 
 
 class OpenRouterClient:
-    def __init__(self, settings: Settings) -> None:
+    """`AsyncOpenAI` on an httpx connection pool as large as the calls this process holds in flight."""
+
+    def __init__(self, settings: Settings, concurrency: int) -> None:
         self._secrets = settings.secrets
         title = settings.openrouter_app_title
         headers = {"X-OpenRouter-Title": title, "X-Title": title}
         if settings.openrouter_http_referer:
             headers["HTTP-Referer"] = settings.openrouter_http_referer
         timeout = httpx2.Timeout(settings.openrouter_timeout, connect=min(10.0, settings.openrouter_timeout))
-        self._client = openai.OpenAI(
+        self._client = openai.AsyncOpenAI(
             api_key=settings.api_key or "missing-openrouter-api-key",
             base_url=settings.openrouter_base_url,
             timeout=timeout,
             max_retries=0,  # routerq owns retries; one budget, one place
             default_headers=headers,
-            http_client=httpx2.Client(
-                transport=OpenRouterTransport(httpx2.HTTPTransport()),
+            http_client=httpx2.AsyncClient(
+                transport=OpenRouterTransport(
+                    httpx2.AsyncHTTPTransport(
+                        limits=httpx2.Limits(
+                            max_connections=concurrency, max_keepalive_connections=concurrency
+                        )
+                    )
+                ),
                 timeout=timeout,
-                limits=httpx2.Limits(max_connections=256, max_keepalive_connections=64),
             ),
         )
 
-    def call(self, job: Job) -> UpstreamAnswer:
+    async def call(self, job: Job) -> UpstreamAnswer:
         """One attempt. The request body goes upstream exactly as the job gave it."""
         try:
-            answer: ChatCompletion | Completion | CreateEmbeddingResponse = self._client.post(
+            answer: ChatCompletion | Completion | CreateEmbeddingResponse = await self._client.post(
                 job.kind.path, cast_to=_CAST[job.kind], body=job.body
             )
         except openai.APIStatusError as exc:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery import Celery
 from celery.concurrency.base import BasePool
 
 from routerq.settings import Settings
@@ -41,13 +42,14 @@ SHUTDOWN_SLACK_S = 30.0
 class Delivery:
     """What a task knows of the message that carried it."""
 
+    app: Celery
     task: str
     id: str
     retries: int
     headers: dict[str, Any] = field(default_factory=dict)
 
 
-class AsyncioPool(BasePool):
+class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type information
     body_can_be_buffer = True
     signal_safe = False
     is_green = False
@@ -108,11 +110,11 @@ class AsyncioPool(BasePool):
             if content_type != "application/json":  # the consumer accepts JSON only; never run the rest
                 raise ValueError(f"refusing a {content_type} message")
             args, kwargs, _embed = json.loads(bytes(body) if isinstance(body, memoryview) else body)
-            delivery = Delivery(name, task_id, int(request.get("retries") or 0), request)
+            delivery = Delivery(self.app, name, task_id, int(request.get("retries") or 0), request)
             handler: Handler = self.app.tasks[name].run
             result = await handler(delivery, *args, **kwargs)
         except asyncio.CancelledError:
-            log.warning("task %s[%s] cancelled by a cold shutdown; its message goes back to the queue", name, task_id)
+            log.warning("task %s[%s] cancelled by a cold shutdown; its message goes back", name, task_id)
             raise
         except Exception:
             log.exception("task %s[%s] failed", name, task_id)
@@ -149,6 +151,6 @@ class AsyncioPool(BasePool):
             self._thread.join(5)
 
     def _get_info(self) -> dict[str, Any]:
-        info = super()._get_info()
+        info: dict[str, Any] = super()._get_info()
         info.update({"max-concurrency": self.limit, "running": len(self._running)})
         return info

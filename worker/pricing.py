@@ -56,6 +56,10 @@ class PhoenixPricing:
     def enabled(self) -> bool:
         return self._settings.tracing and self._settings.phoenix_pricing
 
+    def known(self, model: str) -> bool:
+        """Whether `ensure` has nothing left to do for this model (no I/O: safe on the event loop)."""
+        return not self.enabled or model in self._done
+
     def ensure(self, models: list[str]) -> None:
         """Make sure Phoenix can price every model the job may be served by. Never raises, never sleeps."""
         if not self.enabled:

@@ -9,8 +9,6 @@ from typing import Any
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
-    worker_process_init,
-    worker_process_shutdown,
     worker_shutdown,
 )
 
@@ -22,16 +20,17 @@ from worker.maintenance import watch_broker
 from worker.preflight import check_api_key
 from worker.supervisor import WORKER_INDEX_ENV
 
-POOLS = ("prefork", "threads", "solo", "gevent", "eventlet")
 # One record per line each (received, succeeded, HTTP request): at hundreds of lines a second that is
 # a good part of a worker's CPU. `routerq status` counts lines; failures and retries still log.
 PER_LINE_LOGGERS = ("celery.app.trace", "celery.worker.strategy", "httpx", "httpx2")
 
 
-def run_worker(settings: Settings, concurrency: int, pool: str, loglevel: str = "INFO") -> None:
-    """Blocks until the worker stops. Prefork children set up tracing after fork, others up front."""
+def run_worker(settings: Settings, concurrency: int, loglevel: str = "INFO") -> None:
+    """Blocks until the worker stops. One process, one event loop (worker.pool): no fork, so tracing
+    is set up here, before Celery starts."""
     check_api_key(settings)
     app = create_worker_app(settings)
+    app.conf.worker_concurrency = concurrency  # also sizes the process's upstream connection pool
 
     def redact_logs(logger: logging.Logger, **_: Any) -> None:
         log_filter = RedactingFilter(settings.secrets)
@@ -43,11 +42,7 @@ def run_worker(settings: Settings, concurrency: int, pool: str, loglevel: str = 
 
     after_setup_logger.connect(redact_logs, weak=False)
     after_setup_task_logger.connect(redact_logs, weak=False)
-    if pool == "prefork":
-        worker_process_init.connect(lambda **_: telemetry.setup_tracing(settings), weak=False)
-        worker_process_shutdown.connect(lambda **_: telemetry.flush(), weak=False)
-    else:
-        telemetry.setup_tracing(settings)
+    telemetry.setup_tracing(settings)
     worker_shutdown.connect(lambda **_: telemetry.shutdown(), weak=False)
     watchdog = watch_broker(app, settings, concurrency)
     code: Any = 0
@@ -56,7 +51,6 @@ def run_worker(settings: Settings, concurrency: int, pool: str, loglevel: str = 
             [
                 "worker",
                 f"--concurrency={concurrency}",
-                f"--pool={pool}",
                 f"--queues={settings.queue}",
                 f"--loglevel={loglevel}",
                 "--without-gossip",

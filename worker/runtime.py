@@ -1,18 +1,18 @@
-"""Per-process worker state: clients are built lazily in each process (after fork), never shared."""
+"""Per-process worker state, built on the process's event loop at its first task and shared by all."""
 
 from __future__ import annotations
 
-import os
-import threading
+import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-import redis
+import redis.asyncio as aredis
 from celery import Celery
 
-from routerq.batch_store import BatchStore
-from routerq.embed_store import EmbedStore
-from routerq.redis_client import connect
-from routerq.result_store import ResultStore
+from routerq.batch_store import AsyncBatchStore
+from routerq.embed_store import AsyncEmbedStore
+from routerq.redis_client import connect, connect_async
+from routerq.result_store import AsyncResultStore
 from routerq.settings import Settings
 from worker.limiter import SharedLimiter
 from worker.openrouter import OpenRouterClient
@@ -21,46 +21,41 @@ from worker.pricing import PhoenixPricing
 
 @dataclass
 class Runtime:
+    app: Celery
     settings: Settings
-    redis: redis.Redis
+    redis: aredis.Redis
     limiter: SharedLimiter
-    store: ResultStore
-    batches: BatchStore
-    embeddings: EmbedStore
+    store: AsyncResultStore
+    batches: AsyncBatchStore
+    embeddings: AsyncEmbedStore
     openrouter: OpenRouterClient
     pricing: PhoenixPricing
 
+    async def ensure_priced(self, models: Iterable[str]) -> None:
+        """A model's first call registers its price in Phoenix (blocking HTTP): off the loop."""
+        wanted = [m for m in models if not self.pricing.known(m)]
+        if wanted:
+            await asyncio.to_thread(self.pricing.ensure, wanted)
+
 
 _runtime: Runtime | None = None
-_pid: int | None = None
-
-
-_lock = threading.Lock()
 
 
 def runtime(app: Celery) -> Runtime:
-    """One per process, shared by its threads; built on first use after fork."""
-    global _runtime, _pid
-    if _runtime is not None and _pid == os.getpid():
-        return _runtime
-    with _lock:
-        return _build(app)
-
-
-def _build(app: Celery) -> Runtime:
-    global _runtime, _pid
-    if _runtime is None or _pid != os.getpid():
+    """One per process; called only from the loop's thread, so no lock is needed."""
+    global _runtime
+    if _runtime is None:
         settings: Settings = app.conf.routerq_settings
-        client = connect(settings.redis_url)
+        client = connect_async(settings.redis_url)
         _runtime = Runtime(
+            app=app,
             settings=settings,
             redis=client,
             limiter=SharedLimiter(client, settings),
-            store=ResultStore(client, settings.result_ttl, settings.queue),
-            batches=BatchStore(client, settings.result_ttl),
-            embeddings=EmbedStore(client, settings.result_ttl),
-            openrouter=OpenRouterClient(settings),
-            pricing=PhoenixPricing(settings, client),
+            store=AsyncResultStore(client, settings.result_ttl, settings.queue),
+            batches=AsyncBatchStore(client, settings.result_ttl),
+            embeddings=AsyncEmbedStore(client, settings.result_ttl),
+            openrouter=OpenRouterClient(settings, app.conf.worker_concurrency or 1),
+            pricing=PhoenixPricing(settings, connect(settings.redis_url)),
         )
-        _pid = os.getpid()
     return _runtime

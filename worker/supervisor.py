@@ -16,12 +16,10 @@ HEALTHY_RUN_S = 60.0
 POLL_S = 0.2
 
 
-def default_processes(concurrency: int, pool: str) -> int:
-    """Threads share one GIL per process: past ~16 calls in flight a process spends more time queueing
-    for it than calling (bench/RESULTS.md), so the threads pool spreads over up to 2 per core."""
-    if pool != "threads":
-        return 1
-    return max(1, min(concurrency // 16, 2 * (os.cpu_count() or 1)))
+def default_processes(concurrency: int) -> int:
+    """One process per core: each runs one event loop holding its share of the calls in flight, and a
+    second loop on the same core would only add a second interpreter's memory."""
+    return max(1, min(concurrency, os.cpu_count() or 1))
 
 
 def split(concurrency: int, processes: int) -> list[int]:

@@ -1,7 +1,8 @@
 """The task bodies: a single job, one line of a batch, one request of an embedding backfill.
 
-Each runs the shared attempt (worker.attempt) and records its outcome in the matching store; a
-delivery counter (worker.deliveries) bounds messages that kill their worker process.
+Each is a coroutine on the process's event loop (worker.pool), runs the shared attempt
+(worker.attempt) and records its outcome in the matching store; a delivery counter
+(worker.deliveries) bounds messages that kill their worker process.
 """
 
 from __future__ import annotations
@@ -9,15 +10,15 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from contextlib import AbstractContextManager
 from enum import StrEnum
 from typing import Any
 
-from celery import Celery, Task
-from celery.exceptions import Retry
+from celery import Celery
 from openinference.semconv.trace import SpanAttributes
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from routerq import telemetry
 from routerq.batch_format import output_line
@@ -26,8 +27,9 @@ from routerq.broker import EMBED_TASK_NAME, LINE_TASK_NAME, TASK_NAME
 from routerq.errors import JobFailedError
 from routerq.jobs import Job, JobError, JobKind, JobResult
 from routerq.spans import ATTEMPT, BATCH_ID, BATCH_LINE, chain_attributes, chain_kind, output_attribute
-from worker.attempt import attempt_or_retry, failed_without_call
+from worker.attempt import Retrying, attempt_or_retry, failed_without_call
 from worker.deliveries import delivery_key, over_delivered, poison_error
+from worker.pool import Delivery
 from worker.retry import Action
 from worker.runtime import runtime
 
@@ -43,26 +45,31 @@ class Skipped(StrEnum):
     PARKED = "parked"  # set aside while its batch is paused
 
 
-def run_job(task: Task, payload: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
-    job = Job.model_validate(payload)
-    rt = runtime(task.app)
-    stored = rt.store.get(job.id)
-    if stored is not None and stored.ok:
-        log.info("job %s already has a stored result; not calling upstream again", job.id)
-        return {"job_id": job.id, "status": stored.status}
-    deliveries = over_delivered(rt, task, job.id)
-    if deliveries:
-        result = failed_without_call(job, poison_error(deliveries), attempt)
-    else:
-        result, _ = attempt_or_retry(rt, task, job, attempt)
-    rt.store.put(result)
-    if not result.ok:
-        raise JobFailedError(result)
-    return {"job_id": job.id, "status": result.status}
+async def run_job(delivery: Delivery, payload: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
+    """A single job, in the trace its producer started: `run/routerq.run_job` under the publish span."""
+    with _consumer_span(delivery):
+        job = Job.model_validate(payload)
+        rt = runtime(delivery.app)
+        stored = await rt.store.get(job.id)
+        if stored is not None and stored.ok:
+            log.info("job %s already has a stored result; not calling upstream again", job.id)
+            return {"job_id": job.id, "status": stored.status}
+        deliveries = await over_delivered(rt, delivery, job.id)
+        if deliveries:
+            result = failed_without_call(job, poison_error(deliveries), attempt)
+        else:
+            try:
+                result, _ = await attempt_or_retry(rt, delivery, [payload], job, attempt)
+            except Retrying:
+                return {"job_id": job.id, "status": "retrying"}
+        await rt.store.put(result)
+        if not result.ok:
+            log.warning("%s", JobFailedError(result))
+        return {"job_id": job.id, "status": result.status}
 
 
-def run_line(
-    task: Task,
+async def run_line(
+    delivery: Delivery,
     batch_id: str,
     index: int,
     enqueued_at: float,
@@ -82,10 +89,10 @@ def run_line(
         set_status_on_exception=False,
     ) as span:
         try:
-            result = _run_line(task, span, batch_id, index, enqueued_at, attempt)
-        except Retry:
+            result = await _run_line(delivery, span, batch_id, index, enqueued_at, attempt)
+        except Retrying:
             span.set_attribute(SpanAttributes.OUTPUT_VALUE, "retrying")
-            raise
+            return {"batch_id": batch_id, "index": index, "status": "retrying"}
         except Exception as exc:
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, str(exc)))
@@ -98,24 +105,24 @@ def run_line(
         span.set_attribute(SpanAttributes.OUTPUT_VALUE, output_attribute(text))
         if not result.ok:
             span.set_status(Status(StatusCode.ERROR, text))
-            raise JobFailedError(result)
+            log.warning("batch %s line %d: %s", batch_id, index, JobFailedError(result))
         return {**summary, "status": result.status}
 
 
-def _run_line(
-    task: Task, span: trace.Span, batch_id: str, index: int, enqueued_at: float, attempt: int
+async def _run_line(
+    delivery: Delivery, span: trace.Span, batch_id: str, index: int, enqueued_at: float, attempt: int
 ) -> JobResult | Skipped:
     """The line's result when it was tried, or why it was not."""
-    rt = runtime(task.app)
+    rt = runtime(delivery.app)
     store = rt.batches
-    start = store.begin(batch_id, index, delivery_key(task, f"{batch_id}-{index}"))
+    start = await store.begin(batch_id, index, delivery_key(delivery, f"{batch_id}-{index}"))
     batch, line = start.batch, start.line
     if batch is None or line is None:
-        store.unmark_running(batch_id, index)
+        await store.unmark_running(batch_id, index)
         log.warning("batch %s line %d has expired or never existed; dropping it", batch_id, index)
         return Skipped.MISSING
     if start.outcome is Outcome.SUCCEEDED:
-        store.unmark_running(batch_id, index)
+        await store.unmark_running(batch_id, index)
         log.info("batch %s line %d already succeeded; not calling upstream again", batch_id, index)
         return Skipped.SUCCEEDED
     if batch.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.FAILED):
@@ -123,38 +130,39 @@ def _run_line(
             code="batch_cancelled", message=f"batch is {batch.status.value}; line not sent upstream"
         )
         line_out = {"id": None, "custom_id": line["custom_id"], "response": None, "error": error.model_dump()}
-        store.record(batch_id, index, Outcome.CANCELLED, line_out, None)
+        await store.record(batch_id, index, Outcome.CANCELLED, line_out, None)
         return Skipped.CANCELLED
-    if batch.status is BatchStatus.PAUSED and store.park(batch_id, index):
+    if batch.status is BatchStatus.PAUSED and await store.park(batch_id, index):
         return Skipped.PARKED
 
     job = line_job(batch, index, line, enqueued_at)
     span.set_attributes(chain_attributes(job.prompt_text))
     if start.deliveries > rt.settings.max_deliveries:
         result = failed_without_call(job, poison_error(start.deliveries), attempt)
-        store.record(batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result)
+        await store.record(batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result)
         return result
     try:
-        result, decision = attempt_or_retry(
+        result, decision = await attempt_or_retry(
             rt,
-            task,
+            delivery,
+            [batch_id, index, enqueued_at],
             job,
             attempt,
             lambda: store.unmark_running(batch_id, index),
             {"traceparent": _traceparent()},
         )
-    except Retry:
+    except Retrying:
         raise
     except Exception as exc:  # a bug or an outage of ours: record it, never drop the line silently
         result = failed_without_call(job, JobError(code="internal_error", message=repr(exc)), attempt)
-        store.record(batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result)
+        await store.record(batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result)
         raise
     if decision is not None and decision.action is Action.PAUSE:
-        store.pause(batch_id, decision.reason)
-        if store.park(batch_id, index):
+        await store.pause(batch_id, decision.reason)
+        if await store.park(batch_id, index):
             return Skipped.PARKED
     outcome = Outcome.SUCCEEDED if result.ok else Outcome.FAILED
-    store.record(batch_id, index, outcome, output_line(job.custom_id or "", result), result)
+    await store.record(batch_id, index, outcome, output_line(job.custom_id or "", result), result)
     return result
 
 
@@ -164,21 +172,28 @@ def _traceparent() -> str | None:
     return carrier.get("traceparent")
 
 
-def run_embed(
-    task: Task, run_id: str, indexes: list[int], enqueued_at: float, attempt: int = 1
+async def run_embed(
+    delivery: Delivery, run_id: str, indexes: list[int], enqueued_at: float, attempt: int = 1
 ) -> dict[str, Any]:
     """One embeddings request for many texts; vectors are stored as raw float32, never as JSON text."""
-    rt = runtime(task.app)
-    run = rt.embeddings.get(run_id)
+    with _consumer_span(delivery):
+        return await _run_embed(delivery, run_id, indexes, enqueued_at, attempt)
+
+
+async def _run_embed(
+    delivery: Delivery, run_id: str, indexes: list[int], enqueued_at: float, attempt: int
+) -> dict[str, Any]:
+    rt = runtime(delivery.app)
+    run = await rt.embeddings.get(run_id)
     if run is None:
         log.warning("embedding run %s has expired; dropping its request", run_id)
         return {"run": run_id, "stored": 0}
-    todo = rt.embeddings.missing_of(run_id, indexes)
+    todo = await rt.embeddings.missing_of(run_id, indexes)
     if not todo:
         return {"run": run_id, "stored": 0}
     body: dict[str, Any] = {
         "model": run.model,
-        "input": rt.embeddings.texts(run_id, todo),
+        "input": await rt.embeddings.texts(run_id, todo),
         "encoding_format": "base64",
     }
     if run.dimensions:
@@ -191,18 +206,23 @@ def run_embed(
         metadata={"embed_run": run_id, "input_file": run.input_file},
         enqueued_at=enqueued_at,
     )
-    deliveries = over_delivered(rt, task, job.id)
+    deliveries = await over_delivered(rt, delivery, job.id)
     if deliveries:
-        rt.embeddings.record_failure(run_id, len(todo))
-        raise JobFailedError(failed_without_call(job, poison_error(deliveries), attempt))
-    result, _ = attempt_or_retry(rt, task, job, attempt)
+        await rt.embeddings.record_failure(run_id, len(todo))
+        log.warning("%s", JobFailedError(failed_without_call(job, poison_error(deliveries), attempt)))
+        return {"run": run_id, "stored": 0}
+    try:
+        result, _ = await attempt_or_retry(rt, delivery, [run_id, indexes, enqueued_at], job, attempt)
+    except Retrying:
+        return {"run": run_id, "stored": 0, "status": "retrying"}
     if not result.ok or result.response is None:
-        rt.embeddings.record_failure(run_id, len(todo))
-        raise JobFailedError(result)
+        await rt.embeddings.record_failure(run_id, len(todo))
+        log.warning("%s", JobFailedError(result))
+        return {"run": run_id, "stored": 0}
     vectors = {todo[item["index"]]: base64.b64decode(item["embedding"]) for item in result.response["data"]}
     usage = result.usage
     tokens, cost = (usage.prompt_tokens, usage.cost or 0.0) if usage else (0, 0.0)
-    return {"run": run_id, "stored": rt.embeddings.store_vectors(run_id, vectors, tokens, cost)}
+    return {"run": run_id, "stored": await rt.embeddings.store_vectors(run_id, vectors, tokens, cost)}
 
 
 def line_job(batch: Batch, index: int, line: dict[str, Any], enqueued_at: float) -> Job:
@@ -226,9 +246,22 @@ def line_job(batch: Batch, index: int, line: dict[str, Any], enqueued_at: float)
     )
 
 
+def _consumer_span(delivery: Delivery) -> AbstractContextManager[trace.Span]:
+    """The worker's span of a single job or embedding request, under the producer's publish span
+    (as OpenTelemetry's Celery instrumentation would make it, were Celery's tracer running the task)."""
+    return telemetry.tracer().start_as_current_span(
+        f"run/{delivery.task}",
+        context=propagate.extract(delivery.headers),
+        kind=SpanKind.CONSUMER,
+        attributes={
+            "celery.action": "run",
+            "celery.task_name": delivery.task,
+            "messaging.message.id": delivery.id,
+        },
+    )
+
+
 def register(app: Celery) -> None:
-    """Attempts are bounded by ROUTERQ_MAX_ATTEMPTS (retry policy), not by Celery's max_retries."""
-    options = {"bind": True, "max_retries": None}
-    app.task(name=TASK_NAME, **options)(run_job)
-    app.task(name=LINE_TASK_NAME, **options)(run_line)
-    app.task(name=EMBED_TASK_NAME, **options)(run_embed)
+    """The pool (worker.pool) runs each body as a coroutine: `await body(delivery, *args, **kwargs)`."""
+    for name, body in ((TASK_NAME, run_job), (LINE_TASK_NAME, run_line), (EMBED_TASK_NAME, run_embed)):
+        app.task(name=name)(body)

@@ -87,7 +87,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         }
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
-        worker = start_worker(env, tmp / "logs", concurrency=4, pool="prefork", loglevel="DEBUG")
+        worker = start_worker(env, tmp / "logs", concurrency=4, loglevel="DEBUG")
         services.append(worker)
         yield Stack(redis_service, phoenix, fake, worker, api_key, env, project, tmp)
     finally:
@@ -123,14 +123,13 @@ def extra_worker(
     stack: Stack,
     name: str,
     concurrency: int = 2,
-    pool: str = "prefork",
     processes: int | None = None,
     **env: str,
 ) -> Iterator[tuple[Service, Settings]]:
     """A second worker on its own queue, with some settings changed."""
     full_env = {**stack.env, "ROUTERQ_QUEUE": name, **env}
     service = start_worker(
-        full_env, stack.tmp / "logs", name=name, concurrency=concurrency, pool=pool, processes=processes
+        full_env, stack.tmp / "logs", name=name, concurrency=concurrency, processes=processes
     )
     try:
         yield service, Settings(**full_env)  # type: ignore[arg-type]

@@ -116,13 +116,13 @@ def test_429s_502s_and_200_errors_are_retried_until_every_line_succeeds(
 def test_concurrency_is_calls_in_flight_over_a_few_processes_and_a_dead_one_is_started_again(
     stack: Stack, tmp_path: Path
 ) -> None:
-    """`routerq worker --concurrency 8 --processes 2 --pool threads`: 8 calls at once from 2 processes;
+    """`routerq worker --concurrency 8 --processes 2`: 8 calls at once from 2 processes;
     a process killed mid-batch is started again and its lines come back."""
     marker = uuid.uuid4().hex[:8]
     queue = f"processes-{marker}"
     env = {**FAST_RECOVERY, "ROUTERQ_QUEUE": queue}
     client = BatchClient(stack.settings(**env))
-    with extra_worker(stack, queue, concurrency=8, pool="threads", processes=2, **env) as (worker, _):
+    with extra_worker(stack, queue, concurrency=8, processes=2, **env) as (worker, _):
         first = children_of(worker.process.pid)
         assert len(first) == 2
         batch = submit(client, tmp_path, marker, 48, " [[slow:0.5]]")

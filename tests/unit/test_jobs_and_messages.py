@@ -9,6 +9,7 @@ import struct
 import pytest
 from pydantic import ValidationError
 
+from devstack.demo import LOCAL_KEY, export_lines
 from routerq import envelope
 from routerq.errors import SettingsError
 from routerq.jobs import Job, JobKind, embedding_vector
@@ -89,3 +90,12 @@ def test_a_bad_value_is_one_line_naming_its_variable(monkeypatch: pytest.MonkeyP
 def test_the_defaults_are_consistent() -> None:
     settings = Settings()
     assert settings.job_time_limit + settings.retry_max_delay < settings.visibility_timeout
+
+
+def test_the_demo_prints_export_lines_for_its_stack_but_never_a_real_key() -> None:
+    env = {"REDIS_URL": "redis://127.0.0.1:6380/0", "OPENROUTER_API_KEY": LOCAL_KEY}
+    assert export_lines(env).splitlines() == [
+        "export REDIS_URL=redis://127.0.0.1:6380/0",
+        f"export OPENROUTER_API_KEY={LOCAL_KEY}",
+    ]
+    assert "sk-or-v1-real" not in export_lines({**env, "OPENROUTER_API_KEY": "sk-or-v1-real"})
