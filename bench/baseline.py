@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import time
 
+import httpx2
 import openai
 
 
@@ -12,7 +15,15 @@ async def run_baseline(
     base_url: str, api_key: str, model: str, prompts: list[str], concurrency: int
 ) -> list[float]:
     """Returns each line's latency (s); raises if any line fails, as the script's author would notice."""
-    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=60)
+    client = openai.AsyncOpenAI(
+        base_url=base_url,
+        api_key=api_key,
+        max_retries=0,
+        timeout=60,
+        http_client=openai.DefaultAsyncHttpxClient(
+            limits=httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        ),
+    )
     semaphore = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
 
@@ -28,3 +39,23 @@ async def run_baseline(
     await asyncio.gather(*(one(p) for p in prompts))
     await client.close()
     return latencies
+
+
+def main() -> None:
+    """Run the script on its own (the bench measures its process's CPU and memory from outside)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base-url", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--lines", type=int, required=True)
+    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--tag", default="baseline")
+    args = parser.parse_args()
+    prompts = [f"{args.tag} line {i}: say something" for i in range(args.lines)]
+    started = time.perf_counter()
+    latencies = asyncio.run(run_baseline(args.base_url, args.key, args.model, prompts, args.concurrency))
+    print(json.dumps({"seconds": time.perf_counter() - started, "lines": len(latencies)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ from routerq.broker import create_app
 from routerq.settings import Settings
 from worker import tasks
 
+
 def create_worker_app(settings: Settings) -> Celery:
     app = create_app(settings)
     app.conf.worker_pool = "worker.pool:AsyncioPool"

@@ -179,8 +179,9 @@ def failed_without_call(job: Job, error: JobError, attempt: int) -> JobResult:
 
 
 def _trace_id(span: trace.Span) -> str | None:
+    """The trace to look the job up in; None when this worker does not trace (even if its producer did)."""
     context = span.get_span_context()
-    return f"{context.trace_id:032x}" if context.is_valid else None
+    return f"{context.trace_id:032x}" if context.is_valid and span.is_recording() else None
 
 
 def _context_kwargs(job: Job) -> dict[str, Any]:
