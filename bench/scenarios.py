@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -106,14 +107,17 @@ class Stack:
 def script(stack: Stack, scenario: Scenario) -> Measured:
     argv = [sys.executable, "-m", "bench.baseline", "--base-url", stack.fake.url, "--key", KEY, "--model",
             MODEL, "--lines", str(scenario.lines), "--concurrency", str(scenario.concurrency)]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    with TreeSampler([process.pid], interval=0.1) as sampler:
+    with TreeSampler([process.pid], interval=0.1) as sampler:  # its RSS while it runs
         out, _ = process.communicate(timeout=1800)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # its CPU once it has been waited for
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     assert process.returncode == 0, f"the script failed: {out}"
     lines = int(json.loads(out)["lines"])
-    return Measured(seconds, lines, sampler.cpu_used / lines * 1000, sampler.peak_rss)
+    return Measured(seconds, lines, cpu / lines * 1000, sampler.peak_rss)
 
 
 def routerq(stack: Stack, scenario: Scenario, name: str, tracing: bool) -> tuple[Measured, float | None]:
@@ -158,7 +162,9 @@ def single_job_overhead(stack: Stack, settings: Settings) -> float:
 def run(stack: Stack, name: str, scenario: Scenario) -> list[tuple[str, str]]:
     stack.configure(scenario.latency_ms)
     base = script(stack, scenario)
+    print(f"{name}: script {base}", flush=True)
     untraced, _ = routerq(stack, scenario, name, tracing=False)
+    print(f"{name}: routerq untraced {untraced}", flush=True)
     stack.configure(scenario.latency_ms)
     traced, overhead = routerq(stack, scenario, name, tracing=True)
     label = f"{name} (C={scenario.concurrency}, {scenario.latency_ms:g} ms, {scenario.lines} lines)"

@@ -4,7 +4,8 @@ Used by the tests and by `make demo` when no OPENROUTER_API_KEY is set. Answers 
 (`fake_answer`, `fake_embedding`) so tests can compute what a real call would have returned.
 Directives inside a prompt trigger faults for that request:
   [[status:429]] (with [[retry-after:2]]), [[200-error]], [[empty]], [[broken]], [[slow:1.5]],
-  [[flaky:N]] or [[flaky:N:STATUS]] (the first N calls with this exact prompt answer 500, or STATUS;
+  [[flaky:N]] or [[flaky:N:STATUS]] (the first N calls with this exact prompt answer 500, or STATUS,
+  with [[retry-after:S]] if given;
   later ones succeed).
 `POST /_fake/config` sets latency, accepted keys and fault rules: each rule applies to prompts containing
 its `match` and, deterministically per prompt and attempt, answers 429 (with Retry-After), 502 or
@@ -167,13 +168,13 @@ def create_app(state: FakeState) -> Starlette:
             return _error(400, f"{model} is not a valid model ID")
         if rule is not None and (fault := _rule_fault(rule, prompt, attempt)) is not None:
             return fault
+        headers = {"Retry-After": directives["retry-after"]} if "retry-after" in directives else None
         if "flaky" in directives:
             times, _, status = (directives["flaky"] or "1").partition(":")
             if attempt <= int(times):
-                return _error(int(status or 500), "fake flaky upstream error")
+                return _error(int(status or 500), "fake flaky upstream error", headers)
         if "status" in directives:
             status = int(directives["status"] or 500)
-            headers = {"Retry-After": directives["retry-after"]} if "retry-after" in directives else None
             if status == 403:
                 return _error(status, "Input flagged by moderation", headers, reasons=["harassment"])
             return _error(status, f"fake upstream error {status}", headers)

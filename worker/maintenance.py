@@ -1,11 +1,14 @@
-"""The worker's maintenance thread: every ROUTERQ_SWEEP_INTERVAL s, a lost-message sweep, then a look at
-the consumer. Started once the worker is ready, stopped with it."""
+"""The worker's maintenance threads: every ROUTERQ_SWEEP_INTERVAL s a lost-message sweep, then a look
+at the consumer; every LEASE_RENEW_S the worker's lease, then a look for orphaned messages. Started
+once the worker is ready; the lease thread lives as long as the process (a warm shutdown still holds
+messages until its running tasks end)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +19,7 @@ from celery.utils.log import worker_logger
 
 from routerq.redis_client import connect
 from routerq.settings import Settings
+from worker.leases import LEASE_RENEW_S, LeaseKeeper, track_holdings
 from worker.sweeper import LostMessageSweeper
 from worker.watchdog import RESTART_EXIT_CODE, ConsumerWatchdog
 
@@ -33,9 +37,14 @@ def watch_broker(app: Celery, settings: Settings, concurrency: int) -> ConsumerW
         name="routerq-maintain",
         daemon=True,
     )
+    leases = threading.Thread(
+        target=keep_leases, args=(LeaseKeeper(settings, client),), name="routerq-leases", daemon=True
+    )
+    track_holdings()
     task_received.connect(watchdog.received, weak=False)
     worker_logger.addFilter(watchdog.note_fatal)
     worker_ready.connect(lambda **_: thread.start(), weak=False)
+    worker_ready.connect(lambda **_: leases.start(), weak=False)
     worker_shutdown.connect(lambda **_: stop.set(), weak=False)
     return watchdog
 
@@ -50,6 +59,14 @@ def maintain(sweeper: LostMessageSweeper, watchdog: ConsumerWatchdog, stop: thre
             if not stop.wait(watchdog.grace):  # the warm shutdown hangs too: leave anyway
                 os._exit(RESTART_EXIT_CODE)
             return
+
+
+def keep_leases(keeper: LeaseKeeper) -> None:
+    """Renew, then look for orphans, every LEASE_RENEW_S; a late renewal only delays recovery."""
+    while True:
+        _guarded(keeper.renew, "lease renewal")
+        _guarded(keeper.restore_orphans, "orphan sweep")
+        time.sleep(LEASE_RENEW_S)
 
 
 def _guarded(step: Callable[[], Any], what: str) -> Any:

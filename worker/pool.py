@@ -30,6 +30,7 @@ from celery import Celery
 from celery.concurrency.base import BasePool
 
 from routerq.settings import Settings
+from worker.leases import HELD
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,13 @@ class Delivery:
     id: str
     retries: int
     headers: dict[str, Any] = field(default_factory=dict)
+
+
+def _delivery_tag(callback: Callable[..., Any] | None) -> str | None:
+    """The kombu delivery tag of the message a callback acknowledges (Celery's Request.on_success)."""
+    message = getattr(getattr(callback, "__self__", None), "message", None)
+    tag = getattr(message, "delivery_tag", None)
+    return str(tag) if tag else None
 
 
 class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type information
@@ -119,7 +127,8 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
         except Exception:
             log.exception("task %s[%s] failed", name, task_id)
         if callback is not None:
-            callback((False, result, time.monotonic() - started))
+            callback((False, result, time.monotonic() - started))  # Celery acknowledges the message
+            HELD.done(_delivery_tag(callback))
 
     def _wait_running(self, timeout: float) -> None:
         with self._lock:

@@ -30,6 +30,11 @@ from routerq.broker import LINE_TASK_NAME, TASK_NAME, create_app
 from routerq.jobs import Job, JobKind
 
 CHAT = "meta-llama/llama-3.1-8b-instruct"
+DEFAULT_RETRIES = {  # the session stack shortens retries for speed; these are a user's defaults
+    "ROUTERQ_MAX_ATTEMPTS": "6",
+    "ROUTERQ_RETRY_BASE_DELAY": "1",
+    "ROUTERQ_RETRY_MAX_DELAY": "60",
+}
 FAST_RECOVERY = {  # a worker tuned to get lost lines back within ~30 s
     "ROUTERQ_VISIBILITY_TIMEOUT": "25",
     "ROUTERQ_RESTORE_INTERVAL": "2",
@@ -144,10 +149,14 @@ def test_concurrency_is_calls_in_flight_over_a_few_processes_and_a_dead_one_is_s
     assert most == 8, most  # calls in flight reached the concurrency and never passed it
 
 
-def test_sigkill_of_the_whole_worker_loses_no_line(stack: Stack, tmp_path: Path) -> None:
+def test_sigkill_of_the_whole_worker_loses_no_line_and_its_lines_are_back_within_a_minute(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Default settings (a 300 s visibility timeout): the dead worker's lease expires, and the new
+    worker puts the lines it held back on the queue long before the visibility timeout would."""
     marker = uuid.uuid4().hex[:8]
     queue = f"sigkill-{marker}"
-    env = {**FAST_RECOVERY, "ROUTERQ_QUEUE": queue}
+    env = {"ROUTERQ_QUEUE": queue}
     client = BatchClient(stack.settings(**env))
     with extra_worker(stack, queue, concurrency=8, **env) as (worker, _):
         batch = submit(client, tmp_path, marker, 500, " [[slow:0.2]]")
@@ -164,6 +173,26 @@ def test_sigkill_of_the_whole_worker_loses_no_line(stack: Stack, tmp_path: Path)
           f"all done {recovered:.1f} s after the kill")  # fmt: skip
     assert (final.succeeded, final.failed, final.cancelled) == (500, 0, 0)
     assert duplicates <= max(in_flight, 8)
+    assert recovered < 60, f"the batch finished {recovered:.0f} s after the kill"
+
+
+def test_a_retry_waiting_out_a_long_retry_after_is_not_taken_for_a_dead_workers_message(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A 429 with Retry-After 25 s: the retry waits, unacknowledged, in the live worker for longer than
+    the lease grace; the worker's lease holds it, so it is not put back on the queue and run twice."""
+    marker = uuid.uuid4().hex[:8]
+    queue = f"long-wait-{marker}"
+    env = {"ROUTERQ_QUEUE": queue, **DEFAULT_RETRIES}
+    client = BatchClient(stack.settings(**env))
+    with extra_worker(stack, queue, concurrency=2, **env) as (worker, _):
+        batch = submit(client, tmp_path, marker, 1, " [[flaky:1:429]] [[retry-after:25]]")
+        final = wait_final(client, batch.id, timeout=90)
+        assert "put back on" not in worker.log()
+    assert (final.succeeded, final.failed) == (1, 0)
+    calls = calls_with(stack, marker)
+    assert [c["status"] for c in calls] == [429, 200], calls
+    assert calls[1]["t"] - calls[0]["t_end"] >= 25 - 0.01
 
 
 def test_redis_killed_and_restarted_mid_batch_loses_nothing(stack: Stack, tmp_path: Path) -> None:
@@ -409,8 +438,7 @@ def test_a_poison_line_is_tried_a_bounded_number_of_times_and_the_rest_succeed(
     queue = f"poison-{marker}"
     rows = [line(f"ok{i}", "chat", f"{marker} fine {i}") for i in range(10)]
     rows.insert(5, line("poison", "chat", f"{marker} poison [[slow:3]]"))
-    env = {**FAST_RECOVERY, "ROUTERQ_MAX_DELIVERIES": "3"}  # each crash waits out the visibility timeout
-    with extra_worker(stack, queue, concurrency=1, **env) as (worker, settings):
+    with extra_worker(stack, queue, concurrency=1, ROUTERQ_MAX_DELIVERIES="3") as (worker, settings):
         client = BatchClient(settings)
         batch = client.submit(write_jsonl(tmp_path / "poison.jsonl", rows)).batch
         stop = threading.Event()
@@ -428,7 +456,7 @@ def test_a_poison_line_is_tried_a_bounded_number_of_times_and_the_rest_succeed(
         killer = threading.Thread(target=kill_whoever_runs_the_poison, daemon=True)
         killer.start()
         try:
-            final = wait_final(client, batch.id, timeout=240)
+            final = wait_final(client, batch.id, timeout=150)  # three crashes, each back within ~15 s
         finally:
             stop.set()
             killer.join()
