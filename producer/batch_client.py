@@ -21,7 +21,7 @@ from opentelemetry.trace import Status, StatusCode
 from routerq import telemetry
 from routerq.batch_format import BatchLine, read_lines, validate
 from routerq.batch_store import Batch, BatchStatus, BatchStore, Outcome, active_key, new_batch_id
-from routerq.broker import LINE_TASK_NAME, create_app
+from routerq.broker import create_app
 from routerq.errors import BatchError, BatchFileError, StagingFailed
 from routerq.redis_client import connect
 from routerq.settings import Settings
@@ -119,26 +119,17 @@ class BatchClient:
     def _stage_and_release(
         self, batch: Batch, lines: Iterable[tuple[int, BatchLine | dict[str, Any]]]
     ) -> int:
+        """Stage every line (inputs stored alongside when they are new), then release them all at once;
+        returns how many lines were enqueued."""
         staged = StagedEnqueue(self.app, self.redis, self.store.key(batch.id))
-        inputs_key = self.store.key(batch.id, "in")
-        ttl = self.settings.result_ttl
-        now = time.time()
+        inputs = ((index, line.stored() if isinstance(line, BatchLine) else None) for index, line in lines)
         try:
-            for index, line in lines:
-                also = None
-                if isinstance(line, BatchLine):
-                    stored = line.stored()
-
-                    def also(pipe: Any, index: int = index, stored: str = stored) -> None:
-                        pipe.hset(inputs_key, str(index), stored)
-                        pipe.expire(inputs_key, ttl)
-
-                # No span per line here: the worker opens the line's trace, dated from `now`.
-                staged.add(LINE_TASK_NAME, [batch.id, index, now], also=also)
+            count = staged.add_lines(batch.id, inputs, time.time())
             staged.flush()
         except redis.RedisError as exc:
             raise StagingFailed(f"Redis failed while staging lines of {batch.id}: {exc}") from exc
-        return staged.release(watch=(active_key(self.settings.queue), batch.id))
+        staged.release(watch=(active_key(self.settings.queue), batch.id))
+        return count
 
     def _enqueue_failed(self, batch: Batch, exc: Exception) -> BatchError:
         """Say exactly what happened: the release is atomic, so either every line is queued or none."""

@@ -20,6 +20,22 @@ from routerq.redis_client import as_text
 RESULT_KEY = "routerq:result:{job_id}"
 PENDING_KEY = "routerq:jobs:pending:{queue}"
 INPUT_KEY = "routerq:job:{job_id}:in"
+DONE_KEY = "routerq:job:{job_id}:done"
+DONE_TTL_S = 60  # a waiter that comes later than this finds the result itself
+WAIT_SLICE_S = 1.0  # a waiter re-reads the result at least this often (another waiter took the signal)
+
+# Store an outcome atomically: a success is final (a redelivered job's later failure never
+# overwrites it), the job stops being pending, and whoever waits for it is woken at once.
+_PUT = """
+local prev = redis.call('GET', KEYS[1])
+if prev and ARGV[2] == '0' and cjson.decode(prev)['status'] == 'succeeded' then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[4])
+redis.call('DEL', KEYS[3])
+redis.call('LPUSH', KEYS[4], '1')
+redis.call('EXPIRE', KEYS[4], ARGV[5])
+return 1
+"""
 
 
 class ResultStore:
@@ -52,17 +68,16 @@ class ResultStore:
         return JobResult.model_validate_json(raw) if raw else None
 
     def wait(self, job_id: str, timeout: float | None) -> JobResult:
-        """Poll with a growing interval; jobs take seconds, so this costs a few round trips."""
+        """Block on the job's done signal (BLPOP), so the result is read the moment it is stored."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.01
         while True:
             result = self.get(job_id)
             if result is not None:
                 return result
-            if deadline is not None and time.monotonic() >= deadline:
+            left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
+            if left <= 0:
                 raise ResultTimeoutError(f"job {job_id} has no result after {timeout} s")
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.2)
+            self._redis.blpop([DONE_KEY.format(job_id=job_id)], timeout=max(left, 0.01))
 
 
 class AsyncResultStore:
@@ -72,21 +87,20 @@ class AsyncResultStore:
         self._redis = client
         self._ttl = ttl
         self._pending = PENDING_KEY.format(queue=queue)
+        self._put = client.register_script(_PUT)
 
     async def get(self, job_id: str) -> JobResult | None:
         raw = await self._redis.get(RESULT_KEY.format(job_id=job_id))
         return JobResult.model_validate_json(raw) if raw else None
 
-    async def put(self, result: JobResult) -> None:
-        """A success is final: a redelivered job's later failure never overwrites it."""
-        key = RESULT_KEY.format(job_id=result.job_id)
+    async def put(self, result: JobResult) -> bool:
+        """False when an earlier success was kept instead of this failure."""
+        keys = [
+            RESULT_KEY.format(job_id=result.job_id),
+            self._pending,
+            INPUT_KEY.format(job_id=result.job_id),
+            DONE_KEY.format(job_id=result.job_id),
+        ]
         data = result.model_dump_json(exclude_none=True)
-        if not result.ok:
-            existing = await self.get(result.job_id)
-            if existing is not None and existing.ok:
-                return
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.set(key, data, ex=self._ttl)
-        pipe.zrem(self._pending, result.job_id)
-        pipe.delete(INPUT_KEY.format(job_id=result.job_id))
-        await pipe.execute()
+        args: list[str | int] = [data, int(result.ok), self._ttl, result.job_id, DONE_TTL_S]
+        return bool(await self._put(keys=keys, args=args))

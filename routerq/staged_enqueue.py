@@ -10,7 +10,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from typing import Any
 
 import redis
@@ -19,6 +20,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from routerq import envelope, telemetry
+from routerq.batch_store import batch_key
+from routerq.broker import LINE_TASK_NAME, LINES_PER_MESSAGE
 from routerq.settings import Settings
 
 # Messages per pipelined round trip while staging: large enough to amortize the round trip, small
@@ -43,6 +46,13 @@ return n
 """
 
 
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """`itertools.batched` (Python 3.12) for 3.11."""
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
 class StagedEnqueue:
     """Messages for one owner record (a batch, an embedding run), staged under `{owner}:{part}`."""
 
@@ -51,6 +61,7 @@ class StagedEnqueue:
         self._app = app
         self._redis = client
         self._queue = settings.queue
+        self._ttl = settings.result_ttl
         self._staging = f"{owner_key}:{part}"
         self._owner = owner_key
         self._origin = f"{os.getpid()}@{socket.gethostname()}"
@@ -74,6 +85,25 @@ class StagedEnqueue:
             self._extra.append(also)
         if len(self._pending) >= STAGE_CHUNK:
             self.flush()
+
+    def add_lines(self, batch_id: str, lines: Iterable[tuple[int, str | None]], enqueued_at: float) -> int:
+        """Batch lines, LINES_PER_MESSAGE to a message; a line's stored input (when given) is written in
+        the same pipeline as its message. Returns how many lines were staged."""
+        inputs_key, ttl = batch_key(batch_id, "in"), self._ttl
+        count = 0
+        for chunk in batched(lines, LINES_PER_MESSAGE):
+            inputs = {str(index): stored for index, stored in chunk if stored is not None}
+
+            def store(pipe: Any, inputs: dict[str, str] = inputs) -> None:
+                pipe.hset(inputs_key, mapping=inputs)
+                pipe.expire(inputs_key, ttl)
+
+            # No span per line here: the worker opens each line's trace, dated from `enqueued_at`.
+            self.add(
+                LINE_TASK_NAME, [batch_id, [i for i, _ in chunk], enqueued_at], also=store if inputs else None
+            )
+            count += len(chunk)
+        return count
 
     def flush(self) -> None:
         if not self._pending:

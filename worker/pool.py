@@ -28,13 +28,17 @@ from typing import Any
 
 from celery import Celery
 from celery.concurrency.base import BasePool
+from celery.signals import task_received
 
+from routerq.broker import LINE_TASK_NAME
 from routerq.settings import Settings
 from worker.leases import HELD
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[..., Awaitable[Any]]
+# Set by a warm shutdown: work already running finishes, work not started yet goes back to the queue.
+DRAINING = threading.Event()
 # Beyond the job time limit, how long a warm shutdown waits for running tasks to record their outcome.
 SHUTDOWN_SLACK_S = 30.0
 
@@ -48,6 +52,17 @@ class Delivery:
     id: str
     retries: int
     headers: dict[str, Any] = field(default_factory=dict)
+
+
+def _decode(body: Any, content_type: str) -> tuple[list[Any], dict[str, Any]] | ValueError:
+    """A protocol-2 body's args and kwargs; the consumer accepts JSON only, and nothing else is run."""
+    if content_type != "application/json":
+        return ValueError(f"refusing a {content_type} message")
+    try:
+        args, kwargs, _embed = json.loads(bytes(body) if isinstance(body, memoryview) else body)
+    except (ValueError, TypeError) as exc:
+        return ValueError(f"unreadable message body: {exc}")
+    return list(args), dict(kwargs)
 
 
 def _delivery_tag(callback: Callable[..., Any] | None) -> str | None:
@@ -70,6 +85,8 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
         self._lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="routerq-loop", daemon=True)
+        self._qos: Any = None
+        task_received.connect(self._note_consumer, weak=False)
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -91,9 +108,13 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
         name, task_id, request, body, content_type, _encoding = args or ()
         if accept_callback is not None:
             accept_callback(os.getpid(), time.monotonic())
+        message = _decode(body, content_type)
+        lent = self._lend_slots(name, message)
         future = asyncio.run_coroutine_threadsafe(
-            self._execute(name, task_id, request, body, content_type, callback), self.loop
+            self._execute(name, task_id, request, message, callback), self.loop
         )
+        if lent:
+            future.add_done_callback(lambda _: self._qos.increment_eventually(lent))
         with self._lock:
             self._running.add(future)
         future.add_done_callback(self._forget)
@@ -103,21 +124,36 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
         with self._lock:
             self._running.discard(future)
 
+    def _note_consumer(self, sender: Any = None, **_: Any) -> None:
+        """Connected to task_received: the consumer whose prefetch count the pool adjusts."""
+        if self._qos is None:
+            self._qos = getattr(sender, "qos", None)
+
+    def _lend_slots(self, name: str, message: tuple[list[Any], dict[str, Any]] | ValueError) -> int:
+        """A message of n batch lines counts as n toward the prefetch (--concurrency messages): while
+        it runs, the consumer may hold n - 1 fewer other messages, so a worker claims about as many
+        lines as it has call slots, and leaves the rest on the queue for other workers."""
+        if name != LINE_TASK_NAME or isinstance(message, ValueError) or self._qos is None:
+            return 0
+        lent = min(len(message[0][1]) - 1, max(0, int(self._qos.value or 0) - 1))
+        if lent > 0:
+            self._qos.decrement_eventually(lent)
+        return max(0, lent)
+
     async def _execute(
         self,
         name: str,
         task_id: str,
         request: dict[str, Any],
-        body: Any,
-        content_type: str,
+        message: tuple[list[Any], dict[str, Any]] | ValueError,
         callback: Callable[..., Any] | None,
     ) -> None:
         started = time.monotonic()
         result: Any = None
         try:
-            if content_type != "application/json":  # the consumer accepts JSON only; never run the rest
-                raise ValueError(f"refusing a {content_type} message")
-            args, kwargs, _embed = json.loads(bytes(body) if isinstance(body, memoryview) else body)
+            if isinstance(message, ValueError):
+                raise message
+            args, kwargs = message
             delivery = Delivery(self.app, name, task_id, int(request.get("retries") or 0), request)
             handler: Handler = self.app.tasks[name].run
             result = await handler(delivery, *args, **kwargs)
@@ -139,6 +175,7 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
 
     def on_stop(self) -> None:
         """Warm shutdown: running tasks finish (bounded by the job time limit), then the loop stops."""
+        DRAINING.set()
         self._wait_running(self._stop_timeout)
         self._stop_loop()
 

@@ -30,6 +30,7 @@ class Runtime:
     embeddings: AsyncEmbedStore
     openrouter: OpenRouterClient
     pricing: PhoenixPricing
+    slots: asyncio.Semaphore  # upstream calls this process may have in flight: its --concurrency
 
     async def ensure_priced(self, models: Iterable[str]) -> None:
         """A model's first call registers its price in Phoenix (blocking HTTP): off the loop."""
@@ -46,6 +47,7 @@ def runtime(app: Celery) -> Runtime:
     global _runtime
     if _runtime is None:
         settings: Settings = app.conf.routerq_settings
+        concurrency = app.conf.worker_concurrency or 1
         client = connect_async(settings.redis_url)
         _runtime = Runtime(
             app=app,
@@ -55,7 +57,8 @@ def runtime(app: Celery) -> Runtime:
             store=AsyncResultStore(client, settings.result_ttl, settings.queue),
             batches=AsyncBatchStore(client, settings.result_ttl),
             embeddings=AsyncEmbedStore(client, settings.result_ttl),
-            openrouter=OpenRouterClient(settings, app.conf.worker_concurrency or 1),
+            openrouter=OpenRouterClient(settings, concurrency),
             pricing=PhoenixPricing(settings, connect(settings.redis_url)),
+            slots=asyncio.Semaphore(concurrency),
         )
     return _runtime

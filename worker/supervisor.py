@@ -44,11 +44,16 @@ def supervise(argvs: list[list[str]], max_backoff: float = 30.0) -> int:
     due = [0.0] * len(argvs)
 
     def forward(signum: int, _frame: object) -> None:
+        """The first SIGTERM or Ctrl-C asks every process for a warm shutdown (running calls finish);
+        the next one for a cold shutdown (they are cancelled and go back to the queue). A Ctrl-C in a
+        terminal also reaches the processes themselves: Celery takes that SIGINT as the same request
+        for a warm shutdown, so one Ctrl-C stays one warm shutdown."""
         nonlocal stopping
+        forwarded = signal.SIGQUIT if stopping else signal.SIGTERM
         stopping = True
         for child in children:
             if child is not None and child.poll() is None:
-                child.send_signal(signum)
+                child.send_signal(forwarded)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)

@@ -138,7 +138,7 @@ class LostMessageSweeper:
         pipe.execute()
 
     def _unseen(
-        self, wanted: set[str], needle: str, key: Callable[[envelope.Message], str | None]
+        self, wanted: set[str], needle: str, keys: Callable[[envelope.Message], list[str]]
     ) -> set[str]:
         """What of `wanted` has no message on the queue nor among kombu's unacked ones (delivered, not
         acked yet). The queue is read first: a message moving to unacked meanwhile is still seen.
@@ -154,16 +154,13 @@ class LostMessageSweeper:
                 break
             data = raw if isinstance(raw, bytes) else str(raw).encode()
             message = envelope.parse(data) if needle.encode() in data else None
-            found = key(message) if message is not None else None
-            if found is not None:
-                wanted.discard(found)
+            if message is not None:
+                wanted.difference_update(keys(message))
         return wanted
 
     def _resend_lines(self, batch: Batch, indexes: list[int]) -> None:
         staged = StagedEnqueue(self._app, self._redis, self._batches.key(batch.id), part="resend")
-        now = time.time()
-        for index in indexes:
-            staged.add(LINE_TASK_NAME, [batch.id, index, now])
+        staged.add_lines(batch.id, ((index, None) for index in indexes), time.time())
         staged.release(start=False)
         log.warning(
             "routerq: batch %s: %d line(s) had no outcome and no message in Redis (lost by the broker); "
@@ -172,14 +169,14 @@ class LostMessageSweeper:
         )  # fmt: skip
 
 
-def _line_of(batch_id: str) -> Callable[[envelope.Message], str | None]:
-    def index(message: envelope.Message) -> str | None:
+def _line_of(batch_id: str) -> Callable[[envelope.Message], list[str]]:
+    def indexes(message: envelope.Message) -> list[str]:
         if message.task != LINE_TASK_NAME or message.args[0] != batch_id:
-            return None
-        return str(message.args[1])
+            return []
+        return [str(i) for i in message.args[1]]
 
-    return index
+    return indexes
 
 
-def _job_id(message: envelope.Message) -> str | None:
-    return message.id if message.task == TASK_NAME else None
+def _job_id(message: envelope.Message) -> list[str]:
+    return [message.id] if message.task == TASK_NAME else []

@@ -7,6 +7,7 @@ Each is a coroutine on the process's event loop (worker.pool), runs the shared a
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -29,7 +30,7 @@ from routerq.jobs import Job, JobError, JobKind, JobResult
 from routerq.spans import ATTEMPT, BATCH_ID, BATCH_LINE, chain_attributes, chain_kind, output_attribute
 from worker.attempt import Retrying, attempt_or_retry, failed_without_call
 from worker.deliveries import delivery_key, over_delivered, poison_error
-from worker.pool import Delivery
+from worker.pool import DRAINING, Delivery
 from worker.retry import Action
 from worker.runtime import runtime
 
@@ -59,7 +60,8 @@ async def run_job(delivery: Delivery, payload: dict[str, Any], attempt: int = 1)
             result = failed_without_call(job, poison_error(deliveries), attempt)
         else:
             try:
-                result, _ = await attempt_or_retry(rt, delivery, [payload], job, attempt)
+                async with rt.slots:
+                    result, _ = await attempt_or_retry(rt, delivery, [payload], job, attempt)
             except Retrying:
                 return {"job_id": job.id, "status": "retrying"}
         await rt.store.put(result)
@@ -68,14 +70,52 @@ async def run_job(delivery: Delivery, payload: dict[str, Any], attempt: int = 1)
         return {"job_id": job.id, "status": result.status}
 
 
+async def run_lines(
+    delivery: Delivery,
+    batch_id: str,
+    indexes: list[int],
+    enqueued_at: float,
+    attempt: int = 1,
+    traceparent: str | None = None,
+) -> dict[str, Any]:
+    """Lines of one batch that travelled in one message, run concurrently, each taking one of the
+    process's call slots. The message is acknowledged once every line has an outcome, is parked, or
+    was re-published for a retry; a redelivered message runs only the lines without an outcome."""
+    rt = runtime(delivery.app)
+
+    async def one(index: int) -> str | None:
+        async with rt.slots:
+            if DRAINING.is_set():  # a warm shutdown began while this line waited for a slot
+                return None
+            return await run_line(delivery, batch_id, index, enqueued_at, attempt, traceparent)
+
+    statuses = await asyncio.gather(*(one(i) for i in indexes), return_exceptions=True)
+    for index, status in zip(indexes, statuses, strict=True):
+        if isinstance(status, BaseException):
+            log.error("batch %s line %d: %r", batch_id, index, status)
+    unstarted = [index for index, status in zip(indexes, statuses, strict=True) if status is None]
+    if unstarted:  # back on the queue at once, in a message of their own, before this one is acknowledged
+        rt.app.send_task(
+            LINE_TASK_NAME,
+            args=[batch_id, unstarted, enqueued_at],
+            kwargs={"attempt": attempt, "traceparent": traceparent},
+            queue=rt.settings.queue,
+            ignore_result=True,
+        )
+        log.info(
+            "batch %s: %d line(s) not started before shutdown returned to the queue", batch_id, len(unstarted)
+        )
+    return {"batch_id": batch_id, "lines": len(indexes), "returned": len(unstarted)}
+
+
 async def run_line(
     delivery: Delivery,
     batch_id: str,
     index: int,
     enqueued_at: float,
-    attempt: int = 1,
-    traceparent: str | None = None,
-) -> dict[str, Any]:
+    attempt: int,
+    traceparent: str | None,
+) -> str:
     """One batch line in its own trace: `routerq.line` (CHAIN) from enqueue to outcome, the LLM call
     under it. A retry carries the trace on, one level deeper, through `traceparent`."""
     parent = propagate.extract({"traceparent": traceparent}) if traceparent else otel_context.Context()
@@ -92,21 +132,20 @@ async def run_line(
             result = await _run_line(delivery, span, batch_id, index, enqueued_at, attempt)
         except Retrying:
             span.set_attribute(SpanAttributes.OUTPUT_VALUE, "retrying")
-            return {"batch_id": batch_id, "index": index, "status": "retrying"}
+            return "retrying"
         except Exception as exc:
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, str(exc)))
             raise
-        summary = {"batch_id": batch_id, "index": index}
         if isinstance(result, Skipped):
             span.set_attribute(SpanAttributes.OUTPUT_VALUE, result.value)
-            return {**summary, "status": result.value}
+            return result.value
         text = result.text if result.ok else (result.error.message if result.error else result.status)
         span.set_attribute(SpanAttributes.OUTPUT_VALUE, output_attribute(text))
         if not result.ok:
             span.set_status(Status(StatusCode.ERROR, text))
             log.warning("batch %s line %d: %s", batch_id, index, JobFailedError(result))
-        return {**summary, "status": result.status}
+        return result.status
 
 
 async def _run_line(
@@ -145,7 +184,7 @@ async def _run_line(
         result, decision = await attempt_or_retry(
             rt,
             delivery,
-            [batch_id, index, enqueued_at],
+            [batch_id, [index], enqueued_at],
             job,
             attempt,
             lambda: store.unmark_running(batch_id, index),
@@ -212,7 +251,8 @@ async def _run_embed(
         log.warning("%s", JobFailedError(failed_without_call(job, poison_error(deliveries), attempt)))
         return {"run": run_id, "stored": 0}
     try:
-        result, _ = await attempt_or_retry(rt, delivery, [run_id, indexes, enqueued_at], job, attempt)
+        async with rt.slots:
+            result, _ = await attempt_or_retry(rt, delivery, [run_id, indexes, enqueued_at], job, attempt)
     except Retrying:
         return {"run": run_id, "stored": 0, "status": "retrying"}
     if not result.ok or result.response is None:
@@ -263,5 +303,5 @@ def _consumer_span(delivery: Delivery) -> AbstractContextManager[trace.Span]:
 
 def register(app: Celery) -> None:
     """The pool (worker.pool) runs each body as a coroutine: `await body(delivery, *args, **kwargs)`."""
-    for name, body in ((TASK_NAME, run_job), (LINE_TASK_NAME, run_line), (EMBED_TASK_NAME, run_embed)):
+    for name, body in ((TASK_NAME, run_job), (LINE_TASK_NAME, run_lines), (EMBED_TASK_NAME, run_embed)):
         app.task(name=name)(body)

@@ -26,7 +26,7 @@ from producer import Producer
 from producer.batch_client import BatchClient
 from routerq import envelope
 from routerq.batch_store import Batch, BatchStatus
-from routerq.broker import LINE_TASK_NAME, TASK_NAME, create_app
+from routerq.broker import LINE_TASK_NAME, LINES_PER_MESSAGE, TASK_NAME, create_app
 from routerq.jobs import Job, JobKind
 
 CHAT = "meta-llama/llama-3.1-8b-instruct"
@@ -241,7 +241,8 @@ def submit_while_redis_dies(
     submitter.start()
     watch = redis.Redis.from_url(own.url)
     deadline = time.monotonic() + 60
-    while not any(watch.llen(k) >= 6000 for k in watch.scan_iter("routerq:batch:*:staging")):
+    staged = 6000 // LINES_PER_MESSAGE  # messages
+    while not any(watch.llen(k) >= staged for k in watch.scan_iter("routerq:batch:*:staging")):
         assert submitter.is_alive(), f"the submit ended before Redis could be killed: {outcome}"
         assert time.monotonic() < deadline, "waited 60 s for 6,000 staged lines"
         time.sleep(0.002)
@@ -258,7 +259,7 @@ def submit_while_redis_dies(
 
 
 def queued_line_indexes(client: redis.Redis, queue: str) -> list[int]:
-    return [line_index(raw) for raw in client.lrange(queue, 0, -1)]
+    return [index for raw in client.lrange(queue, 0, -1) for index in line_indexes(raw)]
 
 
 def test_submit_rides_out_a_short_redis_restart_and_queues_every_line_once(
@@ -278,11 +279,11 @@ def test_submit_in_a_long_redis_outage_fails_clearly_and_queues_nothing(stack: S
         assert client.llen(queue) == 0
 
 
-def line_index(raw: bytes) -> int:
-    """The batch line index a queued Celery message carries."""
+def line_indexes(raw: bytes) -> list[int]:
+    """The batch line indexes a queued Celery message carries."""
     message = envelope.parse(raw)
     assert message is not None and message.task == LINE_TASK_NAME, raw[:200]
-    return int(message.args[1])
+    return [int(i) for i in message.args[1]]
 
 
 def test_a_line_whose_queue_message_redis_lost_is_found_and_sent_again(stack: Stack, tmp_path: Path) -> None:
@@ -295,16 +296,15 @@ def test_a_line_whose_queue_message_redis_lost_is_found_and_sent_again(stack: St
     batch = submit(client, tmp_path, marker, 20)
     broker = redis.Redis.from_url(stack.redis.url)
     queued = broker.lrange(queue, 0, -1)
-    assert len(queued) == 20
-    for raw in queued:
-        if line_index(raw) in (3, 11):
-            broker.lrem(queue, 1, raw)
-    assert broker.llen(queue) == 18
+    assert sorted(i for raw in queued for i in line_indexes(raw)) == list(range(20))
+    lost = next(raw for raw in queued if 17 in line_indexes(raw))
+    assert line_indexes(lost) == [16, 17, 18, 19]  # 16 lines a message: the second message
+    broker.lrem(queue, 1, lost)
     with extra_worker(stack, queue, concurrency=4, **env) as (worker, _):
         final = wait_final(client, batch.id, timeout=60)
     assert (final.succeeded, final.failed) == (20, 0)
-    assert "2 line(s) had no outcome and no message in Redis" in worker.log()
-    assert "sent again: 3,11" in worker.log()
+    assert "4 line(s) had no outcome and no message in Redis" in worker.log()
+    assert "sent again: 16,17,18,19" in worker.log()
     assert sorted(c["prompt"] for c in calls_with(stack, marker)) == sorted(
         f"{marker} {i}" for i in range(20)
     )
@@ -487,6 +487,36 @@ def test_sigterm_finishes_running_lines_and_returns_the_rest_at_once(stack: Stac
         took = time.monotonic() - stopped_at
     assert (final.succeeded, final.failed) == (12, 0)
     assert took < 60  # far below the 300 s visibility timeout: nothing waited for redelivery
+    assert paid_duplicates(calls_with(stack, marker)) == 0
+
+
+def test_one_ctrl_c_is_a_warm_shutdown_that_returns_unstarted_lines_at_once(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A terminal's Ctrl-C reaches the supervisor and its worker processes together (one process
+    group): running calls finish, nothing crashes, and the lines not started are back on the queue."""
+    marker = uuid.uuid4().hex[:8]
+    queue = f"ctrl-c-{marker}"
+    env = {"ROUTERQ_QUEUE": queue}
+    client = BatchClient(stack.settings(**env))
+    with extra_worker(stack, queue, concurrency=2, **env) as (worker, _):
+        batch = submit(client, tmp_path, marker, 40, " [[slow:1]]")
+        wait_for(lambda: len(calls_with(stack, marker)) >= 2, "2 lines to reach the fake upstream")
+        os.killpg(worker.process.pid, signal.SIGINT)
+        worker.process.wait(30)
+        stopped_at = time.monotonic()
+    log = worker.log()
+    assert "NotImplementedError" not in log and "Unrecoverable error" not in log
+    assert "exited unexpectedly" not in log  # the supervisor did not restart anything
+    assert client.get(batch.id).running == 0
+    broker = redis.Redis.from_url(stack.redis.url)
+    held = [raw for raw in broker.hvals("unacked") if queue.encode() in raw]
+    assert held == []  # nothing left for a visibility timeout or a lease to bring back
+    with extra_worker(stack, queue, concurrency=8, **env):
+        final = wait_final(client, batch.id, timeout=60)
+        took = time.monotonic() - stopped_at
+    assert (final.succeeded, final.failed) == (40, 0)
+    assert took < 60
     assert paid_duplicates(calls_with(stack, marker)) == 0
 
 
