@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     retry_base_delay: Annotated[float, Field(alias="ROUTERQ_RETRY_BASE_DELAY", ge=0)] = 1.0
     retry_max_delay: Annotated[float, Field(alias="ROUTERQ_RETRY_MAX_DELAY", ge=0)] = 60.0
     max_deliveries: Annotated[int, Field(alias="ROUTERQ_MAX_DELIVERIES", ge=1)] = 3
+    # A rate-limited job keeps waiting for capacity this long (OpenAI's Batch API never fails a line
+    # for rate limits; an hour rides out any 429 storm a provider's status page would not report).
+    max_retry_time: Annotated[float, Field(alias="ROUTERQ_MAX_RETRY_TIME", gt=0)] = 3600.0
 
     rate_limit_requests: Annotated[int, Field(alias="ROUTERQ_RATE_LIMIT_REQUESTS", ge=0)] = 0
     rate_limit_tokens: Annotated[int, Field(alias="ROUTERQ_RATE_LIMIT_TOKENS", ge=0)] = 0

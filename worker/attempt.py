@@ -23,7 +23,7 @@ from routerq.spans import DECISION, ERROR_CLASS, worker_attributes
 from worker.limiter import Lease, estimate_tokens
 from worker.openrouter import UpstreamAnswer
 from worker.pool import Delivery
-from worker.retry import Action, Decision, decide, error_class
+from worker.retry import Action, Decision, Tries, decide, error_class, wait_for_capacity
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,10 @@ class Retrying(RouterqError):
     """The attempt was re-published with a countdown; this run of the task ends here."""
 
 
-async def attempt_job(rt: Runtime, job: Job, attempt: int) -> tuple[JobResult, Decision | None]:
+async def attempt_job(rt: Runtime, job: Job, tries: Tries) -> tuple[JobResult, Decision | None]:
     """One upstream attempt with the job's context on every span. Decision is None on success."""
     started = time.time()
+    attempt = tries.attempt
     span = trace.get_current_span()
     span.set_attributes(worker_attributes(job, (started - job.enqueued_at) * 1000, attempt))
     await rt.ensure_priced(job.models)
@@ -66,7 +67,7 @@ async def attempt_job(rt: Runtime, job: Job, attempt: int) -> tuple[JobResult, D
         await rt.limiter.release(lease, usage.total_tokens if usage else None)
     decision = None
     if answer.error:
-        decision = decide(answer.error, answer.retry_after, attempt, rt.settings)
+        decision = decide(answer.error, answer.retry_after, tries, rt.settings, time.time())
         span.set_status(Status(StatusCode.ERROR, answer.error.message))
         span.set_attribute(ERROR_CLASS, error_class(answer.error))
         span.set_attribute(DECISION, decision.action.value)
@@ -122,19 +123,22 @@ async def attempt_or_retry(
     delivery: Delivery,
     args: list[Any],
     job: Job,
-    attempt: int,
+    tries: Tries,
     before_retry: Callable[[], Awaitable[None]] | None = None,
     carry: dict[str, Any] | None = None,
 ) -> tuple[JobResult, Decision | None]:
     """An attempt whose outcome is final or a pause. A retry (or a long limiter wait) re-publishes the
-    task, with `args`, the next attempt number and `carry`, after `before_retry`; then raises Retrying."""
+    task, with `args`, the next tries and `carry`, after `before_retry`; then raises Retrying."""
+    tries = tries.started(time.time())
     try:
-        result, decision = await attempt_job(rt, job, attempt)
+        result, decision = await attempt_job(rt, job, tries)
     except Deferred as deferred:
-        await _republish(rt, delivery, args, attempt, deferred.delay, carry, before_retry)
-        raise Retrying from None
+        decision = wait_for_capacity(deferred.delay, tries, rt.settings, time.time())
+        if decision.action is Action.FAIL:
+            error = JobError(code="rate_limit_exceeded", message=f"shared limiter: {decision.reason}")
+            return failed_without_call(job, error, tries.attempt), decision
     if decision is not None and decision.action is Action.RETRY:
-        await _republish(rt, delivery, args, attempt + 1, decision.delay, carry, before_retry)
+        await _republish(rt, delivery, args, tries.after(decision), decision.delay, carry, before_retry)
         raise Retrying
     return result, decision
 
@@ -143,7 +147,7 @@ async def _republish(
     rt: Runtime,
     delivery: Delivery,
     args: list[Any],
-    attempt: int,
+    tries: Tries,
     delay: float,
     carry: dict[str, Any] | None,
     before_retry: Callable[[], Awaitable[None]] | None,
@@ -153,7 +157,7 @@ async def _republish(
     rt.app.send_task(
         delivery.task,
         args=args,
-        kwargs={**(carry or {}), "attempt": attempt},
+        kwargs={**(carry or {}), "tries": tries.dump()},
         task_id=delivery.id,
         retries=delivery.retries + 1,
         countdown=delay,

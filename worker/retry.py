@@ -24,6 +24,40 @@ class Decision:
     action: Action
     delay: float = 0.0
     reason: str = ""  # why the policy gave up or paused; empty when the error says it all
+    rate_limited: bool = False  # a wait for capacity: it does not use up an attempt
+
+
+@dataclass(frozen=True)
+class Tries:
+    """Where a job stands: failed attempts count against ROUTERQ_MAX_ATTEMPTS; waits for rate limits
+    (429s, the shared limiter) do not, and are bounded by ROUTERQ_MAX_RETRY_TIME since the first try."""
+
+    attempt: int = 1
+    waits: int = 0
+    since: float = 0.0  # epoch seconds of the first try; 0 until it starts
+
+    @classmethod
+    def load(cls, raw: dict[str, float] | None) -> Tries:
+        return (
+            cls(int(raw.get("attempt", 1)), int(raw.get("waits", 0)), float(raw.get("since", 0)))
+            if raw
+            else cls()
+        )
+
+    def dump(self) -> dict[str, float]:
+        return {"attempt": self.attempt, "waits": self.waits, "since": self.since}
+
+    def started(self, now: float) -> Tries:
+        return self if self.since else Tries(self.attempt, self.waits, now)
+
+    def after(self, decision: Decision) -> Tries:
+        """The tries of the message that carries the retry."""
+        if decision.rate_limited:
+            return Tries(self.attempt, self.waits + 1, self.since)
+        return Tries(self.attempt + 1, self.waits, self.since)
+
+    def waited(self, now: float) -> float:
+        return now - self.since if self.since else 0.0
 
 
 def error_class(error: JobError) -> str:
@@ -41,8 +75,29 @@ def backoff(attempt: int, settings: Settings, rng: random.Random | None = None) 
     return (rng or random).uniform(0.0, ceiling)
 
 
-def decide(error: JobError, retry_after: float | None, attempt: int, settings: Settings) -> Decision:
+def wait_for_capacity(delay: float, tries: Tries, settings: Settings, now: float) -> Decision:
+    """A rate limit says wait: wait (at most ROUTERQ_RETRY_MAX_DELAY at a time, so a countdown never
+    outlives the visibility timeout), unless the job has already waited ROUTERQ_MAX_RETRY_TIME."""
+    delay = min(delay, settings.retry_max_delay)
+    waited = tries.waited(now)
+    if waited + delay > settings.max_retry_time:
+        return Decision(
+            Action.FAIL,
+            reason=f"rate limited for {waited:.0f} s, longer than ROUTERQ_MAX_RETRY_TIME "
+            f"({settings.max_retry_time:g} s)",
+        )
+    return Decision(Action.RETRY, delay=delay, rate_limited=True)
+
+
+def decide(
+    error: JobError, retry_after: float | None, tries: Tries, settings: Settings, now: float
+) -> Decision:
     status = error.status_code
+    if status == 429:
+        return wait_for_capacity(
+            max(backoff(tries.waits + 1, settings), retry_after or 0.0), tries, settings, now
+        )
+    attempt = tries.attempt
     if status == 401 or (status == 402 and retry_after is None):
         return Decision(Action.PAUSE, reason=f"HTTP {status}: {error.message}")
     retryable = (

@@ -31,7 +31,7 @@ from routerq.spans import ATTEMPT, BATCH_ID, BATCH_LINE, chain_attributes, chain
 from worker.attempt import Retrying, attempt_or_retry, failed_without_call
 from worker.deliveries import delivery_key, over_delivered, poison_error
 from worker.pool import DRAINING, Delivery
-from worker.retry import Action
+from worker.retry import Action, Tries
 from worker.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,9 @@ class Skipped(StrEnum):
     PARKED = "parked"  # set aside while its batch is paused
 
 
-async def run_job(delivery: Delivery, payload: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
+async def run_job(
+    delivery: Delivery, payload: dict[str, Any], tries: dict[str, float] | None = None
+) -> dict[str, Any]:
     """A single job, in the trace its producer started: `run/routerq.run_job` under the publish span."""
     with _consumer_span(delivery):
         job = Job.model_validate(payload)
@@ -57,11 +59,11 @@ async def run_job(delivery: Delivery, payload: dict[str, Any], attempt: int = 1)
             return {"job_id": job.id, "status": stored.status}
         deliveries = await over_delivered(rt, delivery, job.id)
         if deliveries:
-            result = failed_without_call(job, poison_error(deliveries), attempt)
+            result = failed_without_call(job, poison_error(deliveries), Tries.load(tries).attempt)
         else:
             try:
                 async with rt.slots:
-                    result, _ = await attempt_or_retry(rt, delivery, [payload], job, attempt)
+                    result, _ = await attempt_or_retry(rt, delivery, [payload], job, Tries.load(tries))
             except Retrying:
                 return {"job_id": job.id, "status": "retrying"}
         await rt.store.put(result)
@@ -75,7 +77,7 @@ async def run_lines(
     batch_id: str,
     indexes: list[int],
     enqueued_at: float,
-    attempt: int = 1,
+    tries: dict[str, float] | None = None,
     traceparent: str | None = None,
 ) -> dict[str, Any]:
     """Lines of one batch that travelled in one message, run concurrently, each taking one of the
@@ -87,7 +89,7 @@ async def run_lines(
         async with rt.slots:
             if DRAINING.is_set():  # a warm shutdown began while this line waited for a slot
                 return None
-            return await run_line(delivery, batch_id, index, enqueued_at, attempt, traceparent)
+            return await run_line(delivery, batch_id, index, enqueued_at, Tries.load(tries), traceparent)
 
     statuses = await asyncio.gather(*(one(i) for i in indexes), return_exceptions=True)
     for index, status in zip(indexes, statuses, strict=True):
@@ -98,7 +100,7 @@ async def run_lines(
         rt.app.send_task(
             LINE_TASK_NAME,
             args=[batch_id, unstarted, enqueued_at],
-            kwargs={"attempt": attempt, "traceparent": traceparent},
+            kwargs={"tries": tries, "traceparent": traceparent},
             queue=rt.settings.queue,
             ignore_result=True,
         )
@@ -113,23 +115,24 @@ async def run_line(
     batch_id: str,
     index: int,
     enqueued_at: float,
-    attempt: int,
+    tries: Tries,
     traceparent: str | None,
 ) -> str:
     """One batch line in its own trace: `routerq.line` (CHAIN) from enqueue to outcome, the LLM call
     under it. A retry carries the trace on, one level deeper, through `traceparent`."""
     parent = propagate.extract({"traceparent": traceparent}) if traceparent else otel_context.Context()
-    started = enqueued_at if attempt == 1 else time.time()  # the first span shows the queue wait
+    first = tries == Tries()
+    started = enqueued_at if first else time.time()  # the first try's span shows the queue wait
     with telemetry.tracer().start_as_current_span(
         "routerq.line",
         context=parent,
         start_time=int(started * 1e9),
-        attributes={**chain_kind(), BATCH_ID: batch_id, BATCH_LINE: index, ATTEMPT: attempt},
+        attributes={**chain_kind(), BATCH_ID: batch_id, BATCH_LINE: index, ATTEMPT: tries.attempt},
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
         try:
-            result = await _run_line(delivery, span, batch_id, index, enqueued_at, attempt)
+            result = await _run_line(delivery, span, batch_id, index, enqueued_at, tries)
         except Retrying:
             span.set_attribute(SpanAttributes.OUTPUT_VALUE, "retrying")
             return "retrying"
@@ -149,7 +152,7 @@ async def run_line(
 
 
 async def _run_line(
-    delivery: Delivery, span: trace.Span, batch_id: str, index: int, enqueued_at: float, attempt: int
+    delivery: Delivery, span: trace.Span, batch_id: str, index: int, enqueued_at: float, tries: Tries
 ) -> JobResult | Skipped:
     """The line's result when it was tried, or why it was not."""
     rt = runtime(delivery.app)
@@ -177,7 +180,7 @@ async def _run_line(
     job = line_job(batch, index, line, enqueued_at)
     span.set_attributes(chain_attributes(job.prompt_text))
     if start.deliveries > rt.settings.max_deliveries:
-        result = failed_without_call(job, poison_error(start.deliveries), attempt)
+        result = failed_without_call(job, poison_error(start.deliveries), tries.attempt)
         await store.record(batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result)
         return result
     try:
@@ -186,14 +189,14 @@ async def _run_line(
             delivery,
             [batch_id, [index], enqueued_at],
             job,
-            attempt,
+            tries,
             lambda: store.unmark_running(batch_id, index),
             {"traceparent": _traceparent()},
         )
     except Retrying:
         raise
     except Exception as exc:  # a bug or an outage of ours: record it, never drop the line silently
-        result = failed_without_call(job, JobError(code="internal_error", message=repr(exc)), attempt)
+        result = failed_without_call(job, JobError(code="internal_error", message=repr(exc)), tries.attempt)
         await store.record(batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result)
         raise
     if decision is not None and decision.action is Action.PAUSE:
@@ -212,15 +215,19 @@ def _traceparent() -> str | None:
 
 
 async def run_embed(
-    delivery: Delivery, run_id: str, indexes: list[int], enqueued_at: float, attempt: int = 1
+    delivery: Delivery,
+    run_id: str,
+    indexes: list[int],
+    enqueued_at: float,
+    tries: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """One embeddings request for many texts; vectors are stored as raw float32, never as JSON text."""
     with _consumer_span(delivery):
-        return await _run_embed(delivery, run_id, indexes, enqueued_at, attempt)
+        return await _run_embed(delivery, run_id, indexes, enqueued_at, Tries.load(tries))
 
 
 async def _run_embed(
-    delivery: Delivery, run_id: str, indexes: list[int], enqueued_at: float, attempt: int
+    delivery: Delivery, run_id: str, indexes: list[int], enqueued_at: float, tries: Tries
 ) -> dict[str, Any]:
     rt = runtime(delivery.app)
     run = await rt.embeddings.get(run_id)
@@ -248,11 +255,11 @@ async def _run_embed(
     deliveries = await over_delivered(rt, delivery, job.id)
     if deliveries:
         await rt.embeddings.record_failure(run_id, len(todo))
-        log.warning("%s", JobFailedError(failed_without_call(job, poison_error(deliveries), attempt)))
+        log.warning("%s", JobFailedError(failed_without_call(job, poison_error(deliveries), tries.attempt)))
         return {"run": run_id, "stored": 0}
     try:
         async with rt.slots:
-            result, _ = await attempt_or_retry(rt, delivery, [run_id, indexes, enqueued_at], job, attempt)
+            result, _ = await attempt_or_retry(rt, delivery, [run_id, indexes, enqueued_at], job, tries)
     except Retrying:
         return {"run": run_id, "stored": 0, "status": "retrying"}
     if not result.ok or result.response is None:

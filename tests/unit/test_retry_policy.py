@@ -9,69 +9,103 @@ import pytest
 from routerq.jobs import JobError
 from routerq.settings import Settings
 from worker.attempt import final_error
-from worker.retry import Action, backoff, decide, error_class
+from worker.retry import Action, Tries, backoff, decide, error_class
 
 SETTINGS = Settings(ROUTERQ_MAX_ATTEMPTS=6, ROUTERQ_RETRY_BASE_DELAY=1.0, ROUTERQ_RETRY_MAX_DELAY=60.0)
+NOW = 1_800_000_000.0
+
+
+def at(attempt: int, waits: int = 0, since: float = NOW) -> Tries:
+    return Tries(attempt, waits, since)
 
 
 def error(status: int | None, code: str = "server_error") -> JobError:
     return JobError(code=code, message="upstream said no", status_code=status)
 
 
-@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+@pytest.mark.parametrize("status", [408, 500, 502, 503, 504])
 def test_transient_statuses_are_retried_after_a_backoff(status: int) -> None:
-    decision = decide(error(status), None, attempt=1, settings=SETTINGS)
+    decision = decide(error(status), None, at(1), SETTINGS, NOW)
     assert decision.action is Action.RETRY
     assert 0.0 <= decision.delay <= SETTINGS.retry_base_delay
 
 
 @pytest.mark.parametrize("code", ["timeout", "connection_error", "upstream_error"])
 def test_timeouts_connection_errors_and_errors_inside_a_200_are_retried(code: str) -> None:
-    assert decide(error(None, code), None, 1, SETTINGS).action is Action.RETRY
+    assert decide(error(None, code), None, at(1), SETTINGS, NOW).action is Action.RETRY
 
 
 @pytest.mark.parametrize("status", [400, 403, 404, 422])
 def test_client_errors_fail_at_once_with_upstreams_message_unchanged(status: int) -> None:
-    decision = decide(error(status, "invalid_request_error"), None, 1, SETTINGS)
+    decision = decide(error(status, "invalid_request_error"), None, at(1), SETTINGS, NOW)
     assert decision.action is Action.FAIL and decision.reason == ""
     assert final_error(error(status), decision) == error(status)
 
 
 def test_an_unusable_answer_is_not_paid_for_again() -> None:
-    assert decide(error(502, "unusable_answer"), None, 1, SETTINGS).action is Action.FAIL
+    assert decide(error(502, "unusable_answer"), None, at(1), SETTINGS, NOW).action is Action.FAIL
 
 
 def test_a_401_pauses_the_batch_instead_of_failing_lines() -> None:
-    decision = decide(error(401, "authentication_error"), None, 1, SETTINGS)
+    decision = decide(error(401, "authentication_error"), None, at(1), SETTINGS, NOW)
     assert decision.action is Action.PAUSE and "HTTP 401" in decision.reason
 
 
 def test_a_402_without_retry_after_pauses_for_credit() -> None:
-    decision = decide(error(402, "insufficient_credits"), None, 1, SETTINGS)
+    decision = decide(error(402, "insufficient_credits"), None, at(1), SETTINGS, NOW)
     assert decision.action is Action.PAUSE and "HTTP 402" in decision.reason
 
 
 def test_a_402_with_retry_after_is_waited_out() -> None:
-    decision = decide(error(402, "insufficient_credits"), 7.0, 1, SETTINGS)
+    decision = decide(error(402, "insufficient_credits"), 7.0, at(1), SETTINGS, NOW)
     assert decision.action is Action.RETRY and decision.delay >= 7.0
 
 
 def test_retry_after_is_a_floor_under_the_backoff() -> None:
     for attempt in range(1, 5):
-        assert decide(error(429, "rate_limit_exceeded"), 12.5, attempt, SETTINGS).delay >= 12.5
+        assert decide(error(503), 12.5, at(attempt), SETTINGS, NOW).delay >= 12.5
+        assert decide(error(429, "rate_limit_exceeded"), 12.5, at(1, attempt), SETTINGS, NOW).delay >= 12.5
 
 
 def test_the_last_attempt_fails_saying_the_budget_ran_out() -> None:
-    decision = decide(error(502), None, attempt=6, settings=SETTINGS)
+    decision = decide(error(502), None, at(6), SETTINGS, NOW)
     assert decision.action is Action.FAIL
     assert final_error(error(502), decision) == error(502).model_copy(
         update={"message": "upstream said no (gave up after 6 attempts)"}
     )
 
 
-def test_a_retry_after_beyond_the_max_delay_fails_instead_of_outliving_the_visibility_timeout() -> None:
-    decision = decide(error(429, "rate_limit_exceeded"), 3600.0, 1, SETTINGS)
+def test_a_503_retry_after_beyond_the_max_delay_fails_instead_of_outliving_the_visibility_timeout() -> None:
+    decision = decide(error(503), 3600.0, at(1), SETTINGS, NOW)
     assert decision.action is Action.FAIL and "ROUTERQ_RETRY_MAX_DELAY" in decision.reason
+
+
+def test_a_429_is_a_wait_that_never_uses_up_an_attempt() -> None:
+    tries = at(6)  # the last attempt the budget allows
+    for _ in range(50):
+        decision = decide(error(429, "rate_limit_exceeded"), 1.0, tries, SETTINGS, NOW + 60)
+        assert decision.action is Action.RETRY and decision.rate_limited and decision.delay >= 1.0
+        tries = tries.after(decision)
+    assert (tries.attempt, tries.waits) == (6, 50)
+    assert decide(error(502), None, tries, SETTINGS, NOW + 60).action is Action.FAIL
+
+
+def test_a_long_retry_after_on_a_429_is_waited_out_in_steps_the_visibility_timeout_allows() -> None:
+    decision = decide(error(429, "rate_limit_exceeded"), 600.0, at(1), SETTINGS, NOW)
+    assert decision.action is Action.RETRY and decision.delay == SETTINGS.retry_max_delay
+
+
+def test_rate_limit_waits_end_after_the_max_retry_time_since_the_first_try() -> None:
+    late = NOW + SETTINGS.max_retry_time - 0.5
+    decision = decide(error(429, "rate_limit_exceeded"), 1.0, at(2, 40), SETTINGS, late)
+    assert decision.action is Action.FAIL and "ROUTERQ_MAX_RETRY_TIME" in decision.reason
+
+
+def test_tries_travel_through_a_message_and_start_their_clock_once() -> None:
+    tries = Tries().started(NOW)
+    assert Tries.load(tries.dump()) == tries and Tries.load(None) == Tries()
+    assert tries.started(NOW + 5).since == NOW
+    assert tries.waited(NOW + 5) == 5.0
 
 
 def test_backoff_is_full_jitter_under_an_exponential_ceiling_capped_by_the_max_delay() -> None:
