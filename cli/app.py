@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from routerq.batch_store import Batch
+from routerq.batch_store import Batch, BatchStatus
 from routerq.errors import SettingsError
-from routerq.jobs import Job, JobKind
+from routerq.jobs import Job, JobKind, JobResult
 from routerq.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -151,14 +151,47 @@ def enqueue(
         except TimeoutError as exc:
             err.print(f"[red]{exc}[/red]")
             raise typer.Exit(1) from None
-        if not result.ok:
-            error = result.error
-            status = f" (HTTP {error.status_code})" if error and error.status_code else ""
-            err.print(f"[red]job {result.job_id} failed{status}: {error.message if error else ''}[/red]")
-            raise typer.Exit(1)
-        print(result.text)
+        _print_result(result)
     finally:
         producer.close()
+
+
+def _print_result(result: JobResult) -> None:
+    """The answer on stdout, or OpenRouter's error on stderr and exit 1."""
+    if not result.ok:
+        error = result.error
+        status = f" (HTTP {error.status_code})" if error and error.status_code else ""
+        err.print(f"[red]job {result.job_id} failed{status}: {error.message if error else ''}[/red]")
+        raise typer.Exit(1)
+    print(result.text)
+
+
+NO_RESULT_EXIT_CODE = 4  # `routerq result` on a job that has no result (yet, or any more)
+
+
+@app.command()
+def result(
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="the id `routerq enqueue` printed")],
+    wait: Annotated[
+        bool, typer.Option("--wait", help="wait for the result if the job is still running")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait with --wait")] = 300.0,
+) -> None:
+    """Print a queued job's answer (exit 1 if it failed, 4 if it has no result)."""
+    from producer import Producer
+
+    producer = Producer(_settings(), tracing=False)
+    try:
+        found = producer.result(job_id, timeout=timeout if wait else None)
+    except TimeoutError as exc:
+        raise _fail(str(exc), NO_RESULT_EXIT_CODE) from None
+    if found is None:
+        raise _fail(
+            f"job {job_id} has no result: still queued or running (use --wait), or older than "
+            "ROUTERQ_RESULT_TTL",
+            NO_RESULT_EXIT_CODE,
+        )
+    _print_result(found)
 
 
 def _batch_client() -> BatchClient:
@@ -215,7 +248,10 @@ def submit(
     user: Annotated[str | None, typer.Option(help="user id for every line")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="same key + same file = same batch")] = None,
     max_cost: Annotated[float | None, typer.Option(help="pause the batch when its spend reaches USD")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="show progress until the batch ends")] = False,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="show progress until the batch ends (exit 1: lines failed; 3: paused)"),
+    ] = False,
 ) -> None:
     """Validate a whole batch file, then enqueue all of its lines. Prints the batch id last on stdout."""
     from routerq.errors import BatchError, BatchFileError
@@ -251,9 +287,20 @@ def submit(
         err.print(
             f"batch {batch.id} {batch.status.value}: {batch.succeeded} succeeded, {batch.failed} failed"
         )
+        _say_if_paused(batch)
     print(batch.id)
+    if wait and batch.status is BatchStatus.PAUSED:
+        raise typer.Exit(PAUSED_EXIT_CODE)
     if wait and (batch.failed or batch.cancelled):
         raise typer.Exit(1)
+
+
+PAUSED_EXIT_CODE = 3  # --wait / --watch on a batch that paused: it waits for `routerq resume`, not time
+
+
+def _say_if_paused(batch: Batch) -> None:
+    if batch.status is BatchStatus.PAUSED:
+        err.print(f"batch {batch.id} is paused ({batch.reason}); `routerq resume {batch.id}` continues it")
 
 
 def telemetry_flush() -> None:
@@ -285,7 +332,9 @@ def _describe(batch: Batch) -> str:
 @app.command()
 def status(
     batch_id: Annotated[str, typer.Argument(metavar="BATCH")],
-    watch: Annotated[bool, typer.Option("--watch", help="refresh until the batch ends")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="refresh until the batch ends or pauses (exit 3 when paused)")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="OpenAI-style batch object")] = False,
 ) -> None:
     """State, counts, tokens, cost, throughput and ETA of a batch."""
@@ -295,6 +344,10 @@ def status(
             _progress_until_done(client, batch_id)
         batch = client.get(batch_id)
     print(json.dumps(batch.openai_object(), indent=2) if as_json else _describe(batch))
+    if watch:
+        _say_if_paused(batch)
+        if batch.status is BatchStatus.PAUSED:
+            raise typer.Exit(PAUSED_EXIT_CODE)
 
 
 @app.command()

@@ -79,6 +79,13 @@ class Producer:
             span.set_attribute(SpanAttributes.OUTPUT_MIME_TYPE, "application/json")
         return JobHandle(job, self.store)
 
+    def result(self, job_id: str, timeout: float | None = None) -> JobResult | None:
+        """A job's stored result by id (from another process, or before a restart); None while it is
+        queued or running. With `timeout`, waits that long for it (ResultTimeoutError after)."""
+        if timeout is None:
+            return self.store.get(job_id)
+        return self.store.wait(job_id, timeout)
+
     def run(self, job: Job, timeout: float | None = None) -> JobResult:
         """Queue and wait inside one span, whose output is the answer (reads well in Sessions)."""
         with self._job_span("routerq.job", job) as span:

@@ -117,10 +117,10 @@ class BatchClient:
         self._stage_and_release(batch, indexed)
 
     def _stage_and_release(
-        self, batch: Batch, lines: Iterable[tuple[int, BatchLine | dict[str, Any]]]
+        self, batch: Batch, lines: Iterable[tuple[int, BatchLine | dict[str, Any]]], start: bool = True
     ) -> int:
-        """Stage every line (inputs stored alongside when they are new), then release them all at once;
-        returns how many lines were enqueued."""
+        """Stage every line (inputs stored alongside when they are new), then release them all at once
+        (`start` marks the batch in progress); returns how many lines were enqueued."""
         staged = StagedEnqueue(self.app, self.redis, self.store.key(batch.id))
         inputs = ((index, line.stored() if isinstance(line, BatchLine) else None) for index, line in lines)
         try:
@@ -128,7 +128,7 @@ class BatchClient:
             staged.flush()
         except redis.RedisError as exc:
             raise StagingFailed(f"Redis failed while staging lines of {batch.id}: {exc}") from exc
-        staged.release(watch=(active_key(self.settings.queue), batch.id))
+        staged.release(start=start, watch=(active_key(self.settings.queue), batch.id))
         return count
 
     def _enqueue_failed(self, batch: Batch, exc: Exception) -> BatchError:
@@ -175,27 +175,39 @@ class BatchClient:
         return batch
 
     def wait(self, batch_id: str, on_update: Callable[[Batch], None], poll: float = 0.5) -> Batch:
+        """Until the batch ends or pauses (a paused batch waits for `resume`, not for time)."""
         while True:
             batch = self.get(batch_id)
             on_update(batch)
-            if batch.status.final:
+            if batch.status.final or batch.status is BatchStatus.PAUSED:
                 return batch
             time.sleep(poll)
 
     def cancel(self, batch_id: str) -> Batch:
-        """Queued lines are skipped by workers (never sent upstream); running ones finish."""
+        """Queued and parked lines are skipped by workers (never sent upstream); running ones finish."""
         batch = self.get(batch_id)
         if batch.status.final:
             return batch
-        self.store.set_status(batch_id, BatchStatus.CANCELLING, cancelled_at=time.time())
+        now = time.time()
+        parked = self.store.unpark(batch_id, BatchStatus.CANCELLING, cancelled_at=now)
+        if parked is None:
+            self.store.set_status(batch_id, BatchStatus.CANCELLING, cancelled_at=now)
+        elif parked:  # sent to the workers, which record each as cancelled without calling upstream
+            self._stage_and_release(batch, [(index, {}) for index in parked], start=False)
         return self.get(batch_id)
 
     def resume(self, batch_id: str, max_cost: float | None = None) -> int:
         """Continue a paused batch once its key, credit or budget is fixed; returns the lines re-sent."""
         batch = self.get(batch_id)
+        spent_budget = batch.max_cost is not None and batch.cost >= batch.max_cost
+        if spent_budget and (max_cost is None or max_cost <= batch.cost):
+            raise BatchError(
+                f"batch {batch_id} has spent ${batch.cost:.6f} of its ${batch.max_cost:g} budget: resume it "
+                f"with --max-cost above {batch.cost:.6f}"
+            )
         if max_cost is not None:
             self.redis.hset(self.store.key(batch_id), "max_cost", repr(max_cost))
-        parked = self.store.resume(batch_id)
+        parked = self.store.unpark(batch_id, BatchStatus.IN_PROGRESS)
         if parked is None:
             raise BatchError(f"batch {batch_id} is {batch.status.value}, not paused")
         lines = [(index, self.store.line(batch_id, index) or {}) for index in parked]

@@ -196,10 +196,12 @@ redis.call('HSET', KEYS[1], 'status', 'paused', 'reason', ARGV[1])
 return 1
 """
 
-# Resume: running again first (so no new line is parked), then hand back the parked lines.
-_RESUME = """
+# Leave a pause (to run again, or to cancel) before handing back the parked lines, so no new line is
+# parked meanwhile; ARGV[2]/ARGV[3] optionally stamp a field (cancelled_at).
+_UNPARK = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'paused' then return false end
-redis.call('HSET', KEYS[1], 'status', 'in_progress')
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end
 redis.call('HDEL', KEYS[1], 'reason')
 local parked = redis.call('SMEMBERS', KEYS[2])
 redis.call('DEL', KEYS[2])
@@ -233,7 +235,7 @@ class BatchStore:
     def __init__(self, client: redis.Redis, ttl: int) -> None:
         self._redis = client
         self._ttl = ttl
-        self._resume = client.register_script(_RESUME)
+        self._unpark = client.register_script(_UNPARK)
 
     key = staticmethod(batch_key)
 
@@ -268,9 +270,11 @@ class BatchStore:
         raw = self._redis.hget(self.key(batch_id, "in"), str(index))
         return json.loads(raw) if raw else None
 
-    def resume(self, batch_id: str) -> list[int] | None:
-        """The parked line indexes, or None when the batch was not paused."""
-        parked = self._resume(keys=[self.key(batch_id), self.key(batch_id, "parked")])
+    def unpark(self, batch_id: str, status: BatchStatus, **stamp: float) -> list[int] | None:
+        """Move a paused batch to `status`; its parked line indexes, or None when it was not paused."""
+        field, value = next(iter(stamp.items())) if stamp else ("", 0.0)
+        keys = [self.key(batch_id), self.key(batch_id, "parked")]
+        parked = self._unpark(keys=keys, args=[status.value, field, value])
         return None if parked is None else sorted(int(i) for i in parked)
 
     def outputs(

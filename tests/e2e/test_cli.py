@@ -74,3 +74,17 @@ def test_a_worker_with_a_rejected_api_key_refuses_to_start(stack: Stack) -> None
     done = routerq(stack, "worker", env={"OPENROUTER_API_KEY": ""}, timeout=60)
     assert done.returncode == 2
     assert "OPENROUTER_API_KEY is not set" in done.stderr
+
+
+def test_result_fetches_an_enqueued_jobs_answer_later_by_its_id(stack: Stack) -> None:
+    queued = routerq(stack, "enqueue", "fetch me later")
+    assert queued.returncode == 0, queued.stderr
+    job_id = queued.stdout.strip()
+    done = routerq(stack, "result", job_id, "--wait", "--timeout", "60")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == fake_answer("meta-llama/llama-3.1-8b-instruct", "fetch me later")
+
+
+def test_result_of_an_unknown_job_says_so_and_exits_4(stack: Stack) -> None:
+    done = routerq(stack, "result", "job_doesnotexist")
+    assert done.returncode == 4 and "has no result" in done.stderr

@@ -367,6 +367,8 @@ def test_a_401_pauses_the_batch_without_burning_lines_and_resume_finishes_it(
         assert paused.failed == 0 and paused.succeeded < 40
         status = routerq(stack, "status", batch.id, env={"ROUTERQ_QUEUE": queue})
         assert "paused: HTTP 401" in status.stdout
+        watched = routerq(stack, "status", batch.id, "--watch", env={"ROUTERQ_QUEUE": queue}, timeout=30)
+        assert watched.returncode == 3 and f"routerq resume {batch.id}" in watched.stderr  # not frozen
         unauthorized = [c for c in calls_with(stack, marker) if c["status"] == 401]
         assert 1 <= len(unauthorized) <= 2  # one per worker slot at most, not 40 identical failures
 
@@ -385,9 +387,28 @@ def test_a_batch_pauses_when_its_budget_is_spent(stack: Stack, tmp_path: Path) -
     paused = settle_paused(client, batch.id)
     assert paused.status is BatchStatus.PAUSED and "budget" in (paused.reason or "")
     assert paused.succeeded < 30 and paused.cost >= 2e-6
+    again = routerq(stack, "resume", batch.id)  # no new budget: refused, nothing spent
+    assert again.returncode == 1 and "--max-cost above" in again.stderr
+    assert client.get(batch.id).status is BatchStatus.PAUSED
     assert client.resume(batch.id, max_cost=1.0) > 0
     final = wait_final(client, batch.id)
     assert (final.succeeded, final.failed) == (30, 0)
+
+
+def test_cancelling_a_paused_batch_ends_it_and_sends_nothing_more(stack: Stack, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex[:8]
+    rows = [line(f"c{i}", "chat", f"{marker} {i} [[slow:0.05]]") for i in range(40)]
+    client = BatchClient(stack.settings())
+    batch = client.submit(write_jsonl(tmp_path / "cancel-paused.jsonl", rows), max_cost=2e-6).batch
+    paused = settle_paused(client, batch.id)
+    assert paused.status is BatchStatus.PAUSED
+    sent = len(calls_with(stack, marker))
+    done = routerq(stack, "cancel", batch.id)
+    assert done.returncode == 0, done.stderr
+    final = wait_final(client, batch.id, timeout=60)
+    assert final.status is BatchStatus.CANCELLED
+    assert final.succeeded + final.cancelled == 40 and final.parked == 0
+    assert len(calls_with(stack, marker)) == sent  # the parked lines were never sent upstream
 
 
 def test_a_hanging_upstream_times_out_and_retries_while_the_worker_stays_responsive(
