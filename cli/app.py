@@ -141,7 +141,9 @@ def enqueue(
     except ValueError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    producer = Producer(_settings())
+    settings = _settings()
+    _require_redis(settings)
+    producer = Producer(settings)
     try:
         if not wait:
             print(producer.submit(job).id)
@@ -180,7 +182,9 @@ def result(
     """Print a queued job's answer (exit 1 if it failed, 4 if it has no result)."""
     from producer import Producer
 
-    producer = Producer(_settings(), tracing=False)
+    settings = _settings()
+    _require_redis(settings)
+    producer = Producer(settings, tracing=False)
     try:
         found = producer.result(job_id, timeout=timeout if wait else None)
     except TimeoutError as exc:
@@ -194,10 +198,27 @@ def result(
     _print_result(found)
 
 
-def _batch_client() -> BatchClient:
+def _batch_client(tracing: bool = False) -> BatchClient:
+    """Only `submit` traces (its span opens the batch's session); reading and steering a batch needs
+    neither Phoenix nor the time importing its exporter takes."""
     from producer.batch_client import BatchClient
 
-    return BatchClient(_settings())
+    settings = _settings()
+    _require_redis(settings)
+    return BatchClient(settings, tracing=tracing)
+
+
+def _require_redis(settings: Settings) -> None:
+    """One quick look before anything else: a wrong REDIS_URL is one line at once, not a minute of
+    reconnect attempts and a traceback."""
+    import redis
+
+    from routerq.redis_client import describe
+
+    try:
+        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3).ping()
+    except redis.RedisError as exc:
+        raise _fail(f"cannot reach Redis at {describe(settings.redis_url)} (REDIS_URL): {exc}") from None
 
 
 @contextmanager
@@ -256,7 +277,7 @@ def submit(
     """Validate a whole batch file, then enqueue all of its lines. Prints the batch id last on stdout."""
     from routerq.errors import BatchError, BatchFileError
 
-    client = _batch_client()
+    client = _batch_client(tracing=True)
     try:
         submitted = client.submit(
             file,
@@ -426,7 +447,9 @@ def embed(
     from routerq.embed_store import EmbedRun
     from routerq.errors import EmbedInputError
 
-    client = EmbedClient(_settings())
+    settings = _settings()
+    _require_redis(settings)
+    client = EmbedClient(settings)
     try:
         plan = client.start(
             file,

@@ -47,9 +47,16 @@ class BatchClient:
         self.settings = settings
         if tracing:
             telemetry.setup_tracing(settings)
-        self.app = app or create_app(settings)
+        self._app = app
         self.redis = connect(settings.redis_url)
         self.store = BatchStore(self.redis, settings.result_ttl)
+
+    @property
+    def app(self) -> Celery:
+        """Built on first use: reading a batch (status, results) needs Redis, not Celery."""
+        if self._app is None:
+            self._app = create_app(self.settings)
+        return self._app
 
     # -- submit -------------------------------------------------------------------------------------
     def submit(

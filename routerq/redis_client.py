@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aredis
@@ -37,6 +38,13 @@ def connect_async(url: str) -> aredis.Redis:
         retry=AsyncRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=RECONNECT_RETRIES),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
+
+
+def describe(url: str) -> str:
+    """A Redis URL fit for a message: scheme, host, port and database, never its password."""
+    parts = urlsplit(url)
+    where = f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else parts.path
+    return f"{parts.scheme}://{where}{parts.path if parts.hostname else ''}"
 
 
 def as_text(value: Any) -> str:

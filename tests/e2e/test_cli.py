@@ -88,3 +88,12 @@ def test_result_fetches_an_enqueued_jobs_answer_later_by_its_id(stack: Stack) ->
 def test_result_of_an_unknown_job_says_so_and_exits_4(stack: Stack) -> None:
     done = routerq(stack, "result", "job_doesnotexist")
     assert done.returncode == 4 and "has no result" in done.stderr
+
+
+def test_a_wrong_redis_url_fails_at_once_with_one_line_naming_it(stack: Stack) -> None:
+    closed = "redis://:hunter2@127.0.0.1:9/0"  # the discard port: nothing listens
+    for command in (["status", "batch_x"], ["batches"], ["enqueue", "hello"], ["result", "job_x"]):
+        done = routerq(stack, *command, env={"REDIS_URL": closed}, timeout=15)  # not ~45 s of retries
+        assert done.returncode == 1, (command, done.stderr)
+        assert "cannot reach Redis at redis://127.0.0.1:9/0 (REDIS_URL)" in done.stderr
+        assert "Traceback" not in done.stderr and "hunter2" not in done.stderr

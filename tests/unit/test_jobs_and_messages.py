@@ -13,6 +13,7 @@ from devstack.demo import LOCAL_KEY, export_lines
 from routerq import envelope
 from routerq.errors import SettingsError
 from routerq.jobs import Job, JobKind, embedding_vector
+from routerq.redis_client import describe
 from routerq.settings import Settings, load_settings
 from routerq.vectors import from_float32
 from worker.limiter import estimate_tokens
@@ -99,3 +100,15 @@ def test_the_demo_prints_export_lines_for_its_stack_but_never_a_real_key() -> No
         f"export OPENROUTER_API_KEY={LOCAL_KEY}",
     ]
     assert "sk-or-v1-real" not in export_lines({**env, "OPENROUTER_API_KEY": "sk-or-v1-real"})
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@localhost:6390/2", "redis://localhost:6390/2"),
+        ("rediss://user:s3cret@cache.example:6380/0?ssl_ca_certs=/ca.pem", "rediss://cache.example:6380/0"),
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+    ],
+)
+def test_a_redis_url_in_a_message_never_shows_its_password(url: str, shown: str) -> None:
+    assert describe(url) == shown
