@@ -24,8 +24,9 @@ from routerq.batch_store import batch_key
 from routerq.broker import LINE_TASK_NAME, LINES_PER_MESSAGE
 from routerq.settings import Settings
 
-# Messages per pipelined round trip while staging: large enough to amortize the round trip, small
-# enough that a 50,000-line submit never holds more than a few MB of pending messages.
+# Work items (lines, embedding requests) per pipelined round trip while staging: large enough to
+# amortize the round trip, small enough that a pipeline (messages plus the lines' inputs) stays a
+# few MB whatever the file's size.
 STAGE_CHUNK = 2000
 STAGING_TTL_S = 24 * 3600  # a submit that died mid-staging leaves a list that cleans itself up
 
@@ -65,8 +66,8 @@ class StagedEnqueue:
         self._staging = f"{owner_key}:{part}"
         self._owner = owner_key
         self._origin = f"{os.getpid()}@{socket.gethostname()}"
-        self._release = client.register_script(_RELEASE)
         self._pending: list[str] = []
+        self._items = 0
         self._extra: list[Callable[[Any], None]] = []
         self._templates: dict[str, dict[str, Any]] = {}
         client.delete(self._staging)
@@ -77,13 +78,15 @@ class StagedEnqueue:
         args: list[Any],
         span: tuple[str, dict[str, Any]] | None = None,
         also: Callable[[Any], None] | None = None,
+        items: int = 1,
     ) -> None:
-        """Queue one message for staging, starting a trace for it when `span` (name, attributes) is
-        given; `also` adds commands to the same pipeline (e.g. its input)."""
+        """Queue one message (carrying `items` work items) for staging, starting a trace for it when
+        `span` (name, attributes) is given; `also` adds commands to the same pipeline (its inputs)."""
         self._pending.append(self._message(task, args, span))
+        self._items += items
         if also is not None:
             self._extra.append(also)
-        if len(self._pending) >= STAGE_CHUNK:
+        if self._items >= STAGE_CHUNK:
             self.flush()
 
     def add_lines(self, batch_id: str, lines: Iterable[tuple[int, str | None]], enqueued_at: float) -> int:
@@ -99,9 +102,8 @@ class StagedEnqueue:
                 pipe.expire(inputs_key, ttl)
 
             # No span per line here: the worker opens each line's trace, dated from `enqueued_at`.
-            self.add(
-                LINE_TASK_NAME, [batch_id, [i for i, _ in chunk], enqueued_at], also=store if inputs else None
-            )
+            args = [batch_id, [i for i, _ in chunk], enqueued_at]
+            self.add(LINE_TASK_NAME, args, also=store if inputs else None, items=len(chunk))
             count += len(chunk)
         return count
 
@@ -116,6 +118,7 @@ class StagedEnqueue:
         pipe.execute()
         self._pending.clear()
         self._extra.clear()
+        self._items = 0
 
     def release(self, start: bool = True, watch: tuple[str, str] | None = None) -> int:
         """All staged messages onto the queue at once. `start` marks the owner in progress; `watch`
@@ -126,7 +129,9 @@ class StagedEnqueue:
         if watch is not None:
             keys.append(watch[0])
             args.append(watch[1])
-        return int(self._release(keys=keys, args=args))
+        # EVAL, not a cached EVALSHA: a Redis restarted mid-submit has lost its script cache, and
+        # this runs once per submit.
+        return int(self._redis.eval(_RELEASE, len(keys), *keys, *args))
 
     def _message(self, task: str, args: list[Any], span: tuple[str, dict[str, Any]] | None) -> str:
         """A Celery protocol-2 message as kombu's Redis transport stores it.

@@ -33,7 +33,15 @@ def hold_export_until(moment: float) -> None:
     _hold_until = max(_hold_until, moment)
 
 
-def setup_tracing(settings: Settings) -> TracerProvider | None:
+# Seconds one span export may take, retries included. A producer exits soon after its spans are made
+# and must not hang at exit when Phoenix is down; a worker exports all day and can keep retrying.
+PRODUCER_EXPORT_TIMEOUT_S = 3.0
+WORKER_EXPORT_TIMEOUT_S = 10.0
+
+
+def setup_tracing(
+    settings: Settings, export_timeout: float = PRODUCER_EXPORT_TIMEOUT_S
+) -> TracerProvider | None:
     """Idempotent per process; a fork gets a fresh provider. Returns None when tracing is off."""
     global _provider, _pid
     if not settings.tracing:
@@ -66,7 +74,7 @@ def setup_tracing(settings: Settings) -> TracerProvider | None:
     )
     # Same batching exporter, with the spans it could not deliver counted and reported.
     headers = {"authorization": f"Bearer {api_key}"} if api_key else None
-    exporter = CountingExporter(HTTPSpanExporter(endpoint=endpoint, headers=headers))
+    exporter = CountingExporter(HTTPSpanExporter(endpoint=endpoint, headers=headers, timeout=export_timeout))
     provider.add_span_processor(BatchSpanProcessor(span_exporter=exporter))  # replaces the default one
     for instrumentor in (OpenAIInstrumentor(), CeleryInstrumentor()):  # type: ignore[no-untyped-call]
         if instrumentor.is_instrumented_by_opentelemetry:

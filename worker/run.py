@@ -42,7 +42,7 @@ def run_worker(settings: Settings, concurrency: int, loglevel: str = "INFO") -> 
 
     after_setup_logger.connect(redact_logs, weak=False)
     after_setup_task_logger.connect(redact_logs, weak=False)
-    telemetry.setup_tracing(settings)
+    telemetry.setup_tracing(settings, telemetry.WORKER_EXPORT_TIMEOUT_S)
     worker_shutdown.connect(lambda **_: telemetry.shutdown(), weak=False)
     watchdog = watch_broker(app, settings, concurrency)
     code: Any = 0
