@@ -13,6 +13,7 @@ from celery.signals import (
 )
 
 from routerq import telemetry
+from routerq.broker import LINES_PER_MESSAGE
 from routerq.redaction import RedactingFilter
 from routerq.settings import Settings
 from worker.app import create_worker_app
@@ -30,7 +31,11 @@ def run_worker(settings: Settings, concurrency: int, loglevel: str = "INFO") -> 
     is set up here, before Celery starts."""
     check_api_key(settings)
     app = create_worker_app(settings)
-    app.conf.worker_concurrency = concurrency  # also sizes the process's upstream connection pool
+    app.conf.routerq_slots = concurrency  # upstream calls in flight, and the connection pool's size
+    # Messages the consumer may hold (prefetch): the slots plus one message of lines in reserve, so a
+    # message whose last lines are still running never leaves slots idle (worker.pool counts a
+    # message of n lines as n).
+    prefetch = concurrency + LINES_PER_MESSAGE
 
     def redact_logs(logger: logging.Logger, **_: Any) -> None:
         log_filter = RedactingFilter(settings.secrets)
@@ -44,13 +49,13 @@ def run_worker(settings: Settings, concurrency: int, loglevel: str = "INFO") -> 
     after_setup_task_logger.connect(redact_logs, weak=False)
     telemetry.setup_tracing(settings, telemetry.WORKER_EXPORT_TIMEOUT_S)
     worker_shutdown.connect(lambda **_: telemetry.shutdown(), weak=False)
-    watchdog = watch_broker(app, settings, concurrency)
+    watchdog = watch_broker(app, settings, prefetch)
     code: Any = 0
     try:
         app.worker_main(
             [
                 "worker",
-                f"--concurrency={concurrency}",
+                f"--concurrency={prefetch}",
                 f"--queues={settings.queue}",
                 f"--loglevel={loglevel}",
                 "--without-gossip",

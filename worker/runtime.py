@@ -30,7 +30,7 @@ class Runtime:
     embeddings: AsyncEmbedStore
     openrouter: OpenRouterClient
     pricing: PhoenixPricing
-    slots: asyncio.Semaphore  # upstream calls this process may have in flight: its --concurrency
+    slots: asyncio.Semaphore  # upstream calls this process may have in flight: its share of --concurrency
 
     async def ensure_priced(self, models: Iterable[str]) -> None:
         """A model's first call registers its price in Phoenix (blocking HTTP): off the loop."""
@@ -47,7 +47,7 @@ def runtime(app: Celery) -> Runtime:
     global _runtime
     if _runtime is None:
         settings: Settings = app.conf.routerq_settings
-        concurrency = app.conf.worker_concurrency or 1
+        concurrency: int = app.conf.routerq_slots
         client = connect_async(settings.redis_url)
         _runtime = Runtime(
             app=app,
