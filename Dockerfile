@@ -1,10 +1,12 @@
+# The worker image: routerq's core, producer, worker and CLI; no dev stack (demo, fake OpenRouter).
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY routerq ./routerq
 COPY producer ./producer
 COPY worker ./worker
+COPY cli ./cli
 RUN pip install --no-cache-dir . && useradd --create-home routerq
 USER routerq
 ENTRYPOINT ["routerq"]
-CMD ["worker", "--concurrency", "32"]
+CMD ["worker", "--concurrency", "64"]
