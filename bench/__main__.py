@@ -22,13 +22,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import redis
 
 from bench.baseline import run_baseline
 from bench.measure import TreeSampler, cpu_seconds, wait_idle
+from bench.services import Services
 from devstack.localstack import (
     Service,
     free_port,
@@ -108,11 +108,11 @@ def write_batch(path: Path, lines: int, tag: str) -> Path:
     return path
 
 
-class Bench:
+class Bench(Services):
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        super().__init__()
         self.args = args
         self.tmp = tmp
-        self.services: list[Service] = []
         self.redis = self._keep(start_redis(free_port(), tmp / "redis"))
         self.fake = self._keep(start_fake_openrouter(free_port(), tmp, keys=[KEY]))
         httpx.post(f"{self.fake_base}/_fake/config", json={"latency_ms": args.latency_ms, "jitter": 0.2})
@@ -127,24 +127,6 @@ class Bench:
             "PHOENIX_DISCOVER_CONFIG": "false",
         }
         self.client = redis.Redis.from_url(self.redis.url)
-
-    @property
-    def fake_base(self) -> str:
-        return self.fake.url.removesuffix("/api/v1")
-
-    def _keep(self, service: Service) -> Service:
-        self.services.append(service)
-        return service
-
-    def close(self) -> None:
-        for service in reversed(self.services):
-            service.stop()
-
-    def fake_calls(self) -> list[dict[str, Any]]:
-        return list(httpx.get(f"{self.fake_base}/_fake/calls", timeout=60).json()["calls"])
-
-    def reset_fake(self) -> None:
-        httpx.post(f"{self.fake_base}/_fake/reset")
 
     def baseline(self) -> Run:
         self.reset_fake()

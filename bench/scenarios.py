@@ -22,13 +22,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from bench.__main__ import KEY, MODEL, machine, mib, pct, start_span_sink, write_batch
 from bench.measure import TreeSampler
-from devstack.localstack import Service, free_port, start_fake_openrouter, start_redis, start_worker
+from bench.services import Services
+from devstack.localstack import free_port, start_fake_openrouter, start_redis, start_worker
 from producer import Producer
 from producer.batch_client import BatchClient
 from routerq.settings import Settings
@@ -70,10 +70,10 @@ class Measured:
         return self.lines / self.seconds
 
 
-class Stack:
+class Stack(Services):
     def __init__(self, tmp: Path) -> None:
+        super().__init__()
         self.tmp = tmp
-        self.services: list[Service] = []
         self.redis = self._keep(start_redis(free_port(), tmp / "redis"))
         self.fake = self._keep(start_fake_openrouter(free_port(), tmp, keys=[KEY]))
         self.sink = self._keep(start_span_sink(free_port(), tmp))
@@ -86,22 +86,10 @@ class Stack:
             "PHOENIX_DISCOVER_CONFIG": "false",
         }
 
-    def _keep(self, service: Service) -> Service:
-        self.services.append(service)
-        return service
-
-    def close(self) -> None:
-        for service in reversed(self.services):
-            service.stop()
-
     def configure(self, latency_ms: float) -> None:
-        base = self.fake.url.removesuffix("/api/v1")
-        httpx.post(f"{base}/_fake/config", json={"latency_ms": latency_ms, "jitter": 0.2}).raise_for_status()
-        httpx.post(f"{base}/_fake/reset").raise_for_status()
-
-    def calls(self) -> list[dict[str, Any]]:
-        base = self.fake.url.removesuffix("/api/v1")
-        return list(httpx.get(f"{base}/_fake/calls", timeout=60).json()["calls"])
+        config = {"latency_ms": latency_ms, "jitter": 0.2}
+        httpx.post(f"{self.fake_base}/_fake/config", json=config).raise_for_status()
+        self.reset_fake()
 
 
 def script(stack: Stack, scenario: Scenario) -> Measured:
@@ -155,7 +143,7 @@ def single_job_overhead(stack: Stack, settings: Settings) -> float:
         started = time.perf_counter()
         producer.enqueue({"model": MODEL, "messages": [{"role": "user", "content": prompt}]}).get(timeout=60)
         walls[prompt] = time.perf_counter() - started
-    upstream = {c["prompt"]: c["t_end"] - c["t"] for c in stack.calls() if c.get("prompt") in walls}
+    upstream = {c["prompt"]: c["t_end"] - c["t"] for c in stack.fake_calls() if c.get("prompt") in walls}
     return pct([(walls[p] - upstream[p]) * 1000 for p in upstream], 0.5)
 
 

@@ -15,29 +15,26 @@ from redis.retry import Retry
 RECONNECT_RETRIES = 20
 
 
-def connect(url: str) -> redis.Redis:
+def _options() -> dict[str, Any]:
     """One place for connection options, so every component rides out a Redis restart the same way:
     commands wait and retry with backoff (up to about 30 s) instead of failing the job."""
-    return redis.Redis.from_url(
-        url,
-        health_check_interval=30,
-        socket_keepalive=True,
-        socket_connect_timeout=5,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=RECONNECT_RETRIES),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
+    return {
+        "health_check_interval": 30,
+        "socket_keepalive": True,
+        "socket_connect_timeout": 5,
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+
+
+def connect(url: str) -> redis.Redis:
+    retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=RECONNECT_RETRIES)
+    return redis.Redis.from_url(url, retry=retry, **_options())
 
 
 def connect_async(url: str) -> aredis.Redis:
-    """`connect` for the worker's event loop: the same options, on redis.asyncio."""
-    return aredis.Redis.from_url(
-        url,
-        health_check_interval=30,
-        socket_keepalive=True,
-        socket_connect_timeout=5,
-        retry=AsyncRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=RECONNECT_RETRIES),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
+    """`connect` for the worker's event loop, on redis.asyncio."""
+    retry = AsyncRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=RECONNECT_RETRIES)
+    return aredis.Redis.from_url(url, retry=retry, **_options())
 
 
 def describe(url: str) -> str:
