@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -29,6 +30,31 @@ if TYPE_CHECKING:
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="LLM jobs on a Redis queue, traced in Phoenix."
 )
+# `enqueue` without --model: a small, cheap model of the job's own kind (never a chat model for an
+# embedding).
+DEFAULT_MODELS = {
+    JobKind.CHAT: "meta-llama/llama-3.1-8b-instruct",
+    JobKind.COMPLETION: "mistralai/mistral-7b-instruct",
+    JobKind.EMBEDDING: "openai/text-embedding-3-small",
+}
+
+
+def _version(show: bool) -> None:
+    if show:
+        print(f"routerq {package_version('routerq')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """LLM jobs on a Redis queue, traced in Phoenix. Settings come from the environment (REDIS_URL,
+    OPENROUTER_API_KEY, PHOENIX_COLLECTOR_ENDPOINT, ...: see the README's settings table)."""
+
+
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
@@ -100,7 +126,9 @@ def worker(
 @app.command()
 def enqueue(
     prompt: Annotated[str, typer.Argument(help="the prompt, or the text to embed")],
-    model: Annotated[str, typer.Option(help="OpenRouter model slug")] = "meta-llama/llama-3.1-8b-instruct",
+    model: Annotated[
+        str | None, typer.Option(help="OpenRouter model slug (default: one per kind of job, see --help)")
+    ] = None,
     embed: Annotated[bool, typer.Option("--embed", help="an embeddings job")] = False,
     completion: Annotated[bool, typer.Option("--completion", help="a text completion job")] = False,
     session: Annotated[str | None, typer.Option(help="session id (Phoenix Sessions)")] = None,
@@ -118,7 +146,7 @@ def enqueue(
         err.print("[red]--embed and --completion are exclusive[/red]")
         raise typer.Exit(2)
     kind = JobKind.EMBEDDING if embed else JobKind.COMPLETION if completion else JobKind.CHAT
-    request: dict[str, object] = {"model": model}
+    request: dict[str, object] = {"model": model or DEFAULT_MODELS[kind]}
     if kind is JobKind.CHAT:
         request["messages"] = [{"role": "user", "content": prompt}]
     else:

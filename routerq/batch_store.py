@@ -247,6 +247,7 @@ class BatchStore:
         pipe.hset(self.key(batch.id), mapping=fields)  # type: ignore[arg-type]
         pipe.expire(self.key(batch.id), self._ttl)
         pipe.zadd(INDEX_KEY, {batch.id: batch.created_at})
+        pipe.zremrangebyscore(INDEX_KEY, "-inf", batch.created_at - self._ttl)  # their state has expired
         pipe.execute()
 
     def get(self, batch_id: str) -> Batch | None:

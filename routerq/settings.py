@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Annotated
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +30,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
     redis_url: Annotated[str, Field(alias="REDIS_URL")] = "redis://localhost:6379/0"
+    redis_password: Annotated[SecretStr | None, Field(alias="REDIS_PASSWORD")] = None
     queue: Annotated[str, Field(alias="ROUTERQ_QUEUE", min_length=1)] = "routerq"
     result_ttl: Annotated[int, Field(alias="ROUTERQ_RESULT_TTL", gt=0)] = 7 * 24 * 3600
     visibility_timeout: Annotated[int, Field(alias="ROUTERQ_VISIBILITY_TIMEOUT", gt=0)] = 300
@@ -71,6 +73,20 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @model_validator(mode="after")
+    def _password_into_url(self) -> Settings:
+        """REDIS_PASSWORD goes into the URL escaped, so `@ : / #` in a password cannot break it."""
+        if self.redis_password is None:
+            return self
+        parts = urlsplit(self.redis_url)
+        if parts.password is not None:
+            raise ValueError("REDIS_PASSWORD is set and REDIS_URL has a password too: keep one")
+        secret = quote(self.redis_password.get_secret_value(), safe="")
+        user = quote(parts.username, safe="") if parts.username else ""
+        netloc = f"{user}:{secret}@{parts.netloc}"
+        object.__setattr__(self, "redis_url", urlunsplit(parts._replace(netloc=netloc)))
+        return self
+
     @field_validator("openrouter_base_url", "phoenix_collector_endpoint")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -108,7 +124,7 @@ class Settings(BaseSettings):
     @property
     def secrets(self) -> list[str]:
         """Values that must never leave the process in spans, logs, results or errors."""
-        keys = (self.openrouter_api_key, self.phoenix_api_key)
+        keys = (self.openrouter_api_key, self.phoenix_api_key, self.redis_password)
         return [k.get_secret_value() for k in keys if k and k.get_secret_value()]
 
 

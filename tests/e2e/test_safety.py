@@ -118,7 +118,9 @@ def test_compose_file_wires_the_same_settings_the_code_reads() -> None:
     worker_env = services["worker"]["environment"]
     assert set(worker_env) <= known, set(worker_env) - known
     assert {"REDIS_URL", "OPENROUTER_API_KEY", "PHOENIX_COLLECTOR_ENDPOINT"} <= set(worker_env)
-    assert "${REDIS_PASSWORD" in worker_env["REDIS_URL"]
+    assert "${REDIS_PASSWORD" in worker_env["REDIS_PASSWORD"] and "@" not in worker_env["REDIS_URL"]
+    assert services["worker"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert ":latest" not in services["phoenix"]["image"]
 
     redis_command = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis_command and "--requirepass" in redis_command

@@ -7,6 +7,7 @@ import json
 import struct
 
 import pytest
+import redis
 from pydantic import ValidationError
 
 from devstack.demo import LOCAL_KEY, export_lines
@@ -112,3 +113,18 @@ def test_the_demo_prints_export_lines_for_its_stack_but_never_a_real_key() -> No
 )
 def test_a_redis_url_in_a_message_never_shows_its_password(url: str, shown: str) -> None:
     assert describe(url) == shown
+
+
+def test_a_redis_password_with_url_characters_reaches_redis_intact() -> None:
+    password = "p@ss:w/rd#1 %"
+    settings = Settings(REDIS_URL="redis://cache:6379/0", REDIS_PASSWORD=password)
+    parsed = redis.connection.parse_url(settings.redis_url)
+    assert (parsed["password"], parsed["host"], parsed["port"], parsed["db"]) == (password, "cache", 6379, 0)
+    assert password in settings.secrets and describe(settings.redis_url) == "redis://cache:6379/0"
+
+
+def test_a_password_in_both_places_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://:one@cache:6379/0")
+    monkeypatch.setenv("REDIS_PASSWORD", "two")
+    with pytest.raises(SettingsError, match="REDIS_PASSWORD is set and REDIS_URL has a password too"):
+        load_settings()
