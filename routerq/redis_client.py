@@ -31,10 +31,15 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, retry=retry, **_options())
 
 
-def connect_async(url: str) -> aredis.Redis:
-    """`connect` for the worker's event loop, on redis.asyncio."""
+def connect_async(url: str, max_connections: int) -> aredis.Redis:
+    """`connect` for the worker's event loop, on redis.asyncio. Every line in flight may hold a
+    connection for a moment: past `max_connections` a command waits for one rather than failing
+    (redis.asyncio's default pool raises at 100)."""
     retry = AsyncRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=RECONNECT_RETRIES)
-    return aredis.Redis.from_url(url, retry=retry, **_options())
+    pool = aredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=None, retry=retry, **_options()
+    )
+    return aredis.Redis(connection_pool=pool)
 
 
 def describe(url: str) -> str:

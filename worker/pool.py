@@ -29,6 +29,7 @@ from typing import Any
 from celery import Celery
 from celery.concurrency.base import BasePool
 from celery.signals import task_received
+from kombu.asynchronous import get_event_loop
 
 from routerq.broker import LINE_TASK_NAME
 from routerq.settings import Settings
@@ -111,10 +112,8 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
         message = _decode(body, content_type)
         lent = self._lend_slots(name, message)
         future = asyncio.run_coroutine_threadsafe(
-            self._execute(name, task_id, request, message, callback), self.loop
+            self._execute(name, task_id, request, message, callback, lent), self.loop
         )
-        if lent:
-            future.add_done_callback(lambda _: self._qos.increment_eventually(lent))
         with self._lock:
             self._running.add(future)
         future.add_done_callback(self._forget)
@@ -147,6 +146,7 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
         request: dict[str, Any],
         message: tuple[list[Any], dict[str, Any]] | ValueError,
         callback: Callable[..., Any] | None,
+        lent: int,
     ) -> None:
         started = time.monotonic()
         result: Any = None
@@ -162,9 +162,21 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
             raise
         except Exception:
             log.exception("task %s[%s] failed", name, task_id)
+        outcome = (False, result, time.monotonic() - started)
+        hub = get_event_loop()
+        if hub is None:
+            self._complete(callback, outcome, lent)
+        else:  # on the consumer's own thread, waking it: kombu is not shared across threads, and a
+            # consumer asleep with its prefetch full must learn at once that it may fetch again
+            hub.call_soon(self._complete, callback, outcome, lent)  # type: ignore[no-untyped-call]
+
+    def _complete(self, callback: Callable[..., Any] | None, outcome: tuple[Any, ...], lent: int) -> None:
+        """Acknowledge (Celery's Request.on_success), stop holding the message, give back its slots."""
         if callback is not None:
-            callback((False, result, time.monotonic() - started))  # Celery acknowledges the message
+            callback(outcome)
             HELD.done(_delivery_tag(callback))
+        if lent and self._qos is not None:
+            self._qos.increment_eventually(lent)
 
     def _wait_running(self, timeout: float) -> None:
         with self._lock:

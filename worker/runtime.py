@@ -39,6 +39,8 @@ class Runtime:
             await asyncio.to_thread(self.pricing.ensure, wanted)
 
 
+# Redis connections beyond one per call slot: the delivery counter, a retry's bookkeeping, a sweep.
+REDIS_HEADROOM = 8
 _runtime: Runtime | None = None
 
 
@@ -48,7 +50,7 @@ def runtime(app: Celery) -> Runtime:
     if _runtime is None:
         settings: Settings = app.conf.routerq_settings
         concurrency: int = app.conf.routerq_slots
-        client = connect_async(settings.redis_url)
+        client = connect_async(settings.redis_url, max_connections=concurrency + REDIS_HEADROOM)
         _runtime = Runtime(
             app=app,
             settings=settings,
