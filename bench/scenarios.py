@@ -103,7 +103,7 @@ def script(stack: Stack, scenario: Scenario) -> Measured:
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # its CPU once it has been waited for
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    assert process.returncode == 0, f"the script failed: {out}"
+    assert process.returncode == 0, f"the asyncio script itself failed (exit {process.returncode})"
     lines = int(json.loads(out)["lines"])
     return Measured(seconds, lines, cpu / lines * 1000, sampler.peak_rss)
 
@@ -178,7 +178,7 @@ def run(stack: Stack, name: str, scenario: Scenario) -> list[tuple[str, str]]:
     return rows
 
 
-def write(rows: list[tuple[str, str]], command: str) -> str:
+def write(rows: list[tuple[str, str]], command: str, only: bool = False) -> str:
     table = "\n".join(["| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     section = (
         f"{BEGIN}\n## Concurrency scenarios (`{command}`)\n\n"
@@ -188,6 +188,15 @@ def write(rows: list[tuple[str, str]], command: str) -> str:
         f"{table}\n{END}"
     )
     text = RESULTS.read_text() if RESULTS.exists() else "# routerq benchmark\n"
+    if BEGIN in text and END in text and only:  # one scenario re-measured: keep the others' rows
+        kept = [r for r in text[text.index(BEGIN) : text.index(END)].splitlines() if r.startswith("| ")]
+        rows_text = [f"| {k} | {v} |" for k, v in rows]
+        names = {k.split(" ")[0].rstrip(":") for k, _ in rows}
+        others = [
+            r for r in kept if not r.startswith("| measure") and r[2:].split(" ")[0].rstrip(":") not in names
+        ]
+        table = "\n".join(["| measure | value |", "|---|---|", *others, *rows_text])
+        section = section[: section.index("| measure |")] + table + f"\n{END}"
     if BEGIN in text and END in text:
         text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
     else:
@@ -206,11 +215,15 @@ def main() -> None:
         stack = Stack(Path(tmp))
         try:
             for name in names:
-                rows += run(stack, name, SCENARIOS[name])
+                try:
+                    rows += run(stack, name, SCENARIOS[name])
+                except Exception as exc:  # say what broke, keep the other scenarios' numbers
+                    rows.append((f"{name}: not measured", f"{type(exc).__name__}: {str(exc)[:200]}"))
                 print("\n".join(f"{k}: {v}" for k, v in rows[-6:]), flush=True)
         finally:
             stack.close()
-    print(write(rows, "python -m bench.scenarios " + " ".join(sys.argv[1:])))
+    command = "python -m bench.scenarios " + " ".join(sys.argv[1:])
+    print(write(rows, command.strip(), only=args.scenario != "all"))
 
 
 if __name__ == "__main__":
