@@ -164,7 +164,7 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
             log.exception("task %s[%s] failed", name, task_id)
         outcome = (False, result, time.monotonic() - started)
         hub = get_event_loop()
-        if hub is None:
+        if hub is None or DRAINING.is_set():  # a stopping worker's consumer loop no longer runs
             self._complete(callback, outcome, lent)
         else:  # on the consumer's own thread, waking it: kombu is not shared across threads, and a
             # consumer asleep with its prefetch full must learn at once that it may fetch again
