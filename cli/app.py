@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from routerq.batch_store import Batch, BatchStatus
+from routerq.batch_store import Batch, BatchStats, BatchStatus
 from routerq.errors import SettingsError
 from routerq.jobs import Job, JobKind, JobResult
 from routerq.settings import Settings, load_settings
+from routerq.span_export import ExportCounts
 
 if TYPE_CHECKING:
     from producer.batch_client import BatchClient
@@ -358,7 +359,31 @@ def telemetry_flush() -> None:
     telemetry.flush()
 
 
-def _describe(batch: Batch) -> str:
+def _ms(value: float | None) -> str:
+    return "-" if value is None else (f"{value / 1000:.1f} s" if value >= 10_000 else f"{value:.0f} ms")
+
+
+def _percentiles(values: dict[float, float | None]) -> str:
+    return ", ".join(f"p{round(q * 100)} {_ms(v)}" for q, v in values.items())
+
+
+def _traces(batch: Batch, export: ExportCounts) -> str:
+    """How much of the batch Phoenix holds, and whether any span failed to get there."""
+    decided = batch.traced + batch.sampled_out
+    if not decided:
+        return "not traced"
+    line = f"{batch.traced} of {decided} lines in Phoenix"
+    if batch.sampled_out:
+        line += f" (every failed, retried or slow line; {batch.sampled_out} successes sampled out)"
+    if export.dropped:
+        line += (
+            f"; WARNING: workers could not deliver {export.dropped} span(s) "
+            f"({export.refused} refused by Phoenix, {export.queue_full} over a full queue)"
+        )
+    return line
+
+
+def _describe(batch: Batch, stats: BatchStats, export: ExportCounts) -> str:
     now = time.time()
     started = batch.in_progress_at or batch.created_at
     elapsed = (batch.completed_at or batch.cancelled_at or now) - started
@@ -374,6 +399,9 @@ def _describe(batch: Batch) -> str:
         f"tokens     {batch.prompt_tokens} in, {batch.completion_tokens} out",
         f"cost       ${batch.cost:.6f}" + (f" of a ${batch.max_cost:g} budget" if batch.max_cost else ""),
         f"throughput {rate:.1f} lines/s, ETA {eta}",
+        f"latency    {_percentiles(stats.latency_ms)}; queue wait {_percentiles(stats.queue_wait_ms)}",
+        f"retries    {batch.retries}",
+        f"traces     {_traces(batch, export)}",
     ]
     return "\n".join(lines)
 
@@ -392,7 +420,8 @@ def status(
         if watch and not as_json:
             _progress_until_done(client, batch_id)
         batch = client.get(batch_id)
-    print(json.dumps(batch.openai_object(), indent=2) if as_json else _describe(batch))
+        described = "" if as_json else _describe(batch, client.stats(batch_id), client.span_export())
+    print(json.dumps(batch.openai_object(), indent=2) if as_json else described)
     if watch:
         _say_if_paused(batch)
         if batch.status is BatchStatus.PAUSED:

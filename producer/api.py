@@ -71,6 +71,7 @@ class Producer:
         return self.submit(job)
 
     def submit(self, job: Job) -> JobHandle:
+        job.project = job.project or telemetry.traced_project(self.settings)
         with self._job_span("routerq.enqueue", job) as span:
             self._publish(job)
             span.set_attribute(
@@ -88,6 +89,7 @@ class Producer:
 
     def run(self, job: Job, timeout: float | None = None) -> JobResult:
         """Queue and wait inside one span, whose output is the answer (reads well in Sessions)."""
+        job.project = job.project or telemetry.traced_project(self.settings)
         with self._job_span("routerq.job", job) as span:
             self._publish(job)
             result = self.store.wait(job.id, timeout)

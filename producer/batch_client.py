@@ -20,11 +20,12 @@ from opentelemetry.trace import Status, StatusCode
 
 from routerq import telemetry
 from routerq.batch_format import BatchLine, read_lines, validate
-from routerq.batch_store import Batch, BatchStatus, BatchStore, Outcome, active_key, new_batch_id
+from routerq.batch_store import Batch, BatchStats, BatchStatus, BatchStore, Outcome, active_key, new_batch_id
 from routerq.broker import create_app
 from routerq.errors import BatchError, BatchFileError, StagingFailed
 from routerq.redis_client import connect
 from routerq.settings import Settings
+from routerq.span_export import ExportCounts
 from routerq.spans import BATCH_ID, chain_attributes
 from routerq.staged_enqueue import StagedEnqueue
 
@@ -90,6 +91,7 @@ class BatchClient:
                 digest=validation.digest,
                 idempotency_key=idempotency_key,
                 max_cost=max_cost,
+                project=telemetry.traced_project(self.settings),
             )
             if idempotency_key:
                 earlier = self._claim(idempotency_key, batch)
@@ -180,6 +182,14 @@ class BatchClient:
         if batch is None:
             raise BatchError(f"no batch {batch_id!r} (wrong id, or older than ROUTERQ_RESULT_TTL)")
         return batch
+
+    def stats(self, batch_id: str) -> BatchStats:
+        """Latency and queue-wait percentiles of the lines run so far."""
+        return self.store.stats(batch_id)
+
+    def span_export(self) -> ExportCounts:
+        """Spans every worker sent to Phoenix, and any it refused or that were dropped."""
+        return ExportCounts.read(self.redis)
 
     def wait(self, batch_id: str, on_update: Callable[[Batch], None], poll: float = 0.5) -> Batch:
         """Until the batch ends or pauses (a paused batch waits for `resume`, not for time)."""

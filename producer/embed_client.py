@@ -104,6 +104,7 @@ class EmbedClient:
             model=model,
             dimensions=dimensions,
             input_file=path.name,
+            project=telemetry.traced_project(self.settings),
         )
         existing = self.store.get(run.id)
         if existing is None:

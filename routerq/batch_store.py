@@ -6,6 +6,8 @@ Keys (`{id}` is the batch id):
   routerq:batch:{id}:out    hash   line index -> outcome: one letter (S, F, C) + the OpenAI output line
   routerq:batch:{id}:run    set    line indexes running now
   routerq:batch:{id}:parked set    line indexes set aside while the batch is paused (re-sent by resume)
+  routerq:batch:{id}:stats  hash   latency and queue-wait histograms (routerq.histogram):
+                                   lat:{bucket} and wait:{bucket} -> lines
   routerq:batches           zset   batch ids by creation time
   routerq:active:{queue}    set    batches with lines on that queue, until the lost-line sweep sees them end
 A success is final: a redelivered line never overwrites or double-counts it.
@@ -18,13 +20,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import Any
+from enum import IntEnum, StrEnum
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aredis
 from pydantic import BaseModel, Field
 
+from routerq.histogram import bucket, percentiles
 from routerq.jobs import JobResult
 from routerq.redis_client import as_text
 
@@ -81,7 +84,11 @@ class Batch(BaseModel):
     idempotency_key: str | None = None
     reason: str | None = None
     max_cost: float | None = None
+    project: str | None = None  # the submitter's Phoenix project: every line's trace goes there
     parked: int = 0
+    retries: int = 0  # attempts beyond each line's first, and waits for rate limits
+    traced: int = 0  # lines whose whole trace went to Phoenix
+    sampled_out: int = 0  # successful lines the trace budget left out
     created_at: float = Field(default_factory=time.time)
     in_progress_at: float | None = None
     completed_at: float | None = None
@@ -141,6 +148,7 @@ def new_batch_id() -> str:
 
 
 # Record one outcome atomically: counters, usage, running set and the final status move together.
+# Returns -1 (no batch), 0 (already recorded), 1, or 2 when this outcome ended the batch.
 _RECORD = """
 local meta, out, run = KEYS[1], KEYS[2], KEYS[3]
 local index, outcome, value = ARGV[1], ARGV[2], ARGV[3]
@@ -157,6 +165,13 @@ if prev then
 end
 redis.call('HSET', out, index, outcome .. value)
 redis.call('HINCRBY', meta, names[outcome], 1)
+if ARGV[9] ~= '' then redis.call('HINCRBY', meta, ARGV[9], 1) end
+if ARGV[10] ~= '0' then redis.call('HINCRBY', meta, 'retries', ARGV[10]) end
+if ARGV[11] ~= '' then
+  redis.call('HINCRBY', KEYS[4], 'lat:' .. ARGV[11], 1)
+  redis.call('HINCRBY', KEYS[4], 'wait:' .. ARGV[12], 1)
+  redis.call('EXPIRE', KEYS[4], ARGV[8])
+end
 if outcome == 'S' then
   redis.call('HINCRBY', meta, 'prompt_tokens', ARGV[4])
   redis.call('HINCRBY', meta, 'completion_tokens', ARGV[5])
@@ -173,8 +188,10 @@ local done = tonumber(f[2] or 0) + tonumber(f[3] or 0) + tonumber(f[4] or 0)
 if done >= tonumber(f[1]) then
   if f[5] == 'in_progress' or f[5] == 'paused' then
     redis.call('HSET', meta, 'status', 'completed', 'completed_at', ARGV[7])
+    return 2
   elseif f[5] == 'cancelling' then
     redis.call('HSET', meta, 'status', 'cancelled', 'cancelled_at', ARGV[7])
+    return 2
   end
 end
 return 1
@@ -210,6 +227,7 @@ return parked
 
 _JSON_FIELDS = ("metadata",)
 _NUMBERS = {"total", "succeeded", "failed", "cancelled", "prompt_tokens", "completion_tokens"}
+_STATS_QUANTILES = (0.5, 0.95, 0.99)
 
 
 def _batch(raw: dict[Any, Any], running: int, parked: int) -> Batch | None:
@@ -221,6 +239,41 @@ def _batch(raw: dict[Any, Any], running: int, parked: int) -> Batch | None:
             data[name] = json.loads(data[name])
     data["running"], data["parked"] = running, parked
     return Batch.model_validate(data)
+
+
+class Recorded(IntEnum):
+    NO_BATCH = -1
+    ALREADY = 0  # a redelivery: the line had this outcome (or a success) already
+    STORED = 1
+    ENDED_BATCH = 2  # this outcome was the batch's last
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """A batch's latency and queue-wait percentiles in ms (None before any line ran)."""
+
+    latency_ms: dict[float, float | None]
+    queue_wait_ms: dict[float, float | None]
+
+
+def parse_stats(raw: dict[Any, Any]) -> BatchStats:
+    latency: dict[int, int] = {}
+    wait: dict[int, int] = {}
+    for key, count in raw.items():
+        name, _, index = as_text(key).partition(":")
+        (latency if name == "lat" else wait)[int(index)] = int(count)
+    return BatchStats(percentiles(latency, _STATS_QUANTILES), percentiles(wait, _STATS_QUANTILES))
+
+
+_Pipe = TypeVar("_Pipe", redis.client.Pipeline, aredis.client.Pipeline)
+
+
+def _queue_batch_read(pipe: _Pipe, batch_id: str) -> _Pipe:
+    """The record, running and parked counts, queued on a pipeline: its reply is `_batch`'s arguments."""
+    pipe.hgetall(batch_key(batch_id))
+    pipe.scard(batch_key(batch_id, "run"))
+    pipe.scard(batch_key(batch_id, "parked"))
+    return pipe
 
 
 @dataclass(frozen=True)
@@ -251,16 +304,14 @@ class BatchStore:
         pipe.execute()
 
     def get(self, batch_id: str) -> Batch | None:
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hgetall(self.key(batch_id))
-        pipe.scard(self.key(batch_id, "run"))
-        pipe.scard(self.key(batch_id, "parked"))
-        raw, running, parked = pipe.execute()
-        return _batch(raw, running, parked)
+        return _batch(*_queue_batch_read(self._redis.pipeline(transaction=False), batch_id).execute())
 
     def set_status(self, batch_id: str, status: BatchStatus, **fields: Any) -> None:
         mapping: dict[str, str | float] = {"status": status.value, **fields}
         self._redis.hset(self.key(batch_id), mapping=mapping)  # type: ignore[arg-type]
+
+    def stats(self, batch_id: str) -> BatchStats:
+        return parse_stats(self._redis.hgetall(self.key(batch_id, "stats")))
 
     def recent(self, limit: int = 50) -> list[Batch]:
         ids = self._redis.zrevrange(INDEX_KEY, 0, limit - 1)
@@ -343,6 +394,12 @@ class AsyncBatchStore:
             deliveries=int(deliveries),
         )
 
+    async def get(self, batch_id: str) -> Batch | None:
+        return _batch(*await _queue_batch_read(self._redis.pipeline(transaction=False), batch_id).execute())
+
+    async def stats(self, batch_id: str) -> BatchStats:
+        return parse_stats(await self._redis.hgetall(self.key(batch_id, "stats")))
+
     async def unmark_running(self, batch_id: str, index: int) -> None:
         await self._redis.srem(self.key(batch_id, "run"), index)
 
@@ -354,10 +411,26 @@ class AsyncBatchStore:
         return bool(await self._pause(keys=[self.key(batch_id)], args=[reason]))
 
     async def record(
-        self, batch_id: str, index: int, outcome: Outcome, line: dict[str, Any], result: JobResult | None
-    ) -> bool:
+        self,
+        batch_id: str,
+        index: int,
+        outcome: Outcome,
+        line: dict[str, Any],
+        result: JobResult | None,
+        *,
+        traced: bool | None = None,
+        retries: int = 0,
+    ) -> Recorded:
+        """Store a line's outcome with its usage, latency, queue wait and whether its trace was kept
+        (None: this worker does not trace)."""
         usage = result.usage if result and result.usage else None
-        keys = [self.key(batch_id), self.key(batch_id, "out"), self.key(batch_id, "run")]
+        started, finished = (result.started_at, result.finished_at) if result else (None, None)
+        keys = [
+            self.key(batch_id),
+            self.key(batch_id, "out"),
+            self.key(batch_id, "run"),
+            self.key(batch_id, "stats"),
+        ]
         args = [
             index,
             outcome.value,
@@ -367,5 +440,9 @@ class AsyncBatchStore:
             repr(usage.cost or 0.0) if usage else "0",
             time.time(),
             self._ttl,
+            "" if traced is None else ("traced" if traced else "sampled_out"),
+            retries,
+            bucket((finished - started) * 1000) if started and finished else "",
+            bucket((started - result.enqueued_at) * 1000) if started and finished and result else "",
         ]
-        return int(await self._record(keys=keys, args=args)) == 1
+        return Recorded(int(await self._record(keys=keys, args=args)))

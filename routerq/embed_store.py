@@ -29,6 +29,7 @@ class EmbedRun(BaseModel):
     prompt_tokens: int = 0
     cost: float = 0.0
     input_file: str = ""
+    project: str | None = None  # the submitter's Phoenix project
     created_at: float = Field(default_factory=time.time)
 
 

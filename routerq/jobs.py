@@ -60,6 +60,7 @@ class Job(BaseModel):
     enqueued_at: float = Field(default_factory=time.time)
     batch_id: str | None = None
     custom_id: str | None = None
+    project: str | None = None  # the producer's Phoenix project: the worker's spans go there too
 
     @field_validator("body")
     @classmethod

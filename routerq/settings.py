@@ -14,6 +14,12 @@ from routerq.errors import SettingsError
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 # Seconds between the longest a job may run plus wait for its retry, and its redelivery.
 VISIBILITY_SLACK = 10
+# One local Phoenix (SQLite, sharing two cores with the workers) ingests ~150-250 spans/s at 4-7 ms of
+# CPU each; 100 leaves it headroom for the always-kept traces' bursts and for its UI, and keeps its
+# CPU from slowing the workers beside it. See bench/RESULTS.md (trace budget) for the measurement.
+DEFAULT_TRACE_BUDGET = 100.0
+# A line slower than this (or than its batch's running p99) is always traced.
+DEFAULT_TRACE_SLOW_S = 30.0
 
 
 class ModelLimits(BaseModel):
@@ -63,8 +69,21 @@ class Settings(BaseSettings):
     )
     phoenix_project_name: Annotated[str, Field(alias="PHOENIX_PROJECT_NAME", min_length=1)] = "routerq"
     phoenix_api_key: Annotated[SecretStr | None, Field(alias="PHOENIX_API_KEY")] = None
+    # Spans per second of successful batch lines sent to Phoenix, shared by all workers; failed,
+    # retried, parked, rate-limited and slow lines are always sent. `all` sends every line's trace.
+    trace_budget: Annotated[float | None, Field(alias="ROUTERQ_TRACE_BUDGET")] = DEFAULT_TRACE_BUDGET
+    trace_slow_s: Annotated[float, Field(alias="ROUTERQ_TRACE_SLOW_S", gt=0)] = DEFAULT_TRACE_SLOW_S
     phoenix_pricing: Annotated[bool, Field(alias="ROUTERQ_PHOENIX_PRICING")] = True
     phoenix_pricing_settle: Annotated[float, Field(alias="ROUTERQ_PHOENIX_PRICING_SETTLE", ge=0)] = 6.0
+
+    @field_validator("trace_budget", mode="before")
+    @classmethod
+    def _budget(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "all":
+            return None
+        if value is None or (isinstance(value, int | float | str) and float(value) <= 0):
+            raise ValueError("must be a number of spans per second above 0, or `all`")
+        return value
 
     @field_validator("redis_url")
     @classmethod

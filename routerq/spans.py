@@ -133,3 +133,21 @@ def cost_attributes(usage: Any) -> dict[str, float]:
     if isinstance(completion, int | float):
         attributes[SpanAttributes.LLM_COST_COMPLETION] = float(completion)
     return attributes
+
+
+def hide_vectors() -> bool:
+    return bool(_trace_config().hide_embeddings_vectors)
+
+
+def without_vectors(output_value: str) -> str | None:
+    """An embeddings answer's raw JSON with each vector replaced by the redaction marker, or None when
+    it holds none: OpenInference hides `embedding.vector` attributes but leaves them in `output.value`."""
+    try:
+        body = json.loads(output_value)
+    except ValueError:
+        return None
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list) or not any(isinstance(d, dict) and "embedding" in d for d in data):
+        return None
+    body["data"] = [{**d, "embedding": REDACTED} if isinstance(d, dict) else d for d in data]
+    return json.dumps(body, separators=(",", ":"))

@@ -1,7 +1,7 @@
 """Tracing set-up shared by producer and worker: Phoenix exporter plus the OpenAI and Celery instrumentors.
 
-Prefork children must call `setup_tracing` after fork (the batch exporter's thread does not survive
-fork) and `flush` before they exit (children leave with os._exit, so atexit never runs).
+A process sets tracing up once, after any fork (the export thread does not survive fork), and flushes
+before it exits.
 """
 
 from __future__ import annotations
@@ -9,19 +9,22 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
 from routerq.settings import Settings
+from routerq.span_export import MAX_RETRY_S, ExportCounts, SpanQueue
 
 log = logging.getLogger(__name__)
 
 TRACER_NAME = "routerq"
 _provider: TracerProvider | None = None
+_queue: SpanQueue | None = None
 _pid: int | None = None
 _hold_until = 0.0
 
@@ -33,17 +36,24 @@ def hold_export_until(moment: float) -> None:
     _hold_until = max(_hold_until, moment)
 
 
-# Seconds one span export may take, retries included. A producer exits soon after its spans are made
-# and must not hang at exit when Phoenix is down; a worker exports all day and can keep retrying.
+# Seconds one span export request may take, and how long refused spans are tried again. A producer
+# exits soon after its spans are made and must not hang at exit when Phoenix is down; a worker exports
+# all day and rides out a Phoenix that is full or restarting.
 PRODUCER_EXPORT_TIMEOUT_S = 3.0
 WORKER_EXPORT_TIMEOUT_S = 10.0
+WORKER_EXPORT_RETRY_S = MAX_RETRY_S
 
 
 def setup_tracing(
-    settings: Settings, export_timeout: float = PRODUCER_EXPORT_TIMEOUT_S
+    settings: Settings,
+    export_timeout: float = PRODUCER_EXPORT_TIMEOUT_S,
+    retry_for: float = PRODUCER_EXPORT_TIMEOUT_S,
+    wrap: Callable[[SpanQueue], SpanProcessor] | None = None,
 ) -> TracerProvider | None:
-    """Idempotent per process; a fork gets a fresh provider. Returns None when tracing is off."""
-    global _provider, _pid
+    """Idempotent per process; a fork gets a fresh provider. Returns None when tracing is off.
+    A refused span export is tried again for `retry_for` seconds. `wrap` puts a processor in front of
+    the export queue (the worker's tail sampler)."""
+    global _provider, _pid, _queue
     if not settings.tracing:
         return None
     if _provider is not None and _pid == os.getpid():
@@ -52,15 +62,11 @@ def setup_tracing(
     # Imported on first use, not with this module: together they cost about a second, and commands
     # that never trace (status, results, tracing off) should not pay it.
     from openinference.instrumentation.openai import OpenAIInstrumentor
-    from phoenix.otel import BatchSpanProcessor, HTTPSpanExporter, register
+    from phoenix.otel import HTTPSpanExporter, register
 
     from routerq.celery_tracing import CeleryInstrumentor
 
     os.environ.setdefault("PHOENIX_DISCOVER_CONFIG", "false")
-    # A 50,000-line submit makes 50,000 spans in seconds: buffer them rather than drop them (the SDK
-    # drops, with a warning, what does not fit; export never blocks a job).
-    os.environ.setdefault("OTEL_BSP_MAX_QUEUE_SIZE", "131072")
-    os.environ.setdefault("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2048")
     endpoint = f"{settings.phoenix_collector_endpoint}/v1/traces"
     api_key = settings.phoenix_api_key.get_secret_value() if settings.phoenix_api_key else None
     provider = register(
@@ -71,60 +77,58 @@ def setup_tracing(
         api_key=api_key,
         set_global_tracer_provider=True,
         verbose=False,
+        id_generator=ChosenIds(),
     )
-    # Same batching exporter, with the spans it could not deliver counted and reported.
     headers = {"authorization": f"Bearer {api_key}"} if api_key else None
-    exporter = CountingExporter(HTTPSpanExporter(endpoint=endpoint, headers=headers, timeout=export_timeout))
-    provider.add_span_processor(BatchSpanProcessor(span_exporter=exporter))  # replaces the default one
+    queue = SpanQueue(
+        HTTPSpanExporter(endpoint=endpoint, headers=headers, timeout=export_timeout),
+        max_retry_s=retry_for,
+        hold_until=lambda: _hold_until,
+    )
+    provider.add_span_processor(wrap(queue) if wrap else queue)  # replaces Phoenix's default processor
     for instrumentor in (OpenAIInstrumentor(), CeleryInstrumentor()):  # type: ignore[no-untyped-call]
         if instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.uninstrument()
         instrumentor.instrument(tracer_provider=provider)
-    _provider, _pid = provider, os.getpid()
+    _provider, _pid, _queue = provider, os.getpid(), queue
     atexit.register(flush)  # producers exit normally; prefork children flush in worker_process_shutdown
     return provider
 
 
-class CountingExporter(SpanExporter):
-    """Counts and logs spans that could not be exported (Phoenix down or overloaded): a dropped span
-    is never silent, and a job never waits for one."""
+def traced_project(settings: Settings) -> str | None:
+    """The Phoenix project a job made here should be traced into, when this process traces: workers
+    send its spans there too, so one trace never splits across two projects."""
+    return settings.phoenix_project_name if _provider is not None and _pid == os.getpid() else None
 
-    def __init__(self, inner: SpanExporter, report_every: float = 30.0) -> None:
-        self._inner = inner
-        self._report_every = report_every
-        self._reported_at = 0.0
-        self.exported = 0
-        self.dropped = 0
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        hold = _hold_until - time.time()
-        if hold > 0:  # this runs in the processor's export thread: only spans wait
-            time.sleep(hold)
-        try:
-            result = self._inner.export(spans)
-        except Exception:
-            result = SpanExportResult.FAILURE
-        if result is SpanExportResult.SUCCESS:
-            self.exported += len(spans)
-        else:
-            self.dropped += len(spans)
-            now = time.monotonic()
-            if now - self._reported_at > self._report_every:
-                self._reported_at = now
-                log.warning(
-                    "routerq: %d span(s) could not be sent to Phoenix so far (%d sent); jobs are unaffected",
-                    self.dropped,
-                    self.exported,
-                )
-        return result
+def export_counts() -> ExportCounts:
+    """What this process's spans came to so far (all zero when it does not trace)."""
+    return _queue.counts if _queue is not None and _pid == os.getpid() else ExportCounts()
 
-    def shutdown(self) -> None:
-        level = logging.WARNING if self.dropped else logging.INFO
-        log.log(level, "routerq: %d span(s) sent to Phoenix, %d dropped", self.exported, self.dropped)
-        self._inner.shutdown()
 
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return self._inner.force_flush(timeout_millis)
+_chosen: ContextVar[tuple[int, int] | None] = ContextVar("routerq_chosen_ids", default=None)
+
+
+class ChosenIds(RandomIdGenerator):
+    """Random ids, except for a span started inside `chosen_ids`: a root span written at the end of
+    its trace (a batch line's, see worker.line_trace) whose children already name it as parent."""
+
+    def generate_trace_id(self) -> int:
+        chosen = _chosen.get()
+        return chosen[0] if chosen else super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        chosen = _chosen.get()
+        return chosen[1] if chosen else super().generate_span_id()
+
+
+@contextmanager
+def chosen_ids(trace_id: int, span_id: int) -> Iterator[None]:
+    token = _chosen.set((trace_id, span_id))
+    try:
+        yield
+    finally:
+        _chosen.reset(token)
 
 
 def flush(timeout_ms: int = 10_000) -> None:

@@ -11,11 +11,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from openinference.instrumentation import using_attributes
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 
 from routerq.errors import RouterqError
 from routerq.jobs import Job, JobError, JobResult
@@ -44,15 +44,22 @@ class Retrying(RouterqError):
     """The attempt was re-published with a countdown; this run of the task ends here."""
 
 
-async def attempt_job(rt: Runtime, job: Job, tries: Tries) -> tuple[JobResult, Decision | None]:
-    """One upstream attempt with the job's context on every span. Decision is None on success."""
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt's outcome. Decision is None on success."""
+
+    result: JobResult
+    decision: Decision | None
+    limited: bool = False  # it waited for the shared limiter before its call
+
+
+async def attempt_job(rt: Runtime, job: Job, tries: Tries) -> Attempt:
+    """One upstream attempt with the job's context (session, user, metadata) on the LLM span."""
     started = time.time()
     attempt = tries.attempt
-    span = trace.get_current_span()
-    span.set_attributes(worker_attributes(job, (started - job.enqueued_at) * 1000, attempt))
     await rt.ensure_priced(job.models)
     model = job.models[0]
-    lease = await _acquire(rt, model, estimate_tokens(job.body))
+    lease, limited = await _acquire(rt, model, estimate_tokens(job.body))
     answer: UpstreamAnswer | None = None
     try:
         with using_attributes(**_context_kwargs(job)):
@@ -68,9 +75,6 @@ async def attempt_job(rt: Runtime, job: Job, tries: Tries) -> tuple[JobResult, D
     decision = None
     if answer.error:
         decision = decide(answer.error, answer.retry_after, tries, rt.settings, time.time())
-        span.set_status(Status(StatusCode.ERROR, answer.error.message))
-        span.set_attribute(ERROR_CLASS, error_class(answer.error))
-        span.set_attribute(DECISION, decision.action.value)
         if answer.error.status_code == 429:
             await rt.limiter.penalize(model, answer.retry_after or 1.0)
         log.warning(
@@ -94,17 +98,30 @@ async def attempt_job(rt: Runtime, job: Job, tries: Tries) -> tuple[JobResult, D
         finished_at=time.time(),
         batch_id=job.batch_id,
         custom_id=job.custom_id,
-        trace_id=_trace_id(span),
+        trace_id=_trace_id(trace.get_current_span()),
     )
-    return result, decision
+    return Attempt(result, decision, limited)
 
 
-async def _acquire(rt: Runtime, model: str, tokens: int) -> Lease:
+def attempt_attributes(job: Job, tries: Tries, attempt: Attempt) -> dict[str, Any]:
+    """What a span says about the job and its last attempt; the queue wait is up to the first try."""
+    first_try = tries.since or attempt.result.started_at or time.time()
+    attributes = worker_attributes(job, (first_try - job.enqueued_at) * 1000, tries.attempt)
+    error, decision = attempt.result.error, attempt.decision
+    if error is not None:
+        attributes[ERROR_CLASS] = error_class(error)
+    if decision is not None:
+        attributes[DECISION] = decision.action.value
+    return attributes
+
+
+async def _acquire(rt: Runtime, model: str, tokens: int) -> tuple[Lease, bool]:
+    """A lease, and whether it had to wait for it."""
     waited = 0.0
     while True:
         lease, wait = await rt.limiter.try_acquire(model, tokens)
         if lease is not None:
-            return lease
+            return lease, waited > 0
         if wait > LIMITER_DEFER_S or waited + wait > LIMITER_DEFER_S * 4:
             raise Deferred(wait)
         await asyncio.sleep(wait)
@@ -126,21 +143,21 @@ async def attempt_or_retry(
     tries: Tries,
     before_retry: Callable[[], Awaitable[None]] | None = None,
     carry: dict[str, Any] | None = None,
-) -> tuple[JobResult, Decision | None]:
+) -> Attempt:
     """An attempt whose outcome is final or a pause. A retry (or a long limiter wait) re-publishes the
     task, with `args`, the next tries and `carry`, after `before_retry`; then raises Retrying."""
     tries = tries.started(time.time())
     try:
-        result, decision = await attempt_job(rt, job, tries)
+        attempt = await attempt_job(rt, job, tries)
+        decision = attempt.decision
     except Deferred as deferred:
         decision = wait_for_capacity(deferred.delay, tries, rt.settings, time.time())
-        if decision.action is Action.FAIL:
-            error = JobError(code="rate_limit_exceeded", message=f"shared limiter: {decision.reason}")
-            return failed_without_call(job, error, tries.attempt), decision
+        error = JobError(code="rate_limit_exceeded", message=f"shared limiter: {decision.reason}")
+        attempt = Attempt(failed_without_call(job, error, tries.attempt), decision, limited=True)
     if decision is not None and decision.action is Action.RETRY:
         await _republish(rt, delivery, args, tries.after(decision), decision.delay, carry, before_retry)
         raise Retrying
-    return result, decision
+    return attempt
 
 
 async def _republish(

@@ -20,6 +20,7 @@ from worker.app import create_worker_app
 from worker.maintenance import watch_broker
 from worker.preflight import check_api_key
 from worker.supervisor import WORKER_INDEX_ENV
+from worker.tail_sampler import installer
 
 # One record per line each (received, succeeded, HTTP request): at hundreds of lines a second that is
 # a good part of a worker's CPU. `routerq status` counts lines; failures and retries still log.
@@ -47,7 +48,9 @@ def run_worker(settings: Settings, concurrency: int, loglevel: str = "INFO") -> 
 
     after_setup_logger.connect(redact_logs, weak=False)
     after_setup_task_logger.connect(redact_logs, weak=False)
-    telemetry.setup_tracing(settings, telemetry.WORKER_EXPORT_TIMEOUT_S)
+    telemetry.setup_tracing(
+        settings, telemetry.WORKER_EXPORT_TIMEOUT_S, telemetry.WORKER_EXPORT_RETRY_S, wrap=installer(settings)
+    )
     worker_shutdown.connect(lambda **_: telemetry.shutdown(), weak=False)
     watchdog = watch_broker(app, settings, prefetch)
     code: Any = 0

@@ -17,6 +17,7 @@ from routerq.settings import Settings
 from worker.limiter import SharedLimiter
 from worker.openrouter import OpenRouterClient
 from worker.pricing import PhoenixPricing
+from worker.slow_lines import SlowLines
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Runtime:
     openrouter: OpenRouterClient
     pricing: PhoenixPricing
     slots: asyncio.Semaphore  # upstream calls this process may have in flight: its share of --concurrency
+    slow_lines: SlowLines
 
     async def ensure_priced(self, models: Iterable[str]) -> None:
         """A model's first call registers its price in Phoenix (blocking HTTP): off the loop."""
@@ -62,5 +64,6 @@ def runtime(app: Celery) -> Runtime:
             openrouter=OpenRouterClient(settings, concurrency),
             pricing=PhoenixPricing(settings, connect(settings.redis_url)),
             slots=asyncio.Semaphore(concurrency),
+            slow_lines=SlowLines(settings.trace_slow_s),
         )
     return _runtime

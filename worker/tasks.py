@@ -10,29 +10,32 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any
 
 from celery import Celery
 from openinference.semconv.trace import SpanAttributes
-from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from routerq import telemetry
 from routerq.batch_format import output_line
-from routerq.batch_store import Batch, BatchStatus, Outcome
+from routerq.batch_store import Batch, BatchStatus, Outcome, Recorded
 from routerq.broker import EMBED_TASK_NAME, LINE_TASK_NAME, TASK_NAME
+from routerq.embed_store import EmbedRun
 from routerq.errors import JobFailedError
 from routerq.jobs import Job, JobError, JobKind, JobResult
-from routerq.spans import ATTEMPT, BATCH_ID, BATCH_LINE, chain_attributes, chain_kind, output_attribute
-from worker.attempt import Retrying, attempt_or_retry, failed_without_call
+from routerq.spans import ATTEMPT, BATCH_ID, BATCH_LINE, chain_attributes, chain_kind
+from worker.attempt import Attempt, Retrying, attempt_attributes, attempt_or_retry, failed_without_call
+from worker.batch_summary import write_summary
 from worker.deliveries import delivery_key, over_delivered, poison_error
+from worker.line_trace import LineTrace
 from worker.pool import DRAINING, Delivery
 from worker.retry import Action, Tries
-from worker.runtime import runtime
+from worker.runtime import Runtime, runtime
+from worker.tail_sampler import sampler
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +52,10 @@ class Skipped(StrEnum):
 async def run_job(
     delivery: Delivery, payload: dict[str, Any], tries: dict[str, float] | None = None
 ) -> dict[str, Any]:
-    """A single job, in the trace its producer started: `run/routerq.run_job` under the publish span."""
-    with _consumer_span(delivery):
-        job = Job.model_validate(payload)
+    """A single job, in the trace its producer started: `run/routerq.run_job` under the publish span.
+    Its trace is kept or not as the producer decided (parent-based), never split."""
+    job = Job.model_validate(payload)
+    with _consumer_span(delivery, job.project) as span:
         rt = runtime(delivery.app)
         stored = await rt.store.get(job.id)
         if stored is not None and stored.ok:
@@ -63,13 +67,24 @@ async def run_job(
         else:
             try:
                 async with rt.slots:
-                    result, _ = await attempt_or_retry(rt, delivery, [payload], job, Tries.load(tries))
+                    attempt = await attempt_or_retry(rt, delivery, [payload], job, Tries.load(tries))
             except Retrying:
+                span.set_attribute(SpanAttributes.OUTPUT_VALUE, "retrying")
                 return {"job_id": job.id, "status": "retrying"}
+            result = attempt.result
+            span.set_attributes(attempt_attributes(job, Tries.load(tries), attempt))
+        _end_status(span, result)
         await rt.store.put(result)
         if not result.ok:
             log.warning("%s", JobFailedError(result))
         return {"job_id": job.id, "status": result.status}
+
+
+def _end_status(span: trace.Span, result: JobResult) -> None:
+    if result.ok:
+        span.set_status(Status(StatusCode.OK))
+    else:
+        span.set_status(Status(StatusCode.ERROR, result.error.message if result.error else result.status))
 
 
 async def run_lines(
@@ -118,100 +133,119 @@ async def run_line(
     tries: Tries,
     traceparent: str | None,
 ) -> str:
-    """One batch line in its own trace: `routerq.line` (CHAIN) from enqueue to outcome, the LLM call
-    under it. A retry carries the trace on, one level deeper, through `traceparent`."""
-    parent = propagate.extract({"traceparent": traceparent}) if traceparent else otel_context.Context()
-    first = tries == Tries()
-    started = enqueued_at if first else time.time()  # the first try's span shows the queue wait
-    with telemetry.tracer().start_as_current_span(
-        "routerq.line",
-        context=parent,
-        start_time=int(started * 1e9),
-        attributes={**chain_kind(), BATCH_ID: batch_id, BATCH_LINE: index, ATTEMPT: tries.attempt},
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
-        try:
-            result = await _run_line(delivery, span, batch_id, index, enqueued_at, tries)
-        except Retrying:
-            span.set_attribute(SpanAttributes.OUTPUT_VALUE, "retrying")
-            return "retrying"
-        except Exception as exc:
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, str(exc)))
-            raise
-        if isinstance(result, Skipped):
-            span.set_attribute(SpanAttributes.OUTPUT_VALUE, result.value)
-            return result.value
-        text = result.text if result.ok else (result.error.message if result.error else result.status)
-        span.set_attribute(SpanAttributes.OUTPUT_VALUE, output_attribute(text))
-        if not result.ok:
-            span.set_status(Status(StatusCode.ERROR, text))
-            log.warning("batch %s line %d: %s", batch_id, index, JobFailedError(result))
-        return result.status
+    """One batch line in its own trace (worker.line_trace): the root is written when the line ends,
+    with its outcome; every attempt's call is a child of it, whichever process made it."""
+    with LineTrace(sampler(), traceparent, enqueued_at) as line_trace:
+        result = await _run_line(delivery, line_trace, batch_id, index, enqueued_at, tries)
+        return result.value if isinstance(result, Skipped) else result.status
 
 
 async def _run_line(
-    delivery: Delivery, span: trace.Span, batch_id: str, index: int, enqueued_at: float, tries: Tries
+    delivery: Delivery, line_trace: LineTrace, batch_id: str, index: int, enqueued_at: float, tries: Tries
 ) -> JobResult | Skipped:
     """The line's result when it was tried, or why it was not."""
     rt = runtime(delivery.app)
     store = rt.batches
+    line_trace.attributes.update(
+        {**chain_kind(), BATCH_ID: batch_id, BATCH_LINE: index, ATTEMPT: tries.attempt}
+    )
     start = await store.begin(batch_id, index, delivery_key(delivery, f"{batch_id}-{index}"))
     batch, line = start.batch, start.line
     if batch is None or line is None:
         await store.unmark_running(batch_id, index)
         log.warning("batch %s line %d has expired or never existed; dropping it", batch_id, index)
+        line_trace.finish(output="batch expired or never existed", always=True)
         return Skipped.MISSING
+    project = batch.project
     if start.outcome is Outcome.SUCCEEDED:
         await store.unmark_running(batch_id, index)
         log.info("batch %s line %d already succeeded; not calling upstream again", batch_id, index)
+        line_trace.finish(output="already succeeded: not sent again", ok=True, always=False, project=project)
         return Skipped.SUCCEEDED
     if batch.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.FAILED):
         error = JobError(
             code="batch_cancelled", message=f"batch is {batch.status.value}; line not sent upstream"
         )
         line_out = {"id": None, "custom_id": line["custom_id"], "response": None, "error": error.model_dump()}
-        await store.record(batch_id, index, Outcome.CANCELLED, line_out, None)
+        traced = line_trace.finish(output=error.message, always=False, project=project)
+        await _record(rt, batch_id, index, Outcome.CANCELLED, line_out, None, line_trace, traced, 0)
         return Skipped.CANCELLED
     if batch.status is BatchStatus.PAUSED and await store.park(batch_id, index):
+        line_trace.finish(output=f"parked: batch paused ({batch.reason})", always=True, project=project)
         return Skipped.PARKED
 
     job = line_job(batch, index, line, enqueued_at)
-    span.set_attributes(chain_attributes(job.prompt_text))
+    line_trace.attributes.update(chain_attributes(job.prompt_text))
     if start.deliveries > rt.settings.max_deliveries:
         result = failed_without_call(job, poison_error(start.deliveries), tries.attempt)
-        await store.record(batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result)
-        return result
-    try:
-        result, decision = await attempt_or_retry(
-            rt,
-            delivery,
-            [batch_id, [index], enqueued_at],
-            job,
-            tries,
-            lambda: store.unmark_running(batch_id, index),
-            {"traceparent": _traceparent()},
-        )
-    except Retrying:
-        raise
-    except Exception as exc:  # a bug or an outage of ours: record it, never drop the line silently
-        result = failed_without_call(job, JobError(code="internal_error", message=repr(exc)), tries.attempt)
-        await store.record(batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result)
-        raise
+        attempt = Attempt(result, None)
+    else:
+        try:
+            attempt = await attempt_or_retry(
+                rt,
+                delivery,
+                [batch_id, [index], enqueued_at],
+                job,
+                tries,
+                lambda: store.unmark_running(batch_id, index),
+                {"traceparent": line_trace.traceparent},
+            )
+        except Retrying:
+            raise
+        except Exception as exc:  # a bug or an outage of ours: record it, never drop the line silently
+            result = failed_without_call(
+                job, JobError(code="internal_error", message=repr(exc)), tries.attempt
+            )
+            await store.record(
+                batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result
+            )
+            raise
+        result = attempt.result
+    line_trace.attributes.update(attempt_attributes(job, tries, attempt))
+    decision = attempt.decision
     if decision is not None and decision.action is Action.PAUSE:
         await store.pause(batch_id, decision.reason)
         if await store.park(batch_id, index):
+            line_trace.finish(output=f"parked: {decision.reason}", always=True, project=project)
             return Skipped.PARKED
+    text = result.text if result.ok else (result.error.message if result.error else result.status)
+    retries = tries.attempt - 1 + tries.waits
+    latency = (result.finished_at or 0.0) - (result.started_at or 0.0)
+    must_keep = not result.ok or retries > 0 or attempt.limited or rt.slow_lines.is_slow(batch_id, latency)
+    traced = line_trace.finish(
+        output=text, error=None if result.ok else text, ok=result.ok, always=must_keep, project=project
+    )
+    if traced:
+        result.trace_id = line_trace.trace_id_hex
     outcome = Outcome.SUCCEEDED if result.ok else Outcome.FAILED
-    await store.record(batch_id, index, outcome, output_line(job.custom_id or "", result), result)
+    line_out = output_line(job.custom_id or "", result)
+    await _record(rt, batch_id, index, outcome, line_out, result, line_trace, traced, retries)
+    if not result.ok:
+        log.warning("batch %s line %d: %s", batch_id, index, JobFailedError(result))
     return result
 
 
-def _traceparent() -> str | None:
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return carrier.get("traceparent")
+async def _record(
+    rt: Runtime,
+    batch_id: str,
+    index: int,
+    outcome: Outcome,
+    line_out: dict[str, Any],
+    result: JobResult | None,
+    line_trace: LineTrace,
+    traced: bool,
+    retries: int,
+) -> None:
+    """Store the outcome; the line that ends its batch writes the batch's summary trace."""
+    tracing = line_trace.tracing
+    recorded = await rt.batches.record(
+        batch_id, index, outcome, line_out, result, traced=traced if tracing else None, retries=retries
+    )
+    current = sampler()
+    if recorded is Recorded.ENDED_BATCH and current is not None:
+        batch = await rt.batches.get(batch_id)
+        if batch is not None:
+            write_summary(current, batch, await rt.batches.stats(batch_id))
 
 
 async def run_embed(
@@ -222,18 +256,25 @@ async def run_embed(
     tries: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """One embeddings request for many texts; vectors are stored as raw float32, never as JSON text."""
-    with _consumer_span(delivery):
-        return await _run_embed(delivery, run_id, indexes, enqueued_at, Tries.load(tries))
-
-
-async def _run_embed(
-    delivery: Delivery, run_id: str, indexes: list[int], enqueued_at: float, tries: Tries
-) -> dict[str, Any]:
     rt = runtime(delivery.app)
     run = await rt.embeddings.get(run_id)
     if run is None:
         log.warning("embedding run %s has expired; dropping its request", run_id)
         return {"run": run_id, "stored": 0}
+    with _consumer_span(delivery, run.project) as span:
+        return await _run_embed(rt, delivery, span, run, indexes, enqueued_at, Tries.load(tries))
+
+
+async def _run_embed(
+    rt: Runtime,
+    delivery: Delivery,
+    span: trace.Span,
+    run: EmbedRun,
+    indexes: list[int],
+    enqueued_at: float,
+    tries: Tries,
+) -> dict[str, Any]:
+    run_id = run.id
     todo = await rt.embeddings.missing_of(run_id, indexes)
     if not todo:
         return {"run": run_id, "stored": 0}
@@ -259,9 +300,13 @@ async def _run_embed(
         return {"run": run_id, "stored": 0}
     try:
         async with rt.slots:
-            result, _ = await attempt_or_retry(rt, delivery, [run_id, indexes, enqueued_at], job, tries)
+            attempt = await attempt_or_retry(rt, delivery, [run_id, indexes, enqueued_at], job, tries)
     except Retrying:
+        span.set_attribute(SpanAttributes.OUTPUT_VALUE, "retrying")
         return {"run": run_id, "stored": 0, "status": "retrying"}
+    result = attempt.result
+    span.set_attributes(attempt_attributes(job, tries, attempt))
+    _end_status(span, result)
     if not result.ok or result.response is None:
         await rt.embeddings.record_failure(run_id, len(todo))
         log.warning("%s", JobFailedError(result))
@@ -293,19 +338,31 @@ def line_job(batch: Batch, index: int, line: dict[str, Any], enqueued_at: float)
     )
 
 
-def _consumer_span(delivery: Delivery) -> AbstractContextManager[trace.Span]:
+@contextmanager
+def _consumer_span(delivery: Delivery, project: str | None) -> Iterator[trace.Span]:
     """The worker's span of a single job or embedding request, under the producer's publish span
-    (as OpenTelemetry's Celery instrumentation would make it, were Celery's tracer running the task)."""
-    return telemetry.tracer().start_as_current_span(
-        f"run/{delivery.task}",
-        context=propagate.extract(delivery.headers),
-        kind=SpanKind.CONSUMER,
-        attributes={
-            "celery.action": "run",
-            "celery.task_name": delivery.task,
-            "messaging.message.id": delivery.id,
-        },
-    )
+    (as OpenTelemetry's Celery instrumentation would make it, were Celery's tracer running the task).
+    Its spans go to Phoenix whole, in the producer's project."""
+    current = sampler()
+    trace_id: int | None = None
+    try:
+        with telemetry.tracer().start_as_current_span(
+            f"run/{delivery.task}",
+            context=propagate.extract(delivery.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "celery.action": "run",
+                "celery.task_name": delivery.task,
+                "messaging.message.id": delivery.id,
+            },
+        ) as span:
+            trace_id = span.get_span_context().trace_id
+            if current is not None:
+                current.hold(trace_id)
+            yield span
+    finally:
+        if current is not None and trace_id is not None:
+            current.settle(trace_id, always=True, project=project)
 
 
 def register(app: Celery) -> None:

@@ -84,6 +84,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "ROUTERQ_MAX_ATTEMPTS": "3",
             "ROUTERQ_RETRY_BASE_DELAY": "0.1",
             "ROUTERQ_RETRY_MAX_DELAY": "3",
+            # Tests of a trace's shape need every trace; the budget is tested at its default, on
+            # workers of its own, in test_trace_budget.
+            "ROUTERQ_TRACE_BUDGET": "all",
         }
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)

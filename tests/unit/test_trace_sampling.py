@@ -1,0 +1,91 @@
+"""The pure parts of trace sampling: which trace ids a fraction keeps, how the fraction follows the
+budget, which lines count as slow, and an export queue that never loses a span silently."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Sequence
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanContext, TraceFlags
+
+from routerq.span_export import SpanQueue
+from worker.slow_lines import MIN_SAMPLES, SlowLines
+from worker.trace_budget import fraction, ratio_keeps
+
+
+def test_a_fraction_keeps_the_same_trace_ids_every_time_and_about_that_share_of_them() -> None:
+    rng = random.Random(3)
+    ids = [rng.getrandbits(128) for _ in range(20_000)]
+    kept = [i for i in ids if ratio_keeps(i, 0.25)]
+    assert kept == [i for i in ids if ratio_keeps(i, 0.25)]
+    assert 0.23 < len(kept) / len(ids) < 0.27
+    assert all(ratio_keeps(i, 1.0) for i in ids) and not any(ratio_keeps(i, 0.0) for i in ids)
+    assert set(kept) <= {i for i in ids if ratio_keeps(i, 0.5)}  # a larger fraction keeps a superset
+
+
+def test_always_kept_spans_are_charged_first_and_successes_get_what_is_left() -> None:
+    assert fraction(budget=100, forced=0, wanted=400) == 0.25
+    assert fraction(budget=100, forced=60, wanted=400) == 0.1
+    assert fraction(budget=100, forced=150, wanted=400) == 0.0
+    assert fraction(budget=100, forced=0, wanted=50) == 1.0
+    assert fraction(budget=100, forced=0, wanted=0) == 1.0
+
+
+def test_a_line_is_slow_over_the_threshold_or_over_its_batchs_running_p99() -> None:
+    slow = SlowLines(threshold_s=30)
+    assert slow.is_slow("b1", 31.0)
+    for i in range(MIN_SAMPLES * 2):
+        assert not slow.is_slow("b1", 0.2 + (i % 10) / 100)
+    assert slow.is_slow("b1", 1.0)  # five times the batch's p99
+    assert not slow.is_slow("b2", 1.0)  # another batch, with no history yet
+
+
+class Collector(SpanExporter):
+    """Stands in for Phoenix's OTLP endpoint: refuses the first `refuse` requests, as a full Phoenix does."""
+
+    def __init__(self, refuse: int = 0) -> None:
+        self.refuse = refuse
+        self.received: list[ReadableSpan] = []
+        self.requests = 0
+        self.lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        with self.lock:
+            self.requests += 1
+            if self.requests <= self.refuse:
+                return SpanExportResult.FAILURE
+            self.received.extend(spans)
+            return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _span(n: int) -> ReadableSpan:
+    return ReadableSpan(name=f"s{n}", context=SpanContext(n + 1, n + 1, False, TraceFlags(TraceFlags.SAMPLED)))
+
+
+def test_spans_a_full_collector_refuses_are_sent_again_after_a_backoff_not_lost() -> None:
+    collector = Collector(refuse=3)
+    queue = SpanQueue(collector, first_backoff_s=0.01)
+    for n in range(50):
+        queue.on_end(_span(n))
+    assert queue.force_flush(5_000)
+    assert sorted(s.name for s in collector.received) == sorted(f"s{n}" for n in range(50))
+    assert (queue.counts.sent, queue.counts.dropped) == (50, 0)
+    queue.shutdown()
+
+
+def test_spans_that_cannot_be_delivered_or_do_not_fit_are_counted_as_dropped() -> None:
+    collector = Collector(refuse=1_000_000)
+    queue = SpanQueue(collector, max_queue=10, max_retry_s=0.05, first_backoff_s=0.01)
+    for n in range(25):
+        queue.on_end(_span(n))
+    queue.force_flush(5_000)
+    queue.shutdown()
+    counts = queue.counts
+    assert counts.sent == 0 and counts.dropped == 25
+    assert counts.queue_full > 0 and counts.refused > 0
