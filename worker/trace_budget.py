@@ -76,7 +76,7 @@ class TraceBudget:
         self._wanted = 0
         self.ratio = 1.0
         self._share = self._budget  # spans/s this process may keep, until the first tick says otherwise
-        self._tokens = max(self._budget * BURST_S, MIN_BURST_SPANS)
+        self._tokens = MIN_BURST_SPANS  # a new process learns its share before it bursts
         self._filled_at = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="routerq-trace-budget", daemon=True)

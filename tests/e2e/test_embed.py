@@ -139,3 +139,48 @@ def test_an_interrupted_embed_resends_only_the_texts_without_vectors(stack: Stac
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [f"d{i:04d}" for i in range(1000)]
     assert rows[640]["embedding"] == fake_embedding(f"{marker} text number 640 [[slow:0.4]]", 1536)
+
+
+def test_a_backfills_embedding_spans_carry_tokens_phoenix_counts_and_routerqs_cost_and_no_vectors(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Phoenix counts tokens and prices spans of kind LLM only (phoenix/db/insertion/span.py and
+    helpers.py: should_calculate_span_cost), so an embedding's tokens and cost are routerq's attributes
+    on the span, as the README says; this test notices the day Phoenix counts them itself."""
+    from phoenix.client import Client
+
+    marker = uuid.uuid4().hex[:8]
+    source = texts_file(tmp_path / "texts.jsonl", marker, 10)
+    queue = f"emb-spans-{marker}"
+    with extra_worker(stack, queue, OPENINFERENCE_HIDE_EMBEDDINGS_VECTORS="true"):
+        done = routerq(
+            stack, "embed", str(source), "--model", MODEL, "--id-field", "doc", "--text-field", "body",
+            "-o", str(tmp_path / "v.jsonl"), env={"ROUTERQ_QUEUE": queue},
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    run_id = next(w for w in done.stderr.split() if w.startswith("emb_")).rstrip(":")
+    phoenix = Client(base_url=stack.phoenix.url)
+    spans: list[dict[str, object]] = []
+
+    def embedding_span_arrived() -> bool:
+        nonlocal spans
+        spans = list(
+            phoenix.spans.get_spans(
+                project_identifier=stack.project, span_kind="EMBEDDING", attributes={"session.id": run_id}
+            )
+        )
+        return bool(spans)
+
+    wait_for(embedding_span_arrived, f"the EMBEDDING span of {run_id} in Phoenix", timeout=60, poll=0.5)
+    span = spans[0]
+    attributes = span["attributes"]
+    assert isinstance(attributes, dict)
+    assert attributes["llm.token_count.prompt"] > 0 and attributes["llm.cost.total"] > 0
+    output = json.loads(attributes["output.value"])
+    assert {item["embedding"] for item in output["data"]} == {"__REDACTED__"}
+    query = "query($id: ID!) { node(id: $id) { ... on Span { tokenCountTotal } } }"
+    answer = httpx.post(
+        f"{stack.phoenix.url}/graphql", json={"query": query, "variables": {"id": span["id"]}}
+    )
+    counted = answer.json()["data"]["node"]["tokenCountTotal"]
+    assert counted in (0, None), "Phoenix now counts embedding tokens: update the README's note on embeddings"

@@ -65,7 +65,9 @@ class Collector(SpanExporter):
 
 
 def _span(n: int) -> ReadableSpan:
-    return ReadableSpan(name=f"s{n}", context=SpanContext(n + 1, n + 1, False, TraceFlags(TraceFlags.SAMPLED)))
+    return ReadableSpan(
+        name=f"s{n}", context=SpanContext(n + 1, n + 1, False, TraceFlags(TraceFlags.SAMPLED))
+    )
 
 
 def test_spans_a_full_collector_refuses_are_sent_again_after_a_backoff_not_lost() -> None:
