@@ -38,7 +38,7 @@ MAX_RETRY_S = 300.0
 REPORT_EVERY_S = 30.0
 # Workers add their counts here (worker.trace_budget); `routerq status` reads them.
 COUNTS_KEY = "routerq:trace-export"
-COUNT_NAMES = ("sent", "refused", "queue_full")
+COUNT_NAMES = ("sent", "retried", "refused", "queue_full")
 SHUTDOWN_S = 10.0
 
 
@@ -47,6 +47,7 @@ class ExportCounts:
     """What happened to the spans this process made, since it started."""
 
     sent: int = 0
+    retried: int = 0  # refused at the first try and sent again (delivered unless counted below too)
     refused: int = 0  # delivered nowhere: the collector failed every try for MAX_RETRY_S
     queue_full: int = 0  # pushed out of a full queue before they could be sent
 
@@ -141,6 +142,8 @@ class SpanQueue(SpanProcessor):
             if ok:
                 self.counts.sent += len(batch)
                 return
+            if delay == self._first_backoff:
+                self.counts.retried += len(batch)
             if self._stopping.is_set() or time.monotonic() - started + delay > self._max_retry_s:
                 self.counts.refused += len(batch)
                 self._report()

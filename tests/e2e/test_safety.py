@@ -130,6 +130,11 @@ def test_compose_file_wires_the_same_settings_the_code_reads() -> None:
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{port} is published beyond loopback"
     assert services["phoenix"]["image"].startswith("arizephoenix/phoenix")
+    phoenix_env = services["phoenix"]["environment"]
+    assert phoenix_env["PHOENIX_POSTGRES_HOST"] == "postgres" and "postgres" in services
+    assert services["phoenix"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "${POSTGRES_PASSWORD" in phoenix_env["PHOENIX_POSTGRES_PASSWORD"]
+    assert "PHOENIX_DEFAULT_RETENTION_POLICY_DAYS" in phoenix_env
     assert services["worker"]["build"] == "."
     assert "deploy" not in services["worker"] or "replicas" not in services["worker"]["deploy"]
 

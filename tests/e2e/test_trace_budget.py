@@ -8,12 +8,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from conftest import Stack, extra_worker, line, routerq, wait_final, write_jsonl
 from phoenix.client import Client
+from phoenix_queries import Span
 
 from producer.batch_client import BatchClient
 from routerq.settings import DEFAULT_TRACE_BUDGET
-from tests.e2e.conftest import Stack, extra_worker, line, routerq, wait_final, write_jsonl
-from tests.e2e.phoenix_queries import Span
 
 
 def batch_spans(stack: Stack, batch_id: str, name: str, expect: int, timeout: float = 90) -> list[Span]:

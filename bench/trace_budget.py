@@ -1,0 +1,207 @@
+"""The trace budget against a real Phoenix on the same cores: what tracing costs, and what Phoenix keeps.
+
+    python -m bench.trace_budget                  # both parts
+    python -m bench.trace_budget --bulk-lines 20000 --skip-throughput   # a quicker look at part 2
+
+1. Throughput: C=64, 200 ms +-20 %, 5,000 lines: routerq untraced, then traced at the default
+   ROUTERQ_TRACE_BUDGET to a local `phoenix serve` (SQLite) on this machine; the ratio traced/untraced.
+2. Bulk: a 100,000-line batch at the default budget, 1 % of lines failing (400) and 1 % retried once
+   (502), fake upstream at 20 ms: spans Phoenix refused (first tries sent again) and spans dropped,
+   every failed and every retried line looked up in Phoenix by custom_id with its whole trace, the
+   batch summary, and how long Phoenix stays busy after the batch ends.
+The table goes into bench/RESULTS.md between markers. It measures; it does not pass or fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import redis
+from phoenix.client import Client
+
+from bench.__main__ import KEY, MODEL, machine, write_batch
+from bench.measure import TreeSampler, wait_idle
+from bench.services import Services
+from devstack.localstack import free_port, start_fake_openrouter, start_phoenix, start_redis, start_worker
+from producer.batch_client import BatchClient
+from routerq.batch_store import Batch
+from routerq.settings import DEFAULT_TRACE_BUDGET, Settings
+from routerq.span_export import ExportCounts
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BEGIN, END = "<!-- trace-budget:begin -->", "<!-- trace-budget:end -->"
+PROJECT = "routerq-trace-budget"
+TRACED_FLOOR = 0.9
+IDLE_CEILING_S = 10.0
+
+
+class Stack(Services):
+    def __init__(self, tmp: Path) -> None:
+        super().__init__()
+        self.tmp = tmp
+        self.redis = self._keep(start_redis(free_port(), tmp / "redis"))
+        self.fake = self._keep(start_fake_openrouter(free_port(), tmp, keys=[KEY]))
+        self.phoenix = self._keep(start_phoenix(free_port(), free_port(), tmp / "phoenix"))
+        self.env = {
+            "REDIS_URL": self.redis.url,
+            "OPENROUTER_API_KEY": KEY,
+            "OPENROUTER_BASE_URL": self.fake.url,
+            "PHOENIX_COLLECTOR_ENDPOINT": self.phoenix.url,
+            "PHOENIX_PROJECT_NAME": PROJECT,
+            "PHOENIX_DISCOVER_CONFIG": "false",
+        }
+
+    def configure(self, latency_ms: float) -> None:
+        config = {"latency_ms": latency_ms, "jitter": 0.2}
+        httpx.post(f"{self.fake_base}/_fake/config", json=config).raise_for_status()
+        self.reset_fake()
+
+    def run_batch(self, source: Path, name: str, concurrency: int, **env: str) -> tuple[Batch, float]:
+        """A batch through a fresh `routerq worker`; the batch at its end and the seconds it took."""
+        full = {**self.env, "ROUTERQ_QUEUE": name, **env}
+        worker = start_worker(full, self.tmp, name=name, concurrency=concurrency)
+        batches = BatchClient(Settings(**full), tracing=False)  # type: ignore[arg-type]
+        try:
+            with TreeSampler([worker.process.pid]):
+                started = time.perf_counter()
+                batch = batches.submit(source).batch
+                while not (done := batches.get(batch.id)).status.final:
+                    time.sleep(0.1)
+                seconds = time.perf_counter() - started
+        finally:
+            worker.stop()
+        return done, seconds
+
+
+def throughput(stack: Stack) -> list[tuple[str, str]]:
+    stack.configure(200)
+    label = "C=64, 200 ms, 5,000 lines"
+    source = write_batch(stack.tmp / "c64.jsonl", 5000, "c64")
+    _, off = stack.run_batch(source, "c64-off", 64, ROUTERQ_TRACING="false")
+    stack.configure(200)
+    traced, on = stack.run_batch(source, "c64-on", 64)
+    ratio = off / on
+    print(f"throughput: untraced {5000 / off:.1f} lines/s, traced {5000 / on:.1f} ({ratio:.3f})", flush=True)
+    return [
+        (f"{label}: untraced lines/s", f"{5000 / off:.1f}"),
+        (f"{label}: traced to the local Phoenix, default budget, lines/s (ratio to untraced, floor "
+         f"{TRACED_FLOOR})", f"{5000 / on:.1f} ({ratio:.3f})"),
+        (f"{label}: lines traced / sampled out", f"{traced.traced} / {traced.sampled_out}"),
+    ]  # fmt: skip
+
+
+def write_bulk(path: Path, lines: int) -> tuple[Path, set[int], set[int]]:
+    failing = {i for i in range(lines) if i % 100 == 37}
+    retried = {i for i in range(lines) if i % 100 == 71}
+    with path.open("w") as out:
+        for i in range(lines):
+            directive = " [[status:400]]" if i in failing else " [[flaky:1:502]]" if i in retried else ""
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": f"bulk {i}: say something{directive}"}],
+            }
+            out.write(json.dumps({"custom_id": f"c-{i}", "method": "POST", "url": "/v1/chat/completions",
+                                  "body": body}) + "\n")  # fmt: skip
+    return path, failing, retried
+
+
+def phoenix_lines(stack: Stack, batch_id: str, wanted: set[int]) -> dict[int, int]:
+    """Line index -> spans in its trace, for the `wanted` lines Phoenix holds (looked up by custom_id)."""
+    client = Client(base_url=stack.phoenix.url)
+    roots = client.spans.get_spans(
+        project_identifier=PROJECT, name="routerq.line", attributes={"routerq.batch.id": batch_id},
+        limit=1_000_000, timeout=600,
+    )  # fmt: skip
+    by_line = {
+        int(s["attributes"]["routerq.custom_id"].removeprefix("c-")): s["context"]["trace_id"]
+        for s in roots
+        if int(s["attributes"]["routerq.custom_id"].removeprefix("c-")) in wanted
+    }
+    counts: dict[int, int] = {}
+    ids = list(by_line.items())
+    for start in range(0, len(ids), 200):
+        chunk = dict(ids[start : start + 200])
+        spans = client.spans.get_spans(
+            project_identifier=PROJECT, trace_ids=list(chunk.values()), limit=100_000, timeout=600
+        )
+        per_trace: dict[str, int] = {}
+        for span in spans:
+            per_trace[span["context"]["trace_id"]] = per_trace.get(span["context"]["trace_id"], 0) + 1
+        for line, trace_id in chunk.items():
+            counts[line] = per_trace.get(trace_id, 0)
+    return counts
+
+
+def bulk(stack: Stack, lines: int) -> list[tuple[str, str]]:
+    stack.configure(20)
+    source, failing, retried = write_bulk(stack.tmp / "bulk.jsonl", lines)
+    done, seconds = stack.run_batch(source, "bulk", 64)
+    idle = wait_idle([stack.phoenix.process.pid], quiet=0.05, every=1.0)
+    counts = ExportCounts.read(redis.Redis.from_url(stack.redis.url))
+    print(f"bulk: {done.total} lines in {seconds:.0f} s, {done.traced} traced; Phoenix idle after "
+          f"{idle:.0f} s; spans {counts}", flush=True)  # fmt: skip
+    found = phoenix_lines(stack, done.id, failing | retried)
+    failed_whole = sum(1 for i in failing if found.get(i) == 2)  # root + the failed call
+    retried_whole = sum(1 for i in retried if found.get(i) == 3)  # root + failed call + good call
+    summary = Client(base_url=stack.phoenix.url).spans.get_spans(
+        project_identifier=PROJECT, name="routerq.batch", attributes={"routerq.batch.id": done.id}
+    )
+    label = f"{lines:,}-line batch, 20 ms, default budget ({DEFAULT_TRACE_BUDGET:g} spans/s)"
+    return [
+        (f"{label}: lines/s, succeeded / failed",
+         f"{done.total / seconds:.1f}, {done.succeeded} / {done.failed}"),
+        (f"{label}: lines traced / sampled out", f"{done.traced} / {done.sampled_out}"),
+        (f"{label}: spans sent / refused by Phoenix at first try (sent again) / dropped (floor 0)",
+         f"{counts.sent} / {counts.retried} / {counts.dropped}"),
+        (f"{label}: failed lines with their whole trace in Phoenix", f"{failed_whole} of {len(failing)}"),
+        (f"{label}: retried lines with their whole trace in Phoenix", f"{retried_whole} of {len(retried)}"),
+        (f"{label}: batch summary trace in Phoenix", "yes" if summary else "NO"),
+        (f"{label}: Phoenix busy after the batch ended (ceiling {IDLE_CEILING_S:g} s)", f"{idle:.0f} s"),
+    ]  # fmt: skip
+
+
+def write(rows: list[tuple[str, str]], command: str) -> str:
+    table = "\n".join(["| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    section = (
+        f"{BEGIN}\n## Trace budget (`{command}`)\n\n"
+        f"Machine: {machine()}  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
+        "One `routerq worker` (one process per core), Redis, the fake upstream and `phoenix serve` "
+        "(SQLite) all on this machine.\n\n"
+        f"{table}\n{END}"
+    )
+    text = RESULTS.read_text()
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--bulk-lines", type=int, default=100_000)
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-bulk", action="store_true")
+    args = parser.parse_args()
+    rows: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="routerq-trace-budget-") as tmp:
+        stack = Stack(Path(tmp))
+        try:
+            if not args.skip_throughput:
+                rows += throughput(stack)
+            if not args.skip_bulk:
+                rows += bulk(stack, args.bulk_lines)
+        finally:
+            stack.close()
+    print(write(rows, ("python -m bench.trace_budget " + " ".join(sys.argv[1:])).strip()))
+
+
+if __name__ == "__main__":
+    main()
