@@ -43,6 +43,10 @@ class Deferred(RouterqError):
 class Retrying(RouterqError):
     """The attempt was re-published with a countdown; this run of the task ends here."""
 
+    def __init__(self, attempt: Attempt) -> None:
+        super().__init__("re-published for a retry")
+        self.attempt = attempt
+
 
 @dataclass(frozen=True)
 class Attempt:
@@ -152,11 +156,12 @@ async def attempt_or_retry(
         decision = attempt.decision
     except Deferred as deferred:
         decision = wait_for_capacity(deferred.delay, tries, rt.settings, time.time())
-        error = JobError(code="rate_limit_exceeded", message=f"shared limiter: {decision.reason}")
+        reason = decision.reason or f"rate limited for {deferred.delay:.1f} s"
+        error = JobError(code="rate_limit_exceeded", message=f"shared limiter: {reason}")
         attempt = Attempt(failed_without_call(job, error, tries.attempt), decision, limited=True)
     if decision is not None and decision.action is Action.RETRY:
         await _republish(rt, delivery, args, tries.after(decision), decision.delay, carry, before_retry)
-        raise Retrying
+        raise Retrying(attempt)
     return attempt
 
 

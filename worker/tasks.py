@@ -68,8 +68,8 @@ async def run_job(
             try:
                 async with rt.slots:
                     attempt = await attempt_or_retry(rt, delivery, [payload], job, Tries.load(tries))
-            except Retrying:
-                span.set_attribute(SpanAttributes.OUTPUT_VALUE, "retrying")
+            except Retrying as retrying:
+                _retrying(span, job, Tries.load(tries), retrying.attempt)
                 return {"job_id": job.id, "status": "retrying"}
             result = attempt.result
             span.set_attributes(attempt_attributes(job, Tries.load(tries), attempt))
@@ -78,6 +78,13 @@ async def run_job(
         if not result.ok:
             log.warning("%s", JobFailedError(result))
         return {"job_id": job.id, "status": result.status}
+
+
+def _retrying(span: trace.Span, job: Job, tries: Tries, attempt: Attempt) -> None:
+    """A run that ends in a retry: its span is this attempt's, ERROR with the error it met."""
+    span.set_attributes(attempt_attributes(job, tries, attempt))
+    span.set_attribute(SpanAttributes.OUTPUT_VALUE, "retrying")
+    _end_status(span, attempt.result)
 
 
 def _end_status(span: trace.Span, result: JobResult) -> None:
@@ -301,8 +308,8 @@ async def _run_embed(
     try:
         async with rt.slots:
             attempt = await attempt_or_retry(rt, delivery, [run_id, indexes, enqueued_at], job, tries)
-    except Retrying:
-        span.set_attribute(SpanAttributes.OUTPUT_VALUE, "retrying")
+    except Retrying as retrying:
+        _retrying(span, job, tries, retrying.attempt)
         return {"run": run_id, "stored": 0, "status": "retrying"}
     result = attempt.result
     span.set_attributes(attempt_attributes(job, tries, attempt))

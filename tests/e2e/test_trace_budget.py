@@ -137,3 +137,34 @@ def test_the_trace_budget_holds_across_two_worker_processes(stack: Stack, tmp_pa
     # that two processes spending the budget each would keep.
     assert spans <= budget * (seconds + 4), (spans, seconds, final)
     assert spans >= budget * (seconds - 2) * 0.5, (spans, seconds, final)  # and the budget is used
+
+
+def test_a_jobs_and_a_batchs_worker_spans_go_to_the_producers_phoenix_project(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The worker traces into its own PHOENIX_PROJECT_NAME only for work whose producer did not trace."""
+    project = f"elsewhere-{uuid.uuid4().hex[:8]}"
+    marker = uuid.uuid4().hex[:8]
+    env = {"PHOENIX_PROJECT_NAME": project}
+    job = routerq(stack, "enqueue", "--wait", f"{marker} a single job", env=env)
+    source = write_jsonl(
+        tmp_path / "p.jsonl", [line(f"p{i}", "chat", f"{marker} line {i}") for i in range(2)]
+    )
+    submitted = routerq(stack, "submit", str(source), "--wait", env=env)
+    assert job.returncode == 0 and submitted.returncode == 0, job.stderr + submitted.stderr
+    phoenix = Client(base_url=stack.phoenix.url)
+    wanted = {"routerq.job", "apply_async/routerq.run_job", "run/routerq.run_job", "routerq.submit",
+              "routerq.line", "routerq.batch", "ChatCompletion"}  # fmt: skip
+    names: set[str] = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not wanted <= names:
+        try:
+            names = {s["name"] for s in phoenix.spans.get_spans(project_identifier=project, limit=1000)}
+        except Exception:  # 404 until the project's first span is stored
+            names = set()
+        time.sleep(0.5)
+    assert wanted <= names, f"project {project} has {names}"
+    ours = phoenix.spans.get_spans(
+        project_identifier=stack.project, name="routerq.line", limit=10_000, timeout=60
+    )
+    assert not [s for s in ours if marker in str(s["attributes"].get("input.value"))]
