@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -27,6 +27,20 @@ from routerq.span_export import ExportCounts
 
 if TYPE_CHECKING:
     from producer.batch_client import BatchClient
+
+
+BatchArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="BATCH", help="the batch id `routerq submit` printed (`routerq batches` lists them)"
+    ),
+]
+
+
+def flag(*names: str, **kwargs: Any) -> Any:
+    """A boolean option, listed in --help without a `<bool>` type."""
+    return typer.Option(*names, metavar="", **kwargs)
+
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="LLM jobs on a Redis queue, traced in Phoenix."
@@ -49,7 +63,7 @@ def _version(show: bool) -> None:
 @app.callback()
 def main(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+        bool, flag("--version", callback=_version, is_eager=True, help="print the version and exit")
     ] = False,
 ) -> None:
     """LLM jobs on a Redis queue, traced in Phoenix. Settings come from the environment (REDIS_URL,
@@ -91,7 +105,7 @@ def worker(
             min=1, help="processes sharing the concurrency, each one event loop (default: 1 per core)"
         ),
     ] = None,
-    supervise: Annotated[bool, typer.Option(help="restart the worker if it dies on its own")] = True,
+    supervise: Annotated[bool, flag(help="restart the worker if it dies on its own")] = True,
 ) -> None:
     """Run a worker that takes jobs from Redis and calls OpenRouter."""
     from routerq.errors import PreflightError
@@ -126,18 +140,18 @@ def worker(
 
 @app.command()
 def enqueue(
-    prompt: Annotated[str, typer.Argument(help="the prompt, or the text to embed")],
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="the prompt, or the text to embed")],
     model: Annotated[
         str | None, typer.Option(help="OpenRouter model slug (default: one per kind of job, see --help)")
     ] = None,
-    embed: Annotated[bool, typer.Option("--embed", help="an embeddings job")] = False,
-    completion: Annotated[bool, typer.Option("--completion", help="a text completion job")] = False,
+    embed: Annotated[bool, flag("--embed", help="an embeddings job")] = False,
+    completion: Annotated[bool, flag("--completion", help="a text completion job")] = False,
     session: Annotated[str | None, typer.Option(help="session id (Phoenix Sessions)")] = None,
     user: Annotated[str | None, typer.Option(help="user id")] = None,
     metadata: Annotated[list[str] | None, typer.Option(help="key=value, repeatable")] = None,
     tag: Annotated[list[str] | None, typer.Option(help="tag, repeatable")] = None,
     body: Annotated[str | None, typer.Option(help="extra JSON merged into the request body")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="wait and print the answer")] = False,
+    wait: Annotated[bool, flag("--wait", help="wait and print the answer")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait with --wait")] = 300.0,
 ) -> None:
     """Queue one job. Prints the job id, or with --wait the answer (exit 1 if the job failed)."""
@@ -203,9 +217,7 @@ NO_RESULT_EXIT_CODE = 4  # `routerq result` on a job that has no result (yet, or
 @app.command()
 def result(
     job_id: Annotated[str, typer.Argument(metavar="JOB", help="the id `routerq enqueue` printed")],
-    wait: Annotated[
-        bool, typer.Option("--wait", help="wait for the result if the job is still running")
-    ] = False,
+    wait: Annotated[bool, flag("--wait", help="wait for the result if the job is still running")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait with --wait")] = 300.0,
 ) -> None:
     """Print a queued job's answer (exit 1 if it failed, 4 if it has no result)."""
@@ -290,7 +302,9 @@ def _progress_until_done(client: BatchClient, batch_id: str) -> Batch:
 
 @app.command()
 def submit(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="OpenAI Batch input (.jsonl)")],
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", exists=True, dir_okay=False, help="OpenAI Batch input (.jsonl)")
+    ],
     name: Annotated[str, typer.Option(help="a name for the batch")] = "",
     metadata: Annotated[list[str] | None, typer.Option(help="key=value, repeatable")] = None,
     model: Annotated[str | None, typer.Option(help="model for lines whose body has none")] = None,
@@ -408,11 +422,11 @@ def _describe(batch: Batch, stats: BatchStats, export: ExportCounts) -> str:
 
 @app.command()
 def status(
-    batch_id: Annotated[str, typer.Argument(metavar="BATCH")],
+    batch_id: BatchArg,
     watch: Annotated[
-        bool, typer.Option("--watch", help="refresh until the batch ends or pauses (exit 3 when paused)")
+        bool, flag("--watch", help="refresh until the batch ends or pauses (exit 3 when paused)")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="OpenAI-style batch object")] = False,
+    as_json: Annotated[bool, flag("--json", help="OpenAI-style batch object")] = False,
 ) -> None:
     """State, counts, tokens, cost, throughput and ETA of a batch."""
     client = _batch_client()
@@ -441,7 +455,7 @@ def batches(limit: Annotated[int, typer.Option(help="how many")] = 20) -> None:
 
 @app.command()
 def results(
-    batch_id: Annotated[str, typer.Argument(metavar="BATCH")],
+    batch_id: BatchArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="output .jsonl")],
     errors: Annotated[Path | None, typer.Option("--errors", help="failed lines go here instead")] = None,
 ) -> None:
@@ -459,7 +473,7 @@ def results(
 
 
 @app.command()
-def cancel(batch_id: Annotated[str, typer.Argument(metavar="BATCH")]) -> None:
+def cancel(batch_id: BatchArg) -> None:
     """Stop a batch: queued lines are never sent upstream; running ones finish."""
     with _batch_errors():
         batch = _batch_client().cancel(batch_id)
@@ -468,7 +482,7 @@ def cancel(batch_id: Annotated[str, typer.Argument(metavar="BATCH")]) -> None:
 
 @app.command()
 def resume(
-    batch_id: Annotated[str, typer.Argument(metavar="BATCH")],
+    batch_id: BatchArg,
     max_cost: Annotated[float | None, typer.Option(help="a new budget in USD")] = None,
 ) -> None:
     """Continue a paused batch once its key, credit or budget is fixed."""
@@ -478,7 +492,7 @@ def resume(
 
 
 @app.command()
-def retry(batch_id: Annotated[str, typer.Argument(metavar="BATCH")]) -> None:
+def retry(batch_id: BatchArg) -> None:
     """Re-run only the failed lines of a batch."""
     with _batch_errors():
         count = _batch_client().retry(batch_id)
@@ -488,7 +502,8 @@ def retry(batch_id: Annotated[str, typer.Argument(metavar="BATCH")]) -> None:
 @app.command()
 def embed(
     file: Annotated[
-        Path, typer.Argument(exists=True, dir_okay=False, help="JSONL or CSV with ids and texts")
+        Path,
+        typer.Argument(metavar="FILE", exists=True, dir_okay=False, help="JSONL or CSV with ids and texts"),
     ],
     model: Annotated[str, typer.Option(help="embedding model slug")],
     output: Annotated[Path, typer.Option("-o", "--output", help="vectors .jsonl (or .parquet)")],
@@ -556,7 +571,7 @@ def fake_openrouter(
 
 @app.command()
 def demo(
-    keep: Annotated[bool, typer.Option(help="keep the stack running until Ctrl-C")] = True,
+    keep: Annotated[bool, flag(help="keep the stack running until Ctrl-C")] = True,
 ) -> None:
     """Start a local stack, run example jobs of each kind, print results and the Phoenix URL."""
     from devstack.demo import run_demo

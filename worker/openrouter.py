@@ -174,7 +174,8 @@ class OpenRouterClient:
         except openai.APIConnectionError as exc:
             message = redact(f"cannot reach OpenRouter: {exc.__cause__ or exc}", self._secrets)
             return UpstreamAnswer(None, JobError(code="connection_error", message=message))
-        return UpstreamAnswer(answer.to_dict(mode="json"), None)
+        # warnings off: a base64 embedding is a string where the model declares floats, on purpose
+        return UpstreamAnswer(answer.to_dict(mode="json", warnings=False), None)
 
     def _status_error(self, exc: openai.APIStatusError) -> JobError:
         body = _json_body(exc.response)

@@ -158,6 +158,8 @@ def test_a_backfills_embedding_spans_carry_tokens_phoenix_counts_and_routerqs_co
             "-o", str(tmp_path / "v.jsonl"), env={"ROUTERQ_QUEUE": queue},
         )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    log = (stack.tmp / "logs" / f"{queue}.log").read_text()
+    assert "PydanticSerializationUnexpectedValue" not in log  # base64 vectors are passed through on purpose
     run_id = next(w for w in done.stderr.split() if w.startswith("emb_")).rstrip(":")
     phoenix = Client(base_url=stack.phoenix.url)
     spans: list[dict[str, object]] = []
