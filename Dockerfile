@@ -1,4 +1,5 @@
-# The worker image: routerq's core, producer, worker and CLI; no dev stack (demo, fake OpenRouter).
+# The worker and API image: routerq's core, producer, worker, Batch API and CLI; no dev stack (demo,
+# fake OpenRouter).
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -6,7 +7,8 @@ COPY routerq ./routerq
 COPY producer ./producer
 COPY worker ./worker
 COPY cli ./cli
-RUN pip install --no-cache-dir . && useradd --create-home routerq
+COPY api ./api
+RUN pip install --no-cache-dir '.[serve]' && useradd --create-home routerq
 USER routerq
 ENTRYPOINT ["routerq"]
 CMD ["worker", "--concurrency", "64"]

@@ -25,15 +25,15 @@ from pathlib import Path
 
 import httpx
 
-from bench.__main__ import KEY, MODEL, machine, mib, pct, start_span_sink, write_batch
+from bench.__main__ import KEY, MODEL, mib, pct, start_span_sink, write_batch
 from bench.measure import TreeSampler
+from bench.results import HEADER, put_section, section, section_rows, table
 from bench.services import Services
 from devstack.localstack import free_port, start_fake_openrouter, start_redis, start_worker
 from producer import Producer
 from producer.batch_client import BatchClient
 from routerq.settings import Settings
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- scenarios:begin -->", "<!-- scenarios:end -->"
 SINGLE_JOBS = 50
 
@@ -179,30 +179,21 @@ def run(stack: Stack, name: str, scenario: Scenario) -> list[tuple[str, str]]:
 
 
 def write(rows: list[tuple[str, str]], command: str, only: bool = False) -> str:
-    table = "\n".join(["| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
-    section = (
-        f"{BEGIN}\n## Concurrency scenarios (`{command}`)\n\n"
-        f"Machine: {machine()}  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
-        "Each routerq run: one `routerq worker --concurrency C` (one process per core), a batch of "
-        "the scenario's lines; the fake upstream, Redis and the span sink on this machine too.\n\n"
-        f"{table}\n{END}"
-    )
-    text = RESULTS.read_text() if RESULTS.exists() else "# routerq benchmark\n"
-    if BEGIN in text and END in text and only:  # one scenario re-measured: keep the others' rows
-        kept = [r for r in text[text.index(BEGIN) : text.index(END)].splitlines() if r.startswith("| ")]
-        rows_text = [f"| {k} | {v} |" for k, v in rows]
+    body = table(rows)
+    if only:  # one scenario re-measured: keep the others' rows
         names = {k.split(" ")[0].rstrip(":") for k, _ in rows}
         others = [
-            r for r in kept if not r.startswith("| measure") and r[2:].split(" ")[0].rstrip(":") not in names
+            r
+            for r in section_rows(BEGIN, END)
+            if not r.startswith("| measure") and r[2:].split(" ")[0].rstrip(":") not in names
         ]
-        table = "\n".join(["| measure | value |", "|---|---|", *others, *rows_text])
-        section = section[: section.index("| measure |")] + table + f"\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
-    return table
+        body = "\n".join([*HEADER, *others, *body.splitlines()[len(HEADER) :]])
+    setup = (
+        "Each routerq run: one `routerq worker --concurrency C` (one process per core), a batch of "
+        "the scenario's lines; the fake upstream, Redis and the span sink on this machine too."
+    )
+    put_section(BEGIN, END, section(BEGIN, END, f"Concurrency scenarios (`{command}`)", setup, body))
+    return body
 
 
 def main() -> None:

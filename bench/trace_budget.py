@@ -25,8 +25,9 @@ import httpx
 import redis
 from phoenix.client import Client
 
-from bench.__main__ import KEY, MODEL, machine, write_batch
+from bench.__main__ import KEY, MODEL, write_batch
 from bench.measure import TreeSampler, wait_idle
+from bench.results import put_section, section, table
 from bench.services import Services
 from devstack.localstack import free_port, start_fake_openrouter, start_phoenix, start_redis, start_worker
 from producer.batch_client import BatchClient
@@ -34,7 +35,6 @@ from routerq.batch_store import Batch
 from routerq.settings import DEFAULT_TRACE_BUDGET, Settings
 from routerq.span_export import ExportCounts
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- trace-budget:begin -->", "<!-- trace-budget:end -->"
 PROJECT = "routerq-trace-budget"
 TRACED_FLOOR = 0.9
@@ -167,21 +167,12 @@ def bulk(stack: Stack, lines: int) -> list[tuple[str, str]]:
 
 
 def write(rows: list[tuple[str, str]], command: str) -> str:
-    table = "\n".join(["| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
-    section = (
-        f"{BEGIN}\n## Trace budget (`{command}`)\n\n"
-        f"Machine: {machine()}  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
+    setup = (
         "One `routerq worker` (one process per core), Redis, the fake upstream and `phoenix serve` "
-        "(SQLite) all on this machine.\n\n"
-        f"{table}\n{END}"
+        "(SQLite) all on this machine."
     )
-    text = RESULTS.read_text()
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
-    return table
+    put_section(BEGIN, END, section(BEGIN, END, f"Trace budget (`{command}`)", setup, table(rows)))
+    return table(rows)
 
 
 def main() -> None:

@@ -333,11 +333,8 @@ def submit(
             max_cost=max_cost,
         )
     except BatchFileError as exc:
-        for error in exc.validation.errors:
-            err.print(error.render(str(file)), markup=False)
-        hidden = exc.validation.error_count - len(exc.validation.errors)
-        if hidden > 0:
-            err.print(f"... and {hidden} more bad line(s)")
+        for report_line in exc.validation.report(str(file)):
+            err.print(report_line, markup=False)
         raise _fail(f"{file}: {exc.validation.error_count} bad line(s); nothing was enqueued") from None
     except BatchError as exc:
         raise _fail(str(exc)) from None
@@ -567,6 +564,28 @@ def fake_openrouter(
     from devstack.fake_openrouter import serve
 
     serve("127.0.0.1", port, set(), latency_ms)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    no_auth: Annotated[
+        bool, flag("--no-auth", help="serve without bearer tokens (loopback addresses only)")
+    ] = False,
+) -> None:
+    """OpenAI's Files and Batches API over routerq: the official clients of any language submit and
+    follow batches with only base_url and api_key changed. Reads ROUTERQ_API_KEYS (comma-separated
+    bearer tokens), ROUTERQ_FILES_DIR and ROUTERQ_MAX_UPLOAD_MB, and the usual REDIS_URL and Phoenix
+    settings."""
+    from api.server import serve as run_server
+
+    settings = _settings()
+    _require_redis(settings)
+    try:
+        run_server(settings, host, port, no_auth)
+    except SettingsError as exc:
+        raise _fail(str(exc), 2) from None
 
 
 @app.command()

@@ -194,6 +194,16 @@ def start_fake_openrouter(
     return service
 
 
+def start_api(env: Mapping[str, str], log_dir: Path, port: int, *extra: str) -> Service:
+    """`routerq serve` on loopback, returned once /healthz answers."""
+    argv = [sys.executable, "-m", "cli", "serve", "--port", str(port), *extra]
+    process, log_path = spawn(f"api-{port}", argv, log_dir, env)
+    service = Service("api", process, f"http://127.0.0.1:{port}", log_path)
+    healthy = f"{service.url}/healthz"
+    wait_until(lambda: httpx.get(healthy, timeout=2).status_code == 200, 30, "routerq serve", service)
+    return service
+
+
 def start_worker(
     env: Mapping[str, str],
     log_dir: Path,

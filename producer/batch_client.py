@@ -20,7 +20,16 @@ from opentelemetry.trace import Status, StatusCode
 
 from routerq import telemetry
 from routerq.batch_format import BatchLine, read_lines, validate
-from routerq.batch_store import Batch, BatchStats, BatchStatus, BatchStore, Outcome, active_key, new_batch_id
+from routerq.batch_store import (
+    Batch,
+    BatchOrigin,
+    BatchStats,
+    BatchStatus,
+    BatchStore,
+    Outcome,
+    active_key,
+    new_batch_id,
+)
 from routerq.broker import create_app
 from routerq.errors import BatchError, BatchFileError, StagingFailed
 from routerq.redis_client import connect
@@ -71,9 +80,13 @@ class BatchClient:
         user_id: str | None = None,
         idempotency_key: str | None = None,
         max_cost: float | None = None,
+        origin: BatchOrigin | None = None,
+        parent: otel_context.Context | None = None,
     ) -> Submitted:
+        """Validate, store and enqueue a batch file. `parent` continues a caller's trace (the Batch API's
+        `traceparent`); the submit span is otherwise a trace of its own."""
         tracer = telemetry.tracer()
-        with tracer.start_as_current_span("routerq.submit", context=otel_context.Context()) as span:
+        with tracer.start_as_current_span("routerq.submit", context=parent or otel_context.Context()) as span:
             span.set_attributes(chain_attributes(str(path)))
             validation = validate(path, model)
             span.set_attribute("routerq.batch.lines", validation.lines)
@@ -92,6 +105,7 @@ class BatchClient:
                 idempotency_key=idempotency_key,
                 max_cost=max_cost,
                 project=telemetry.traced_project(self.settings),
+                origin=origin,
             )
             if idempotency_key:
                 earlier = self._claim(idempotency_key, batch)

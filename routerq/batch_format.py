@@ -46,10 +46,17 @@ class Validation:
     errors: list[LineError] = field(default_factory=list)
     error_count: int = 0
     digest: str = ""
+    urls: set[str] = field(default_factory=set)  # the endpoints the good lines ask for
 
     @property
     def ok(self) -> bool:
         return self.error_count == 0 and self.lines > 0
+
+    def report(self, name: str) -> list[str]:
+        """The kept errors as `name:line: code: message`, then how many more there were."""
+        lines = [error.render(name) for error in self.errors]
+        hidden = self.error_count - len(self.errors)
+        return [*lines, f"... and {hidden} more bad line(s)"] if hidden > 0 else lines
 
 
 def parse_line(number: int, raw: bytes, default_model: str | None) -> BatchLine | LineError:
@@ -117,6 +124,7 @@ def validate(path: Path, default_model: str | None = None, keep: int = 20) -> Va
                 result.errors.append(item)
         else:
             result.lines += 1
+            result.urls.add(item.kind.url)
     if result.lines == 0 and result.error_count == 0:
         result.errors.append(LineError(0, "empty_file", "the file has no request lines"))
         result.error_count = 1

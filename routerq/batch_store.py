@@ -64,6 +64,15 @@ class Outcome(StrEnum):
     CANCELLED = "C"
 
 
+class BatchOrigin(BaseModel):
+    """Where a batch made through the Batch API (`routerq serve`) came from; None for `routerq submit`."""
+
+    owner: str  # the hash of the token that made it (api.auth): only that token sees the batch
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+
+
 class Batch(BaseModel):
     id: str
     name: str = ""
@@ -85,6 +94,7 @@ class Batch(BaseModel):
     reason: str | None = None
     max_cost: float | None = None
     project: str | None = None  # the submitter's Phoenix project: every line's trace goes there
+    origin: BatchOrigin | None = None
     parked: int = 0
     retries: int = 0  # attempts beyond each line's first, and waits for rate limits
     traced: int = 0  # lines whose whole trace went to Phoenix
@@ -225,7 +235,7 @@ redis.call('DEL', KEYS[2])
 return parked
 """
 
-_JSON_FIELDS = ("metadata",)
+_JSON_FIELDS = ("metadata", "origin")
 _NUMBERS = {"total", "succeeded", "failed", "cancelled", "prompt_tokens", "completion_tokens"}
 _STATS_QUANTILES = (0.5, 0.95, 0.99)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -14,12 +15,14 @@ from routerq.errors import SettingsError
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 # Seconds between the longest a job may run plus wait for its retry, and its redelivery.
 VISIBILITY_SLACK = 10
-# One local Phoenix (SQLite, sharing two cores with the workers) ingests ~150-250 spans/s at 4-7 ms of
-# CPU each; 100 leaves it headroom for the always-kept traces' bursts and for its UI, and keeps its
-# CPU from slowing the workers beside it. See bench/RESULTS.md (trace budget) for the measurement.
-DEFAULT_TRACE_BUDGET = 100.0
+# One local Phoenix (SQLite) spends 4-7 ms of CPU per span. Beside the workers on two cores, 100
+# spans/s cost traced batches 29 % of their throughput (bench/RESULTS.md, trace budget); 25 spans/s
+# (~0.15 core) keeps them within 10 % of untraced, and every failure is sent on top of it anyway.
+DEFAULT_TRACE_BUDGET = 25.0
 # A line slower than this (or than its batch's running p99) is always traced.
 DEFAULT_TRACE_SLOW_S = 30.0
+DEFAULT_FILES_DIR = Path.home() / ".local" / "share" / "routerq" / "files"
+DEFAULT_MAX_UPLOAD_MB = 200.0  # OpenAI's own limit for a batch input file
 
 
 class ModelLimits(BaseModel):
@@ -75,6 +78,12 @@ class Settings(BaseSettings):
     trace_slow_s: Annotated[float, Field(alias="ROUTERQ_TRACE_SLOW_S", gt=0)] = DEFAULT_TRACE_SLOW_S
     phoenix_pricing: Annotated[bool, Field(alias="ROUTERQ_PHOENIX_PRICING")] = True
     phoenix_pricing_settle: Annotated[float, Field(alias="ROUTERQ_PHOENIX_PRICING_SETTLE", ge=0)] = 6.0
+
+    # `routerq serve`: bearer tokens callers use (comma-separated; each token sees only its own files
+    # and batches), where uploaded files are kept, and the largest upload accepted.
+    api_keys: Annotated[SecretStr | None, Field(alias="ROUTERQ_API_KEYS")] = None
+    files_dir: Annotated[Path, Field(alias="ROUTERQ_FILES_DIR")] = DEFAULT_FILES_DIR
+    max_upload_mb: Annotated[float, Field(alias="ROUTERQ_MAX_UPLOAD_MB", gt=0)] = DEFAULT_MAX_UPLOAD_MB
 
     @field_validator("trace_budget", mode="before")
     @classmethod
@@ -141,10 +150,15 @@ class Settings(BaseSettings):
         return self.openrouter_api_key.get_secret_value() if self.openrouter_api_key else ""
 
     @property
+    def api_tokens(self) -> list[str]:
+        raw = self.api_keys.get_secret_value() if self.api_keys else ""
+        return [token.strip() for token in raw.split(",") if token.strip()]
+
+    @property
     def secrets(self) -> list[str]:
         """Values that must never leave the process in spans, logs, results or errors."""
         keys = (self.openrouter_api_key, self.phoenix_api_key, self.redis_password)
-        return [k.get_secret_value() for k in keys if k and k.get_secret_value()]
+        return [k.get_secret_value() for k in keys if k and k.get_secret_value()] + self.api_tokens
 
 
 def load_settings() -> Settings:

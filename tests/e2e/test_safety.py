@@ -120,6 +120,9 @@ def test_compose_file_wires_the_same_settings_the_code_reads() -> None:
     assert {"REDIS_URL", "OPENROUTER_API_KEY", "PHOENIX_COLLECTOR_ENDPOINT"} <= set(worker_env)
     assert "${REDIS_PASSWORD" in worker_env["REDIS_PASSWORD"] and "@" not in worker_env["REDIS_URL"]
     assert services["worker"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    api_env = services["api"]["environment"]
+    assert set(api_env) <= known, set(api_env) - known
+    assert "${ROUTERQ_API_KEYS:?" in api_env["ROUTERQ_API_KEYS"]  # never an open API from compose
     assert ":latest" not in services["phoenix"]["image"]
 
     redis_command = " ".join(services["redis"]["command"])

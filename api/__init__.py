@@ -1,0 +1,1 @@
+"""`routerq serve`: OpenAI's Files and Batches API over routerq, for producers in any language."""

@@ -1,0 +1,28 @@
+"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with the HTTP status the
+official clients map to their exception classes (401 AuthenticationError, 404 NotFoundError, ...)."""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse
+
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          413: "invalid_request_error", 503: "server_error"}  # fmt: skip
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+
+    def response(self) -> JSONResponse:
+        body = {"message": self.message, "type": _TYPES.get(self.status, "api_error"), "param": self.param,
+                "code": self.code}  # fmt: skip
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+def not_found(kind: str, ident: str) -> ApiError:
+    """Also what another tenant's id answers: its existence is not revealed."""
+    return ApiError(404, f"No such {kind}: {ident}", code=f"{kind}_not_found")

@@ -1,0 +1,199 @@
+"""`routerq serve` through the official `openai` Python client: files, batches, tenancy, bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from conftest import Stack, line, routerq, write_jsonl
+from phoenix.client import Client
+
+from devstack.fake_openrouter import fake_answer
+from devstack.localstack import Service, free_port, start_api
+
+TOKEN_A, TOKEN_B = "rq-token-a-" + uuid.uuid4().hex, "rq-token-b-" + uuid.uuid4().hex
+MAX_UPLOAD_MB = 2  # small, so the oversize upload stays quick; the 200 MB default is a named constant
+
+
+@pytest.fixture(scope="module")
+def api(stack: Stack) -> Iterator[Service]:
+    env = {**stack.env, "ROUTERQ_API_KEYS": f"{TOKEN_A},{TOKEN_B}", "ROUTERQ_FILES_DIR": str(stack.tmp / "files"),
+           "ROUTERQ_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB)}  # fmt: skip
+    service = start_api(env, stack.tmp / "logs", free_port())
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+def client(api: Service, token: str = TOKEN_A) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{api.url}/v1", api_key=token, max_retries=0)
+
+
+def chat_rows(marker: str, n: int) -> list[dict[str, Any]]:
+    return [line(f"q{i}", "chat", f"{marker} question {i}") for i in range(n)]
+
+
+def wait_batch(oai: openai.OpenAI, batch_id: str, timeout: float = 120) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = oai.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "cancelled"):
+            return batch
+        time.sleep(0.3)
+    raise AssertionError(f"batch {batch_id} not finished after {timeout} s: {oai.batches.retrieve(batch_id)}")
+
+
+def test_the_openai_client_uploads_a_file_runs_a_batch_and_reads_every_answer_in_input_order(
+    stack: Stack, api: Service, tmp_path: Path
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    rows = chat_rows(marker, 30)
+    oai = client(api)
+    uploaded = oai.files.create(file=write_jsonl(tmp_path / "in.jsonl", rows).open("rb"), purpose="batch")
+    assert uploaded.object == "file" and uploaded.purpose == "batch" and uploaded.bytes > 0
+    assert oai.files.retrieve(uploaded.id).filename == "in.jsonl"
+    assert oai.files.content(uploaded.id).content == (tmp_path / "in.jsonl").read_bytes()
+    batch = oai.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+        metadata={"team": "search"},
+    )  # fmt: skip
+    assert batch.status in ("validating", "in_progress", "completed") and batch.metadata == {"team": "search"}
+    done = wait_batch(oai, batch.id)
+    assert (
+        done.status == "completed" and done.request_counts.completed == 30 and done.request_counts.failed == 0
+    )
+    assert done.output_file_id and done.error_file_id is None
+    out = [json.loads(x) for x in oai.files.content(done.output_file_id).text.splitlines()]
+    assert [o["custom_id"] for o in out] == [f"q{i}" for i in range(30)]
+    for i, o in enumerate(out):
+        body = o["response"]["body"]
+        answer = body["choices"][0]["message"]["content"]
+        assert answer == fake_answer(body["model"], f"{marker} question {i}")
+    status = routerq(stack, "status", batch.id)  # the same batch, seen by the CLI
+    assert status.returncode == 0 and "30 succeeded" in status.stdout
+    listed = oai.batches.list(limit=100)
+    assert batch.id in [b.id for b in listed.data]
+    assert uploaded.id in [f.id for f in oai.files.list().data]
+
+
+def test_failed_lines_go_to_the_error_file_and_cancel_and_paging_work(api: Service, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex[:8]
+    rows = [line(f"e{i}", "chat", f"{marker} {i}" + (" [[status:400]]" if i == 1 else "")) for i in range(3)]
+    oai = client(api)
+    uploaded = oai.files.create(file=write_jsonl(tmp_path / "e.jsonl", rows).open("rb"), purpose="batch")
+    done = wait_batch(oai, oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                               completion_window="24h").id)  # fmt: skip
+    assert (done.request_counts.completed, done.request_counts.failed) == (2, 1)
+    errors = [json.loads(x) for x in oai.files.content(done.error_file_id).text.splitlines()]
+    assert [e["custom_id"] for e in errors] == ["e1"] and errors[0]["error"]["code"]
+
+    slow = [line(f"s{i}", "chat", f"{marker} slow {i} [[slow:2]]") for i in range(40)]
+    uploaded = oai.files.create(file=write_jsonl(tmp_path / "s.jsonl", slow).open("rb"), purpose="batch")
+    batch = oai.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    cancelled = oai.batches.cancel(batch.id)
+    assert cancelled.status in ("cancelling", "cancelled")
+    assert wait_batch(oai, batch.id).status == "cancelled"
+
+    first = oai.batches.list(limit=1)
+    assert len(first.data) == 1 and first.has_more
+    second = oai.batches.list(limit=1, after=first.data[0].id)
+    assert second.data[0].id != first.data[0].id
+
+
+def test_a_wrong_token_is_refused_and_another_tokens_batch_and_file_are_not_found(
+    api: Service, tmp_path: Path
+) -> None:
+    rows = chat_rows(uuid.uuid4().hex[:8], 2)
+    mine = client(api, TOKEN_A)
+    uploaded = mine.files.create(file=write_jsonl(tmp_path / "t.jsonl", rows).open("rb"), purpose="batch")
+    batch = mine.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    with pytest.raises(openai.AuthenticationError):
+        client(api, "not-a-token").batches.retrieve(batch.id)
+    theirs = client(api, TOKEN_B)
+    with pytest.raises(openai.NotFoundError):
+        theirs.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        theirs.files.retrieve(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        theirs.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert batch.id not in [b.id for b in theirs.batches.list(limit=100).data]
+    log = api.log()
+    assert TOKEN_A not in log and TOKEN_B not in log and "not-a-token" not in log
+
+
+def test_a_malformed_file_is_refused_with_its_line_numbers_and_an_oversize_one_with_413(
+    api: Service, tmp_path: Path
+) -> None:
+    oai = client(api)
+    good = json.dumps(line("a", "chat", "fine"))
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [good, "{not json", good.replace('"a"', '"b"'), json.dumps(line("a", "chat", "again"))],
+    )
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.files.create(file=bad.open("rb"), purpose="batch")
+    message = str(refused.value)
+    assert "bad.jsonl:2: invalid_json_line" in message and "bad.jsonl:4: duplicate_custom_id" in message
+
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [line("c", "chat", "x"), line("e", "embedding", "y")])
+    uploaded = oai.files.create(file=mixed.open("rb"), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as mismatch:
+        oai.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert "line 2: url /v1/embeddings differs" in str(mismatch.value)
+
+    big = tmp_path / "big.jsonl"
+    row = json.dumps(line("x", "chat", "y" * 1000))
+    with big.open("w") as out:
+        for i in range(MAX_UPLOAD_MB * 1_000):
+            out.write(row.replace('"x"', f'"x{i}"') + "\n")
+    with pytest.raises(openai.APIStatusError) as oversize:
+        oai.files.create(file=big.open("rb"), purpose="batch")
+    assert oversize.value.status_code == 413
+
+    def chunks() -> Iterator[bytes]:  # chunked, no Content-Length, as the npm client streams
+        boundary = b"--rq\r\n"
+        yield boundary + b'Content-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        yield boundary + b'Content-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+        with big.open("rb") as handle:
+            yield from iter(lambda: handle.read(1 << 16), b"")
+        yield b"\r\n--rq--\r\n"
+
+    chunked = httpx.post(f"{api.url}/v1/files", content=chunks(), timeout=60,
+                         headers={"authorization": f"Bearer {TOKEN_A}", "content-type": "multipart/form-data; boundary=rq"})  # fmt: skip
+    assert chunked.status_code == 413, chunked.text
+
+
+def test_a_callers_traceparent_puts_the_submit_into_the_callers_trace(
+    stack: Stack, api: Service, tmp_path: Path
+) -> None:
+    trace_id = uuid.uuid4().hex
+    traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
+    oai = client(api)
+    uploaded = oai.files.create(
+        file=write_jsonl(tmp_path / "tp.jsonl", chat_rows("tp", 1)).open("rb"), purpose="batch"
+    )
+    oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                       extra_headers={"traceparent": traceparent})  # fmt: skip
+    phoenix = Client(base_url=stack.phoenix.url)
+    deadline = time.monotonic() + 60
+    spans: list[Any] = []
+    while time.monotonic() < deadline and not spans:
+        spans = list(phoenix.spans.get_spans(project_identifier=stack.project, trace_ids=[trace_id]))
+        time.sleep(0.5)
+    assert [s["name"] for s in spans] == ["routerq.submit"], spans
