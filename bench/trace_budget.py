@@ -35,7 +35,6 @@ from routerq.batch_store import Batch
 from routerq.settings import DEFAULT_TRACE_BUDGET, Settings
 from routerq.span_export import ExportCounts
 
-BEGIN, END = "<!-- trace-budget:begin -->", "<!-- trace-budget:end -->"
 PROJECT = "routerq-trace-budget"
 TRACED_FLOOR = 0.9
 IDLE_CEILING_S = 10.0
@@ -62,13 +61,14 @@ class Stack(Services):
         httpx.post(f"{self.fake_base}/_fake/config", json=config).raise_for_status()
         self.reset_fake()
 
-    def run_batch(self, source: Path, name: str, concurrency: int, **env: str) -> tuple[Batch, float]:
-        """A batch through a fresh `routerq worker`; the batch at its end and the seconds it took."""
+    def run_batch(self, source: Path, name: str, concurrency: int, **env: str) -> tuple[Batch, float, float]:
+        """A batch through a fresh `routerq worker`: the batch at its end, the seconds it took, and the
+        cores Phoenix used meanwhile."""
         full = {**self.env, "ROUTERQ_QUEUE": name, **env}
         worker = start_worker(full, self.tmp, name=name, concurrency=concurrency)
         batches = BatchClient(Settings(**full), tracing=False)  # type: ignore[arg-type]
         try:
-            with TreeSampler([worker.process.pid]):
+            with TreeSampler([self.phoenix.process.pid], interval=1.0) as phoenix:
                 started = time.perf_counter()
                 batch = batches.submit(source).batch
                 while not (done := batches.get(batch.id)).status.final:
@@ -76,24 +76,39 @@ class Stack(Services):
                 seconds = time.perf_counter() - started
         finally:
             worker.stop()
-        return done, seconds
+        return done, seconds, phoenix.cpu_used / seconds
 
 
-def throughput(stack: Stack) -> list[tuple[str, str]]:
+def throughput(stack: Stack, budgets: list[str]) -> list[tuple[str, str]]:
     stack.configure(200)
     label = "C=64, 200 ms, 5,000 lines"
     source = write_batch(stack.tmp / "c64.jsonl", 5000, "c64")
-    _, off = stack.run_batch(source, "c64-off", 64, ROUTERQ_TRACING="false")
-    stack.configure(200)
-    traced, on = stack.run_batch(source, "c64-on", 64)
-    ratio = off / on
-    print(f"throughput: untraced {5000 / off:.1f} lines/s, traced {5000 / on:.1f} ({ratio:.3f})", flush=True)
-    return [
-        (f"{label}: untraced lines/s", f"{5000 / off:.1f}"),
-        (f"{label}: traced to the local Phoenix, default budget, lines/s (ratio to untraced, floor "
-         f"{TRACED_FLOOR})", f"{5000 / on:.1f} ({ratio:.3f})"),
-        (f"{label}: lines traced / sampled out", f"{traced.traced} / {traced.sampled_out}"),
-    ]  # fmt: skip
+    _, off, idle_cores = stack.run_batch(source, "c64-off", 64, ROUTERQ_TRACING="false")
+    rows = [
+        (f"{label}: untraced lines/s (Phoenix idle beside it: cores)", f"{5000 / off:.1f} ({idle_cores:.2f})")
+    ]
+    for budget in budgets:
+        stack.configure(200)
+        name = "default" if budget == f"{DEFAULT_TRACE_BUDGET:g}" else "non-default"
+        traced, on, cores = stack.run_batch(source, f"c64-{budget}", 64, ROUTERQ_TRACE_BUDGET=budget)
+        ratio = off / on
+        print(
+            f"throughput: untraced {5000 / off:.1f} lines/s, budget {budget}: {5000 / on:.1f} ({ratio:.3f}), "
+            f"Phoenix {cores:.2f} cores",
+            flush=True,
+        )
+        rows += [
+            (
+                f"{label}: traced to the local Phoenix, budget {budget} spans/s ({name}), lines/s (ratio to "
+                f"untraced, floor {TRACED_FLOOR})",
+                f"{5000 / on:.1f} ({ratio:.3f})",
+            ),
+            (
+                f"{label}, budget {budget}: lines traced / sampled out; Phoenix CPU meanwhile (cores)",
+                f"{traced.traced} / {traced.sampled_out}; {cores:.2f}",
+            ),
+        ]
+    return rows  # fmt: skip
 
 
 def write_bulk(path: Path, lines: int) -> tuple[Path, set[int], set[int]]:
@@ -141,7 +156,7 @@ def phoenix_lines(stack: Stack, batch_id: str, wanted: set[int]) -> dict[int, in
 def bulk(stack: Stack, lines: int) -> list[tuple[str, str]]:
     stack.configure(20)
     source, failing, retried = write_bulk(stack.tmp / "bulk.jsonl", lines)
-    done, seconds = stack.run_batch(source, "bulk", 64)
+    done, seconds, _ = stack.run_batch(source, "bulk", 64)
     idle = wait_idle([stack.phoenix.process.pid], quiet=0.05, every=1.0)
     counts = ExportCounts.read(redis.Redis.from_url(stack.redis.url))
     print(f"bulk: {done.total} lines in {seconds:.0f} s, {done.traced} traced; Phoenix idle after "
@@ -166,12 +181,15 @@ def bulk(stack: Stack, lines: int) -> list[tuple[str, str]]:
     ]  # fmt: skip
 
 
-def write(rows: list[tuple[str, str]], command: str) -> str:
+def write(rows: list[tuple[str, str]], command: str, part: str) -> str:
+    """Each part has its own section, so running one part keeps the other's numbers."""
+    begin, end = f"<!-- trace-budget-{part}:begin -->", f"<!-- trace-budget-{part}:end -->"
     setup = (
         "One `routerq worker` (one process per core), Redis, the fake upstream and `phoenix serve` "
         "(SQLite) all on this machine."
     )
-    put_section(BEGIN, END, section(BEGIN, END, f"Trace budget (`{command}`)", setup, table(rows)))
+    title = f"Trace budget, {part} (`{command}`)"
+    put_section(begin, end, section(begin, end, title, setup, table(rows)))
     return table(rows)
 
 
@@ -180,18 +198,18 @@ def main() -> None:
     parser.add_argument("--bulk-lines", type=int, default=100_000)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-bulk", action="store_true")
+    parser.add_argument("--budgets", default=f"{DEFAULT_TRACE_BUDGET:g}", help="comma-separated, for part 1")
     args = parser.parse_args()
-    rows: list[tuple[str, str]] = []
+    command = ("python -m bench.trace_budget " + " ".join(sys.argv[1:])).strip()
     with tempfile.TemporaryDirectory(prefix="routerq-trace-budget-") as tmp:
         stack = Stack(Path(tmp))
         try:
             if not args.skip_throughput:
-                rows += throughput(stack)
+                print(write(throughput(stack, args.budgets.split(",")), command, "throughput"), flush=True)
             if not args.skip_bulk:
-                rows += bulk(stack, args.bulk_lines)
+                print(write(bulk(stack, args.bulk_lines), command, "bulk"), flush=True)
         finally:
             stack.close()
-    print(write(rows, ("python -m bench.trace_budget " + " ".join(sys.argv[1:])).strip()))
 
 
 if __name__ == "__main__":

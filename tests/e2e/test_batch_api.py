@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +22,7 @@ from devstack.fake_openrouter import fake_answer
 from devstack.localstack import Service, free_port, start_api
 
 TOKEN_A, TOKEN_B = "rq-token-a-" + uuid.uuid4().hex, "rq-token-b-" + uuid.uuid4().hex
+ROOT = Path(__file__).resolve().parents[2]
 MAX_UPLOAD_MB = 2  # small, so the oversize upload stays quick; the 200 MB default is a named constant
 
 
@@ -197,3 +201,47 @@ def test_a_callers_traceparent_puts_the_submit_into_the_callers_trace(
         spans = list(phoenix.spans.get_spans(project_identifier=stack.project, trace_ids=[trace_id]))
         time.sleep(0.5)
     assert [s["name"] for s in spans] == ["routerq.submit"], spans
+
+
+def test_the_openai_npm_client_round_trips_a_batch_and_its_trace_continues_into_routerq(
+    stack: Stack, api: Service, tmp_path: Path
+) -> None:
+    """examples/node-producer: the official `openai` npm client, traced with OpenInference JS."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are not installed here: the Node.js producer cannot be checked")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True).stdout
+    if int(version.strip().lstrip("v").split(".")[0]) < 18:
+        pytest.skip(f"node {version.strip()} is older than 18: the Node.js producer cannot be checked")
+    project = shutil.copytree(ROOT / "examples" / "node-producer", tmp_path / "node-producer",
+                              ignore=shutil.ignore_patterns("node_modules"))  # fmt: skip
+    installed = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=project, capture_output=True,
+                               text=True, timeout=300)  # fmt: skip
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    marker = uuid.uuid4().hex[:8]
+    source = write_jsonl(tmp_path / "node.jsonl", chat_rows(marker, 5))
+    env = {**os.environ, "ROUTERQ_API_URL": f"{api.url}/v1", "ROUTERQ_API_KEY": TOKEN_A,
+           "PHOENIX_COLLECTOR_ENDPOINT": stack.phoenix.url, "PHOENIX_PROJECT_NAME": stack.project}  # fmt: skip
+    ran = subprocess.run([node, "producer.mjs", str(source)], cwd=project, env=env, capture_output=True,
+                         text=True, timeout=180)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert result["status"] == "completed" and result["counts"]["completed"] == 5
+    assert [o["custom_id"] for o in result["output"]] == [f"q{i}" for i in range(5)]
+    for i, o in enumerate(result["output"]):
+        body = o["response"]["body"]
+        assert body["choices"][0]["message"]["content"] == fake_answer(
+            body["model"], f"{marker} question {i}"
+        )
+
+    phoenix = Client(base_url=stack.phoenix.url)
+    deadline = time.monotonic() + 60
+    spans: list[Any] = []
+    while time.monotonic() < deadline and len(spans) < 2:
+        spans = list(
+            phoenix.spans.get_spans(project_identifier=stack.project, trace_ids=[result["trace_id"]])
+        )
+        time.sleep(0.5)
+    by_name = {s["name"]: s for s in spans}
+    assert set(by_name) == {"node.submit-batch", "routerq.submit"}, spans
+    assert by_name["routerq.submit"]["parent_id"] == by_name["node.submit-batch"]["context"]["span_id"]
