@@ -6,6 +6,7 @@ Keys (`{id}` is the batch id):
   routerq:batch:{id}:out    hash   line index -> outcome: one letter (S, F, C) + the OpenAI output line
   routerq:batch:{id}:run    set    line indexes running now
   routerq:batch:{id}:parked set    line indexes set aside while the batch is paused (re-sent by resume)
+  routerq:batch:{id}:held   hash   line index -> the cost reserved for its call (batches with a budget)
   routerq:batch:{id}:stats  hash   latency and queue-wait histograms (routerq.histogram):
                                    lat:{bucket} and wait:{bucket} -> lines
   routerq:batches           zset   batch ids by creation time
@@ -157,12 +158,55 @@ def new_batch_id() -> str:
     return f"batch_{uuid.uuid4().hex[:24]}"
 
 
+# Give back a line's reserved cost (see _RESERVE): every path that ends a line's call runs this.
+_RELEASE = """
+local function release(meta, held, index)
+  local est = redis.call('HGET', held, index)
+  if not est then return end
+  redis.call('HDEL', held, index)
+  if redis.call('HLEN', held) == 0 then
+    redis.call('HDEL', meta, 'reserved')
+  else
+    redis.call('HINCRBYFLOAT', meta, 'reserved', tostring(-tonumber(est)))
+  end
+end
+"""
+
+# Reserve a line's estimated cost before its call, when the batch has a budget: the call may start
+# while spent + reserved + its estimate fits, or when no other call holds a reservation, so the spend
+# passes the budget by at most about one call. The estimate is the batch's mean cost per success;
+# before any line succeeded it is unknown, and calls go one at a time until one has.
+_RESERVE = (
+    _RELEASE
+    + """
+local meta, held, index = KEYS[1], KEYS[2], ARGV[1]
+local budget = tonumber(redis.call('HGET', meta, 'max_cost') or '')
+if not budget then return 1 end
+release(meta, held, index)
+local f = redis.call('HMGET', meta, 'cost', 'reserved', 'succeeded')
+local spent, reserved, succeeded = tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0')
+if spent >= budget then return 0 end
+local estimate = 0
+if succeeded > 0 then estimate = spent / succeeded end
+if redis.call('HLEN', held) > 0 and (succeeded == 0 or spent + reserved + estimate > budget) then
+  return 0
+end
+redis.call('HSET', held, index, tostring(estimate))
+redis.call('HINCRBYFLOAT', meta, 'reserved', tostring(estimate))
+redis.call('EXPIRE', held, ARGV[2])
+return 1
+"""
+)
+
 # Record one outcome atomically: counters, usage, running set and the final status move together.
 # Returns -1 (no batch), 0 (already recorded), 1, or 2 when this outcome ended the batch.
-_RECORD = """
+_RECORD = (
+    _RELEASE
+    + """
 local meta, out, run = KEYS[1], KEYS[2], KEYS[3]
 local index, outcome, value = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('EXISTS', meta) == 0 then return -1 end
+release(meta, KEYS[5], index)
 local names = {S = 'succeeded', F = 'failed', C = 'cancelled'}
 local prev = redis.call('HGET', out, index)
 if prev then
@@ -206,15 +250,29 @@ if done >= tonumber(f[1]) then
 end
 return 1
 """
+)
 
 # Set a line aside while the batch is paused; 0 means the batch is running again: run the line.
-_PARK = """
+_PARK = (
+    _RELEASE
+    + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'paused' then return 0 end
+release(KEYS[1], KEYS[4], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 """
+)
+
+# A line that will not run now (a retry, a skip): off the running set, its reservation given back.
+_UNMARK = (
+    _RELEASE
+    + """
+redis.call('SREM', KEYS[2], ARGV[1])
+release(KEYS[1], KEYS[3], ARGV[1])
+"""
+)
 
 # Pause only a running batch (a cancel or an end wins), keeping the first reason.
 _PAUSE = """
@@ -382,6 +440,8 @@ class AsyncBatchStore:
         self._ttl = ttl
         self._record = client.register_script(_RECORD)
         self._park = client.register_script(_PARK)
+        self._reserve = client.register_script(_RESERVE)
+        self._unmark = client.register_script(_UNMARK)
         self._pause = client.register_script(_PAUSE)
 
     async def begin(self, batch_id: str, index: int, delivery_key: str) -> LineStart:
@@ -411,10 +471,21 @@ class AsyncBatchStore:
         return parse_stats(await self._redis.hgetall(self.key(batch_id, "stats")))
 
     async def unmark_running(self, batch_id: str, index: int) -> None:
-        await self._redis.srem(self.key(batch_id, "run"), index)
+        keys = [self.key(batch_id), self.key(batch_id, "run"), self.key(batch_id, "held")]
+        await self._unmark(keys=keys, args=[index])
+
+    async def reserve(self, batch_id: str, index: int) -> bool:
+        """Whether the line's call fits its batch's budget now (always, for a batch without one)."""
+        keys = [self.key(batch_id), self.key(batch_id, "held")]
+        return bool(await self._reserve(keys=keys, args=[index, self._ttl]))
 
     async def park(self, batch_id: str, index: int) -> bool:
-        keys = [self.key(batch_id), self.key(batch_id, "parked"), self.key(batch_id, "run")]
+        keys = [
+            self.key(batch_id),
+            self.key(batch_id, "parked"),
+            self.key(batch_id, "run"),
+            self.key(batch_id, "held"),
+        ]
         return bool(await self._park(keys=keys, args=[index, self._ttl]))
 
     async def pause(self, batch_id: str, reason: str) -> bool:
@@ -440,6 +511,7 @@ class AsyncBatchStore:
             self.key(batch_id, "out"),
             self.key(batch_id, "run"),
             self.key(batch_id, "stats"),
+            self.key(batch_id, "held"),
         ]
         args = [
             index,

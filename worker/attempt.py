@@ -30,14 +30,18 @@ log = logging.getLogger(__name__)
 # A limiter wait longer than this gives the slot back and comes back later (re-published with a
 # countdown); shorter waits are slept in place, cheaper than a round trip through the queue.
 LIMITER_DEFER_S = 5.0
+# A line whose call does not fit its batch's budget yet (calls in flight hold reservations) comes back
+# after this long: about what a call takes, so the reservations ahead of it have settled.
+BUDGET_WAIT_S = 1.0
 
 
 class Deferred(RouterqError):
-    """The shared limiter asks for a long wait: re-publish instead of holding the slot."""
+    """A wait too long to hold the slot for (the shared limiter, a batch's budget): re-publish instead."""
 
-    def __init__(self, delay: float) -> None:
-        super().__init__(f"rate limited for {delay:.1f} s")
+    def __init__(self, delay: float, what: str = "shared limiter") -> None:
+        super().__init__(f"{what}: waiting {delay:.1f} s")
         self.delay = delay
+        self.what = what
 
 
 class Retrying(RouterqError):
@@ -147,17 +151,21 @@ async def attempt_or_retry(
     tries: Tries,
     before_retry: Callable[[], Awaitable[None]] | None = None,
     carry: dict[str, Any] | None = None,
+    gate: Callable[[], Awaitable[bool]] | None = None,
 ) -> Attempt:
     """An attempt whose outcome is final or a pause. A retry (or a long limiter wait) re-publishes the
-    task, with `args`, the next tries and `carry`, after `before_retry`; then raises Retrying."""
+    task, with `args`, the next tries and `carry`, after `before_retry`; then raises Retrying. `gate`
+    says whether the call may start now (a batch's budget); when not, the task comes back later."""
     tries = tries.started(time.time())
     try:
+        if gate is not None and not await gate():
+            raise Deferred(BUDGET_WAIT_S, "batch budget")
         attempt = await attempt_job(rt, job, tries)
         decision = attempt.decision
     except Deferred as deferred:
         decision = wait_for_capacity(deferred.delay, tries, rt.settings, time.time())
-        reason = decision.reason or f"rate limited for {deferred.delay:.1f} s"
-        error = JobError(code="rate_limit_exceeded", message=f"shared limiter: {reason}")
+        reason = decision.reason or f"waiting {deferred.delay:.1f} s"
+        error = JobError(code="rate_limit_exceeded", message=f"{deferred.what}: {reason}")
         attempt = Attempt(failed_without_call(job, error, tries.attempt), decision, limited=True)
     if decision is not None and decision.action is Action.RETRY:
         await _republish(rt, delivery, args, tries.after(decision), decision.delay, carry, before_retry)

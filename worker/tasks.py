@@ -116,7 +116,9 @@ async def run_lines(
     statuses = await asyncio.gather(*(one(i) for i in indexes), return_exceptions=True)
     for index, status in zip(indexes, statuses, strict=True):
         if isinstance(status, BaseException):
-            log.error("batch %s line %d: %r", batch_id, index, status)
+            log.error(
+                "batch %s line %d: %s: %s", batch_id, index, type(status).__name__, status, exc_info=status
+            )
     unstarted = [index for index, status in zip(indexes, statuses, strict=True) if status is None]
     if unstarted:  # back on the queue at once, in a message of their own, before this one is acknowledged
         rt.app.send_task(
@@ -142,9 +144,12 @@ async def run_line(
 ) -> str:
     """One batch line in its own trace (worker.line_trace): the root is written when the line ends,
     with its outcome; every attempt's call is a child of it, whichever process made it."""
-    with LineTrace(sampler(), traceparent, enqueued_at) as line_trace:
-        result = await _run_line(delivery, line_trace, batch_id, index, enqueued_at, tries)
-        return result.value if isinstance(result, Skipped) else result.status
+    try:
+        with LineTrace(sampler(), traceparent, enqueued_at) as line_trace:
+            result = await _run_line(delivery, line_trace, batch_id, index, enqueued_at, tries)
+    except Retrying:  # re-published with a countdown: the line goes on in another message
+        return "retrying"
+    return result.value if isinstance(result, Skipped) else result.status
 
 
 async def _run_line(
@@ -196,6 +201,7 @@ async def _run_line(
                 tries,
                 lambda: store.unmark_running(batch_id, index),
                 {"traceparent": line_trace.traceparent},
+                (lambda: store.reserve(batch_id, index)) if batch.max_cost is not None else None,
             )
         except Retrying:
             raise
