@@ -15,10 +15,11 @@ from routerq.errors import SettingsError
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 # Seconds between the longest a job may run plus wait for its retry, and its redelivery.
 VISIBILITY_SLACK = 10
-# One local Phoenix (SQLite) spends 4-7 ms of CPU per span. Beside the workers on two cores, 100
-# spans/s cost traced batches 29 % of their throughput (bench/RESULTS.md, trace budget); 25 spans/s
-# (~0.15 core) keeps them within 10 % of untraced, and every failure is sent on top of it anyway.
-DEFAULT_TRACE_BUDGET = 25.0
+# Phoenix spends 15-17 ms of CPU ingesting one of routerq's LLM or line spans when it shares two cores
+# with the workers (bench/RESULTS.md, trace budget): at 25 spans/s it took 0.47 of a core and traced
+# batches ran at 0.57x untraced, and a 100,000-line batch left it 27 s behind. 10 spans/s is what one
+# such Phoenix keeps up with beside the always-sent failures; raise it for a Phoenix on its own cores.
+DEFAULT_TRACE_BUDGET = 10.0
 # A line slower than this (or than its batch's running p99) is always traced.
 DEFAULT_TRACE_SLOW_S = 30.0
 DEFAULT_FILES_DIR = Path.home() / ".local" / "share" / "routerq" / "files"
