@@ -23,13 +23,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from bench.__main__ import KEY, MODEL, mib, pct, start_span_sink, write_batch
 from bench.measure import TreeSampler
 from bench.results import HEADER, put_section, section, section_rows, table
-from bench.services import Services
-from devstack.localstack import free_port, start_fake_openrouter, start_redis, start_worker
+from bench.services import UpstreamStack
+from devstack.localstack import free_port, start_worker
 from producer import Producer
 from producer.batch_client import BatchClient
 from routerq.settings import Settings
@@ -70,26 +68,11 @@ class Measured:
         return self.lines / self.seconds
 
 
-class Stack(Services):
+class Stack(UpstreamStack):
     def __init__(self, tmp: Path) -> None:
-        super().__init__()
-        self.tmp = tmp
-        self.redis = self._keep(start_redis(free_port(), tmp / "redis"))
-        self.fake = self._keep(start_fake_openrouter(free_port(), tmp, keys=[KEY]))
+        super().__init__(tmp, KEY)
         self.sink = self._keep(start_span_sink(free_port(), tmp))
-        self.env = {
-            "REDIS_URL": self.redis.url,
-            "OPENROUTER_API_KEY": KEY,
-            "OPENROUTER_BASE_URL": self.fake.url,
-            "PHOENIX_COLLECTOR_ENDPOINT": self.sink.url,
-            "ROUTERQ_PHOENIX_PRICING": "false",
-            "PHOENIX_DISCOVER_CONFIG": "false",
-        }
-
-    def configure(self, latency_ms: float) -> None:
-        config = {"latency_ms": latency_ms, "jitter": 0.2}
-        httpx.post(f"{self.fake_base}/_fake/config", json=config).raise_for_status()
-        self.reset_fake()
+        self.env.update(PHOENIX_COLLECTOR_ENDPOINT=self.sink.url, ROUTERQ_PHOENIX_PRICING="false")
 
 
 def script(stack: Stack, scenario: Scenario) -> Measured:

@@ -23,15 +23,14 @@ import time
 from pathlib import Path
 from statistics import median
 
-import httpx
 import redis
 from phoenix.client import Client
 
 from bench.__main__ import KEY, MODEL, write_batch
 from bench.measure import TreeSampler, wait_idle
 from bench.results import put_section, section, table
-from bench.services import Services
-from devstack.localstack import free_port, start_fake_openrouter, start_phoenix, start_redis, start_worker
+from bench.services import UpstreamStack
+from devstack.localstack import free_port, start_phoenix, start_worker
 from producer.batch_client import BatchClient
 from routerq.batch_store import Batch
 from routerq.settings import DEFAULT_TRACE_BUDGET, Settings
@@ -42,26 +41,11 @@ TRACED_FLOOR = 0.9
 IDLE_CEILING_S = 10.0
 
 
-class Stack(Services):
+class Stack(UpstreamStack):
     def __init__(self, tmp: Path) -> None:
-        super().__init__()
-        self.tmp = tmp
-        self.redis = self._keep(start_redis(free_port(), tmp / "redis"))
-        self.fake = self._keep(start_fake_openrouter(free_port(), tmp, keys=[KEY]))
+        super().__init__(tmp, KEY)
         self.phoenix = self._keep(start_phoenix(free_port(), free_port(), tmp / "phoenix"))
-        self.env = {
-            "REDIS_URL": self.redis.url,
-            "OPENROUTER_API_KEY": KEY,
-            "OPENROUTER_BASE_URL": self.fake.url,
-            "PHOENIX_COLLECTOR_ENDPOINT": self.phoenix.url,
-            "PHOENIX_PROJECT_NAME": PROJECT,
-            "PHOENIX_DISCOVER_CONFIG": "false",
-        }
-
-    def configure(self, latency_ms: float) -> None:
-        config = {"latency_ms": latency_ms, "jitter": 0.2}
-        httpx.post(f"{self.fake_base}/_fake/config", json=config).raise_for_status()
-        self.reset_fake()
+        self.env.update(PHOENIX_COLLECTOR_ENDPOINT=self.phoenix.url, PHOENIX_PROJECT_NAME=PROJECT)
 
     def run_batch(self, source: Path, name: str, concurrency: int, **env: str) -> tuple[Batch, float, float]:
         """A batch through a fresh `routerq worker`: the batch at its end, the seconds it took, and the
