@@ -322,6 +322,7 @@ class BatchStats:
 
     latency_ms: dict[float, float | None]
     queue_wait_ms: dict[float, float | None]
+    lines: int = 0  # lines whose latency was recorded
 
 
 def parse_stats(raw: dict[Any, Any]) -> BatchStats:
@@ -330,7 +331,9 @@ def parse_stats(raw: dict[Any, Any]) -> BatchStats:
     for key, count in raw.items():
         name, _, index = as_text(key).partition(":")
         (latency if name == "lat" else wait)[int(index)] = int(count)
-    return BatchStats(percentiles(latency, _STATS_QUANTILES), percentiles(wait, _STATS_QUANTILES))
+    return BatchStats(
+        percentiles(latency, _STATS_QUANTILES), percentiles(wait, _STATS_QUANTILES), sum(latency.values())
+    )
 
 
 _Pipe = TypeVar("_Pipe", redis.client.Pipeline, aredis.client.Pipeline)
@@ -469,6 +472,11 @@ class AsyncBatchStore:
 
     async def stats(self, batch_id: str) -> BatchStats:
         return parse_stats(await self._redis.hgetall(self.key(batch_id, "stats")))
+
+    async def latency_p99(self, batch_id: str) -> tuple[int, float | None]:
+        """How many lines' latencies the batch has recorded, and their p99 in ms."""
+        stats = await self.stats(batch_id)
+        return stats.lines, stats.latency_ms.get(0.99)
 
     async def unmark_running(self, batch_id: str, index: int) -> None:
         keys = [self.key(batch_id), self.key(batch_id, "run"), self.key(batch_id, "held")]

@@ -53,17 +53,18 @@ def runtime(app: Celery) -> Runtime:
         settings: Settings = app.conf.routerq_settings
         concurrency: int = app.conf.routerq_slots
         client = connect_async(settings.redis_url, max_connections=concurrency + REDIS_HEADROOM)
+        batches = AsyncBatchStore(client, settings.result_ttl)
         _runtime = Runtime(
             app=app,
             settings=settings,
             redis=client,
             limiter=SharedLimiter(client, settings),
             store=AsyncResultStore(client, settings.result_ttl, settings.queue),
-            batches=AsyncBatchStore(client, settings.result_ttl),
+            batches=batches,
             embeddings=AsyncEmbedStore(client, settings.result_ttl),
             openrouter=OpenRouterClient(settings, concurrency),
             pricing=PhoenixPricing(settings, connect(settings.redis_url)),
             slots=asyncio.Semaphore(concurrency),
-            slow_lines=SlowLines(settings.trace_slow_s),
+            slow_lines=SlowLines(settings.trace_slow_s, batches.latency_p99),
         )
     return _runtime

@@ -224,7 +224,9 @@ async def _run_line(
     text = result.text if result.ok else (result.error.message if result.error else result.status)
     retries = tries.attempt - 1 + tries.waits
     latency = (result.finished_at or 0.0) - (result.started_at or 0.0)
-    must_keep = not result.ok or retries > 0 or attempt.limited or rt.slow_lines.is_slow(batch_id, latency)
+    must_keep = (
+        not result.ok or retries > 0 or attempt.limited or await rt.slow_lines.is_slow(batch_id, latency)
+    )
     traced = line_trace.finish(
         output=text, error=None if result.ok else text, ok=result.ok, always=must_keep, project=project
     )

@@ -3,6 +3,7 @@ budget, which lines count as slow, and an export queue that never loses a span s
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanContext, TraceFlags
 
 from routerq.span_export import SpanQueue
-from worker.slow_lines import MIN_SAMPLES, SlowLines
+from worker.slow_lines import SlowLines
 from worker.trace_budget import fraction, ratio_keeps
 
 
@@ -34,13 +35,23 @@ def test_always_kept_spans_are_charged_first_and_successes_get_what_is_left() ->
     assert fraction(budget=100, forced=0, wanted=0) == 1.0
 
 
-def test_a_line_is_slow_over_the_threshold_or_over_its_batchs_running_p99() -> None:
-    slow = SlowLines(threshold_s=30)
-    assert slow.is_slow("b1", 31.0)
-    for i in range(MIN_SAMPLES * 2):
-        assert not slow.is_slow("b1", 0.2 + (i % 10) / 100)
-    assert slow.is_slow("b1", 1.0)  # five times the batch's p99
-    assert not slow.is_slow("b2", 1.0)  # another batch, with no history yet
+def test_a_line_is_slow_over_the_threshold_or_over_its_batchs_p99_once_100_lines_are_recorded() -> None:
+    recorded = {"b1": (250, 800.0), "b2": (40, 300.0)}  # lines recorded, p99 in ms, as Redis would say
+    fetched: list[str] = []
+
+    async def fetch(batch_id: str) -> tuple[int, float | None]:
+        fetched.append(batch_id)
+        return recorded.get(batch_id, (0, None))
+
+    async def check() -> None:
+        slow = SlowLines(threshold_s=30, fetch=fetch)
+        assert await slow.is_slow("b1", 31.0)  # over the threshold: no need to ask
+        assert await slow.is_slow("b1", 0.9) and not await slow.is_slow("b1", 0.7)
+        assert not await slow.is_slow("b2", 5.0)  # 40 lines: its p99 is not trusted yet
+        assert not await slow.is_slow("b3", 5.0)  # nothing recorded
+        assert fetched == ["b1", "b2", "b3"]  # once per batch, not once per line
+
+    asyncio.run(check())
 
 
 class Collector(SpanExporter):
