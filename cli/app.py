@@ -23,10 +23,10 @@ from routerq.batch_store import Batch, BatchStats, BatchStatus
 from routerq.errors import SettingsError
 from routerq.jobs import Job, JobKind, JobResult
 from routerq.settings import Settings, load_settings
-from routerq.span_export import ExportCounts
 
 if TYPE_CHECKING:
     from producer.batch_client import BatchClient
+    from routerq.span_export import ExportCounts
 
 
 BatchArg = Annotated[
