@@ -4,10 +4,15 @@ OpenRouter reports some failures as HTTP 200 with an `error` object, or with no 
 transport below turns those into the HTTP error they really are, so the openai client raises, the
 OpenInference span is marked ERROR, and no caller can mistake them for answers. It also copies what
 only OpenRouter returns (cost, upstream provider, generation id) onto the current LLM span.
+
+HTTP goes through aiohttp (the openai client's `aiohttp` extra): measured against the same fake
+upstream at 64 calls in flight, it spends ~0.9 ms less CPU per call than the default httpx pool, whose
+every request checks each pooled connection for expiry.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Mapping
@@ -16,6 +21,7 @@ from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any
 
+import aiohttp
 import httpx2
 import openai
 from openai.types import Completion, CreateEmbeddingResponse
@@ -82,8 +88,11 @@ class OpenRouterTransport(httpx2.AsyncBaseTransport):
         self._inner = inner
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        response = await self._inner.handle_async_request(request)
-        await response.aread()
+        try:
+            response = await self._inner.handle_async_request(request)
+            await response.aread()
+        except httpx2.TimeoutException as exc:
+            raise lost_connection_as_read_error(exc) from exc.__cause__
         body = _json_body(response)
         annotate_llm_span(trace.get_current_span(), response.status_code, body)
         if response.status_code != 200 or request.method != "POST":
@@ -119,6 +128,22 @@ class OpenRouterTransport(httpx2.AsyncBaseTransport):
         await self._inner.aclose()
 
 
+def lost_connection_as_read_error(exc: httpx2.TimeoutException) -> httpx2.TransportError:
+    """The aiohttp adapter reports every lost connection as a connect timeout; a connection the server
+    dropped or broke is a read error (OpenRouter went away), not "did not answer in time"."""
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ClientError) and not isinstance(cause, asyncio.TimeoutError):
+        return httpx2.ReadError(str(cause) or type(cause).__name__, request=exc.request)
+    return exc
+
+
+class _AiohttpClient(openai.DefaultAioHttpClient):
+    """The openai client's aiohttp-backed httpx client, its transport wrapped in OpenRouterTransport."""
+
+    def _init_transport(self, *args: Any, **kwargs: Any) -> httpx2.AsyncBaseTransport:
+        return OpenRouterTransport(super()._init_transport(*args, **kwargs))
+
+
 @dataclass
 class UpstreamAnswer:
     """What one call produced: the raw OpenAI-compatible body, or an error in batch-format terms."""
@@ -134,7 +159,7 @@ class UpstreamAnswer:
 
 
 class OpenRouterClient:
-    """`AsyncOpenAI` on an httpx connection pool as large as the calls this process holds in flight."""
+    """`AsyncOpenAI` on a connection pool as large as the calls this process holds in flight."""
 
     def __init__(self, settings: Settings, concurrency: int) -> None:
         self._secrets = settings.secrets
@@ -149,15 +174,10 @@ class OpenRouterClient:
             timeout=timeout,
             max_retries=0,  # routerq owns retries; one budget, one place
             default_headers=headers,
-            http_client=httpx2.AsyncClient(
-                transport=OpenRouterTransport(
-                    httpx2.AsyncHTTPTransport(
-                        limits=httpx2.Limits(
-                            max_connections=concurrency, max_keepalive_connections=concurrency
-                        )
-                    )
-                ),
+            http_client=_AiohttpClient(
+                limits=httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
                 timeout=timeout,
+                follow_redirects=False,
             ),
         )
 

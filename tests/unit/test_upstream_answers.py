@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+import aiohttp
+import httpx2
 import pytest
 
-from worker.openrouter import retry_after, unusable_reason
+from worker.openrouter import lost_connection_as_read_error, retry_after, unusable_reason
 
 NOW = 1_800_000_000.0
 
@@ -66,3 +68,14 @@ CHAT = "/api/v1/chat/completions"
 def test_a_200_is_an_answer_only_when_it_has_one(path: str, body: object, reason: str | None) -> None:
     found = unusable_reason(path, body)
     assert (found is None) if reason is None else (found is not None and reason in found)
+
+
+def test_a_connection_the_server_dropped_is_a_read_error_not_a_timeout() -> None:
+    """The aiohttp adapter maps every lost connection to a connect timeout; routerq says what it was."""
+    request = httpx2.Request("POST", "https://openrouter.ai/api/v1/chat/completions")
+    dropped = httpx2.ConnectTimeout("Server disconnected", request=request)
+    dropped.__cause__ = aiohttp.ServerDisconnectedError()
+    assert isinstance(lost_connection_as_read_error(dropped), httpx2.ReadError)
+    slow = httpx2.ReadTimeout("Timeout on reading data from socket", request=request)
+    slow.__cause__ = aiohttp.SocketTimeoutError()
+    assert lost_connection_as_read_error(slow) is slow
