@@ -111,8 +111,7 @@ def worker(
     from routerq.errors import PreflightError
     from worker.preflight import check_api_key
     from worker.run import run_worker
-    from worker.supervisor import SUPERVISED_ENV, default_processes, split
-    from worker.supervisor import supervise as run_supervised
+    from worker.supervisor import SUPERVISED_ENV, default_processes, exec_supervisor, split
 
     processes = processes or default_processes(concurrency)
     if processes > concurrency:
@@ -130,7 +129,7 @@ def worker(
              "--loglevel", loglevel]
             for share in split(concurrency, processes)
         ]  # fmt: skip
-        raise typer.Exit(run_supervised(argvs))
+        exec_supervisor(argvs)
     try:
         run_worker(settings, concurrency, loglevel)
     except PreflightError as exc:

@@ -1,13 +1,21 @@
 """`routerq worker` as a supervisor: one worker process per share of the concurrency, each started
-again whenever it dies on its own."""
+again whenever it dies on its own.
+
+`routerq worker` becomes the supervisor by exec'ing this module (`exec_supervisor`): the command's
+imports (typer, rich, pydantic, openai for the key check) would otherwise stay in the supervisor's
+memory, ~70 MiB that does nothing but wait. This module imports the standard library only.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
+from typing import NoReturn
 
 SUPERVISED_ENV = "ROUTERQ_SUPERVISED"
 WORKER_INDEX_ENV = "ROUTERQ_WORKER_INDEX"
@@ -86,3 +94,14 @@ def supervise(argvs: list[list[str]], max_backoff: float = 30.0) -> int:
         if (stopping or all(c == 0 for c in codes)) and all(c is None for c in children):
             return max((c or 0) for c in codes)
         time.sleep(POLL_S)
+
+
+def exec_supervisor(argvs: list[list[str]]) -> NoReturn:
+    """Replace this process (same pid, same output) by a bare supervisor of `argvs`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", __name__, json.dumps(argvs)])
+
+
+if __name__ == "__main__":
+    sys.exit(supervise(json.loads(sys.argv[1])))
