@@ -158,7 +158,7 @@ def new_batch_id() -> str:
     return f"batch_{uuid.uuid4().hex[:24]}"
 
 
-# Give back a line's reserved cost (see _RESERVE): every path that ends a line's call runs this.
+# Give back a line's reserved cost (see _GO): every path that ends a line's call runs this.
 _RELEASE = """
 local function release(meta, held, index)
   local est = redis.call('HGET', held, index)
@@ -172,31 +172,59 @@ local function release(meta, held, index)
 end
 """
 
-# Reserve a line's estimated cost before its call, when the batch has a budget: the call may start
+# May a line's call start now? Asked with a call slot held, right before the call: the batch may have
+# been cancelled or paused, or spent its budget, while the line waited for the slot. Returns the
+# message's delivery count (>= 1: go, the worker checks it against ROUTERQ_MAX_DELIVERIES), or a Go
+# verdict. Deliveries count here, at the call, so a crash blames the lines that were calling, not the
+# ones waiting behind them. With a budget, the line's estimated cost is reserved: the call may start
 # while spent + reserved + its estimate fits, or when no other call holds a reservation, so the spend
 # passes the budget by at most about one call. The estimate is the batch's mean cost per success;
 # before any line succeeded it is unknown, and calls go one at a time until one has.
-_RESERVE = (
+# KEYS: meta, held, parked, run, deliveries; ARGV: index, ttl, deliveries ttl
+_GO = (
     _RELEASE
     + """
 local meta, held, index = KEYS[1], KEYS[2], ARGV[1]
-local budget = tonumber(redis.call('HGET', meta, 'max_cost') or '')
-if not budget then return 1 end
-release(meta, held, index)
-local f = redis.call('HMGET', meta, 'cost', 'reserved', 'succeeded')
-local spent, reserved, succeeded = tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0')
-if spent >= budget then return 0 end
-local estimate = 0
-if succeeded > 0 then estimate = spent / succeeded end
-if redis.call('HLEN', held) > 0 and (succeeded == 0 or spent + reserved + estimate > budget) then
-  return 0
+local f = redis.call('HMGET', meta, 'status', 'max_cost', 'cost', 'reserved', 'succeeded')
+if not f[1] then return -1 end
+if f[1] == 'cancelling' or f[1] == 'cancelled' or f[1] == 'failed' then return -2 end
+if f[1] == 'paused' then
+  release(meta, held, index)
+  redis.call('SADD', KEYS[3], index)
+  redis.call('SREM', KEYS[4], index)
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+  return -3
 end
-redis.call('HSET', held, index, tostring(estimate))
-redis.call('HINCRBYFLOAT', meta, 'reserved', tostring(estimate))
-redis.call('EXPIRE', held, ARGV[2])
-return 1
+local budget = tonumber(f[2] or '')
+if budget then
+  release(meta, held, index)
+  local spent, succeeded = tonumber(f[3] or '0'), tonumber(f[5] or '0')
+  local reserved = tonumber(redis.call('HGET', meta, 'reserved') or '0')
+  if spent >= budget then return -4 end
+  local estimate = 0
+  if succeeded > 0 then estimate = spent / succeeded end
+  if redis.call('HLEN', held) > 0 and (succeeded == 0 or spent + reserved + estimate > budget) then
+    return -4
+  end
+  redis.call('HSET', held, index, tostring(estimate))
+  redis.call('HINCRBYFLOAT', meta, 'reserved', tostring(estimate))
+  redis.call('EXPIRE', held, ARGV[2])
+end
+local n = redis.call('INCR', KEYS[5])
+redis.call('EXPIRE', KEYS[5], ARGV[3])
+return n
 """
 )
+
+
+class Go(IntEnum):
+    """Why a line's call may not start now (the gate's answer when it is not a delivery count)."""
+
+    MISSING = -1  # the batch expired
+    STOPPED = -2  # cancelled, cancelling or failed
+    PARKED = -3  # the batch is paused: the line was set aside
+    OVER_BUDGET = -4  # the calls in flight hold the rest of the budget: come back later
+
 
 # Record one outcome atomically: counters, usage, running set and the final status move together.
 # Returns -1 (no batch), 0 (already recorded), 1, or 2 when this outcome ended the batch.
@@ -352,7 +380,6 @@ class LineStart:
     batch: Batch | None
     line: dict[str, Any] | None
     outcome: Outcome | None
-    deliveries: int
 
 
 class BatchStore:
@@ -443,29 +470,27 @@ class AsyncBatchStore:
         self._ttl = ttl
         self._record = client.register_script(_RECORD)
         self._park = client.register_script(_PARK)
-        self._reserve = client.register_script(_RESERVE)
+        self._go = client.register_script(_GO)
         self._unmark = client.register_script(_UNMARK)
         self._pause = client.register_script(_PAUSE)
 
-    async def begin(self, batch_id: str, index: int, delivery_key: str) -> LineStart:
-        """Everything a worker needs before it may call upstream for a line, in one round trip:
-        the batch, the line, its outcome so far, and how often this message was delivered. The line
-        is marked running at once; every path that does not run it records, parks or unmarks it."""
+    async def begin(self, batch_id: str, indexes: list[int]) -> list[LineStart]:
+        """What a worker needs before it may run lines of one message, in one round trip: the batch,
+        each line, its outcome so far. The lines are marked running at once; every path that does
+        not run one records, parks or unmarks it."""
+        fields = [str(i) for i in indexes]
         pipe = self._redis.pipeline(transaction=False)
-        pipe.sadd(self.key(batch_id, "run"), index)
+        pipe.sadd(self.key(batch_id, "run"), *indexes)
         pipe.expire(self.key(batch_id, "run"), self._ttl)
         pipe.hgetall(self.key(batch_id))
-        pipe.hget(self.key(batch_id, "in"), str(index))
-        pipe.hget(self.key(batch_id, "out"), str(index))
-        pipe.incr(delivery_key)
-        pipe.expire(delivery_key, DELIVERY_KEY_TTL_S)
-        _, _, raw, line, outcome, deliveries, _ = await pipe.execute()
-        return LineStart(
-            batch=_batch(raw, 0, 0),
-            line=json.loads(line) if line else None,
-            outcome=_outcome(outcome) if outcome else None,
-            deliveries=int(deliveries),
-        )
+        pipe.hmget(self.key(batch_id, "in"), fields)
+        pipe.hmget(self.key(batch_id, "out"), fields)
+        _, _, raw, lines, outcomes = await pipe.execute()
+        batch = _batch(raw, 0, 0)
+        return [
+            LineStart(batch, json.loads(line) if line else None, _outcome(outcome) if outcome else None)
+            for line, outcome in zip(lines, outcomes, strict=True)
+        ]
 
     async def get(self, batch_id: str) -> Batch | None:
         return _batch(*await _queue_batch_read(self._redis.pipeline(transaction=False), batch_id).execute())
@@ -482,10 +507,16 @@ class AsyncBatchStore:
         keys = [self.key(batch_id), self.key(batch_id, "run"), self.key(batch_id, "held")]
         await self._unmark(keys=keys, args=[index])
 
-    async def reserve(self, batch_id: str, index: int) -> bool:
-        """Whether the line's call fits its batch's budget now (always, for a batch without one)."""
-        keys = [self.key(batch_id), self.key(batch_id, "held")]
-        return bool(await self._reserve(keys=keys, args=[index, self._ttl]))
+    async def go(self, batch_id: str, index: int, delivery_key: str) -> int:
+        """The message's delivery count when the line's call may start now, else a Go verdict (_GO)."""
+        keys = [
+            self.key(batch_id),
+            self.key(batch_id, "held"),
+            self.key(batch_id, "parked"),
+            self.key(batch_id, "run"),
+            delivery_key,
+        ]
+        return int(await self._go(keys=keys, args=[index, self._ttl, DELIVERY_KEY_TTL_S]))
 
     async def park(self, batch_id: str, index: int) -> bool:
         keys = [

@@ -1,8 +1,12 @@
 """One upstream attempt, and what the retry policy makes of it.
 
-Every task runs the same attempt: shared rate limiter, one upstream call bounded by
+Every task runs the same attempt: a call slot, the shared rate limiter, one upstream call bounded by
 ROUTERQ_JOB_TIME_LIMIT, then the retry policy decides: done, retry later (the task is re-published
 with a countdown, so the message is acknowledged and the slot freed), fail, or pause the batch.
+
+A slot is held for the limiter and the call only, not while the line's state is read or its outcome
+stored: `--concurrency` counts calls upstream, and a slot idle during Redis round trips on a busy
+event loop cost ~15 % of the calls in flight (measured at C=64).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from openinference.instrumentation import using_attributes
 from opentelemetry import trace
@@ -22,7 +26,7 @@ from routerq.jobs import Job, JobError, JobResult
 from routerq.spans import DECISION, ERROR_CLASS, worker_attributes
 from worker.limiter import Lease, estimate_tokens
 from worker.openrouter import UpstreamAnswer
-from worker.pool import Delivery
+from worker.pool import DRAINING, Delivery
 from worker.retry import Action, Decision, Tries, decide, error_class, wait_for_capacity
 from worker.runtime import Runtime
 
@@ -52,6 +56,34 @@ class Retrying(RouterqError):
         self.attempt = attempt
 
 
+class NotStarted(RouterqError):
+    """A warm shutdown began while the attempt waited for a call slot: it goes back to the queue."""
+
+
+class Halted(RouterqError):
+    """The guard (asked with the slot held, right before the call) says this call must not happen;
+    `verdict` is the guard's, for the caller to act on."""
+
+    def __init__(self, verdict: int) -> None:
+        super().__init__(f"call halted by its guard ({verdict})")
+        self.verdict = verdict
+
+
+class Guard(Protocol):
+    """What a task's calls must respect beyond the slot and the limiter (a batch's state), asked with
+    the call slot held, so no other call slips in between the check and the call, or between an
+    answer that pauses and the pause."""
+
+    async def before_call(self) -> None:
+        """Returns when the call may start; raises Deferred (come back later) or Halted."""
+
+    async def pause(self, reason: str) -> None:
+        """An answer says stop all calls (a revoked key, no credits)."""
+
+
+SHUTDOWN_REQUEUE = "worker_shutdown"
+
+
 @dataclass(frozen=True)
 class Attempt:
     """One attempt's outcome. Decision is None on success."""
@@ -61,30 +93,26 @@ class Attempt:
     limited: bool = False  # it waited for the shared limiter before its call
 
 
-async def attempt_job(rt: Runtime, job: Job, tries: Tries) -> Attempt:
+async def attempt_job(rt: Runtime, job: Job, tries: Tries, guard: Guard | None = None) -> Attempt:
     """One upstream attempt with the job's context (session, user, metadata) on the LLM span."""
-    started = time.time()
     attempt = tries.attempt
     await rt.ensure_priced(job.models)
     model = job.models[0]
-    lease, limited = await _acquire(rt, model, estimate_tokens(job.body))
-    answer: UpstreamAnswer | None = None
-    try:
-        with using_attributes(**_context_kwargs(job)):
-            try:
-                async with asyncio.timeout(rt.settings.job_time_limit):
-                    answer = await rt.openrouter.call(job)
-            except TimeoutError:
-                message = f"no answer within ROUTERQ_JOB_TIME_LIMIT ({rt.settings.job_time_limit:g} s)"
-                answer = UpstreamAnswer(None, JobError(code="timeout", message=message))
-    finally:
-        usage = answer.usage if answer is not None else None
-        await rt.limiter.release(lease, usage.total_tokens if usage else None)
     decision = None
-    if answer.error:
-        decision = decide(answer.error, answer.retry_after, tries, rt.settings, time.time())
-        if answer.error.status_code == 429:
-            await rt.limiter.penalize(model, answer.retry_after or 1.0)
+    async with rt.slots:
+        if DRAINING.is_set():
+            raise NotStarted("worker shutting down")
+        if guard is not None:
+            await guard.before_call()
+        started = time.time()
+        answer, limited = await _call(rt, job, model)
+        if answer.error:
+            decision = decide(answer.error, answer.retry_after, tries, rt.settings, time.time())
+            if answer.error.status_code == 429:
+                await rt.limiter.penalize(model, answer.retry_after or 1.0)
+            if decision.action is Action.PAUSE and guard is not None:
+                await guard.pause(decision.reason)
+    if answer.error and decision is not None:
         log.warning(
             "job %s attempt %d: %s (%s) -> %s %s",
             job.id, attempt, answer.error.message, answer.error.code, decision.action.value, decision.reason,
@@ -109,6 +137,24 @@ async def attempt_job(rt: Runtime, job: Job, tries: Tries) -> Attempt:
         trace_id=_trace_id(trace.get_current_span()),
     )
     return Attempt(result, decision, limited)
+
+
+async def _call(rt: Runtime, job: Job, model: str) -> tuple[UpstreamAnswer, bool]:
+    """The upstream call under a limiter lease; whether it had to wait for the lease."""
+    lease, limited = await _acquire(rt, model, estimate_tokens(job.body))
+    answer: UpstreamAnswer | None = None
+    try:
+        with using_attributes(**_context_kwargs(job)):
+            try:
+                async with asyncio.timeout(rt.settings.job_time_limit):
+                    answer = await rt.openrouter.call(job)
+            except TimeoutError:
+                message = f"no answer within ROUTERQ_JOB_TIME_LIMIT ({rt.settings.job_time_limit:g} s)"
+                answer = UpstreamAnswer(None, JobError(code="timeout", message=message))
+    finally:
+        usage = answer.usage if answer is not None else None
+        await rt.limiter.release(lease, usage.total_tokens if usage else None)
+    return answer, limited
 
 
 def attempt_attributes(job: Job, tries: Tries, attempt: Attempt) -> dict[str, Any]:
@@ -151,17 +197,21 @@ async def attempt_or_retry(
     tries: Tries,
     before_retry: Callable[[], Awaitable[None]] | None = None,
     carry: dict[str, Any] | None = None,
-    gate: Callable[[], Awaitable[bool]] | None = None,
+    guard: Guard | None = None,
 ) -> Attempt:
-    """An attempt whose outcome is final or a pause. A retry (or a long limiter wait) re-publishes the
-    task, with `args`, the next tries and `carry`, after `before_retry`; then raises Retrying. `gate`
-    says whether the call may start now (a batch's budget); when not, the task comes back later."""
+    """An attempt whose outcome is final or a pause. A retry (or a long limiter wait, or a `guard`
+    that defers) re-publishes the task, with `args`, the next tries and `carry`, after
+    `before_retry`; then raises Retrying. An attempt a warm shutdown stopped before its call goes
+    back to the queue at once, as it came. Halted (from the guard) goes to the caller."""
+    unstarted = tries
     tries = tries.started(time.time())
     try:
-        if gate is not None and not await gate():
-            raise Deferred(BUDGET_WAIT_S, "batch budget")
-        attempt = await attempt_job(rt, job, tries)
+        attempt = await attempt_job(rt, job, tries, guard)
         decision = attempt.decision
+    except NotStarted as exc:
+        await _republish(rt, delivery, args, unstarted, 0.0, carry, before_retry)
+        error = JobError(code=SHUTDOWN_REQUEUE, message=f"{exc}: back on the queue before its call")
+        raise Retrying(Attempt(failed_without_call(job, error, tries.attempt), None)) from None
     except Deferred as deferred:
         decision = wait_for_capacity(deferred.delay, tries, rt.settings, time.time())
         reason = decision.reason or f"waiting {deferred.delay:.1f} s"

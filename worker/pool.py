@@ -44,6 +44,31 @@ DRAINING = threading.Event()
 SHUTDOWN_SLACK_S = 30.0
 
 
+class Lent:
+    """The prefetch a message of n lines borrowed (n - 1; the message itself counts as one), given
+    back line by line as its lines end: the consumer fetches more as soon as any line is done, not
+    when the message's slowest line is (a whole message held for its straggler left ~15 % of the
+    call slots idle at C=64, 200 ms +-20 %)."""
+
+    def __init__(self, give_back: Callable[[int], None], count: int) -> None:
+        self._give_back = give_back
+        self.count = count
+
+    def line_ended(self) -> None:
+        """Called on the pool's loop; at most `count` times gives anything back."""
+        if self.count > 0:
+            self.count -= 1
+            self._give_back(1)
+
+    def rest(self) -> None:
+        if self.count > 0:
+            count, self.count = self.count, 0
+            self._give_back(count)
+
+
+NOTHING_LENT = Lent(lambda _: None, 0)
+
+
 @dataclass(frozen=True)
 class Delivery:
     """What a task knows of the message that carried it."""
@@ -53,6 +78,7 @@ class Delivery:
     id: str
     retries: int
     headers: dict[str, Any] = field(default_factory=dict)
+    lent: Lent = NOTHING_LENT
 
 
 def _decode(body: Any, content_type: str) -> tuple[list[Any], dict[str, Any]] | ValueError:
@@ -110,7 +136,7 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
         if accept_callback is not None:
             accept_callback(os.getpid(), time.monotonic())
         message = _decode(body, content_type)
-        lent = self._lend_slots(name, message)
+        lent = Lent(self._give_back, self._lend_slots(name, message))
         future = asyncio.run_coroutine_threadsafe(
             self._execute(name, task_id, request, message, callback, lent), self.loop
         )
@@ -146,7 +172,7 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
         request: dict[str, Any],
         message: tuple[list[Any], dict[str, Any]] | ValueError,
         callback: Callable[..., Any] | None,
-        lent: int,
+        lent: Lent,
     ) -> None:
         started = time.monotonic()
         result: Any = None
@@ -154,7 +180,7 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
             if isinstance(message, ValueError):
                 raise message
             args, kwargs = message
-            delivery = Delivery(self.app, name, task_id, int(request.get("retries") or 0), request)
+            delivery = Delivery(self.app, name, task_id, int(request.get("retries") or 0), request, lent)
             handler: Handler = self.app.tasks[name].run
             result = await handler(delivery, *args, **kwargs)
         except asyncio.CancelledError:
@@ -170,13 +196,22 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
             # consumer asleep with its prefetch full must learn at once that it may fetch again
             hub.call_soon(self._complete, callback, outcome, lent)  # type: ignore[no-untyped-call]
 
-    def _complete(self, callback: Callable[..., Any] | None, outcome: tuple[Any, ...], lent: int) -> None:
+    def _complete(self, callback: Callable[..., Any] | None, outcome: tuple[Any, ...], lent: Lent) -> None:
         """Acknowledge (Celery's Request.on_success), stop holding the message, give back its slots."""
         if callback is not None:
             callback(outcome)
             HELD.done(_delivery_tag(callback))
-        if lent and self._qos is not None:
-            self._qos.increment_eventually(lent)
+        lent.rest()
+
+    def _give_back(self, count: int) -> None:
+        """Prefetch back to the consumer, on its own thread (kombu is not shared across threads)."""
+        if self._qos is None:
+            return
+        hub = get_event_loop()
+        if hub is None or DRAINING.is_set() or threading.current_thread() is not self._thread:
+            self._qos.increment_eventually(count)
+        else:
+            hub.call_soon(self._qos.increment_eventually, count)  # type: ignore[no-untyped-call]
 
     def _wait_running(self, timeout: float) -> None:
         with self._lock:

@@ -22,13 +22,22 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from routerq import telemetry
 from routerq.batch_format import output_line
-from routerq.batch_store import Batch, BatchStatus, Outcome, Recorded
+from routerq.batch_store import Batch, BatchStatus, Go, LineStart, Outcome, Recorded
 from routerq.broker import EMBED_TASK_NAME, LINE_TASK_NAME, TASK_NAME
 from routerq.embed_store import EmbedRun
 from routerq.errors import JobFailedError
 from routerq.jobs import Job, JobError, JobKind, JobResult
 from routerq.spans import ATTEMPT, BATCH_ID, BATCH_LINE, chain_attributes, chain_kind
-from worker.attempt import Attempt, Retrying, attempt_attributes, attempt_or_retry, failed_without_call
+from worker.attempt import (
+    BUDGET_WAIT_S,
+    Attempt,
+    Deferred,
+    Halted,
+    Retrying,
+    attempt_attributes,
+    attempt_or_retry,
+    failed_without_call,
+)
 from worker.batch_summary import write_summary
 from worker.deliveries import delivery_key, over_delivered, poison_error
 from worker.line_trace import LineTrace
@@ -66,8 +75,7 @@ async def run_job(
             result = failed_without_call(job, poison_error(deliveries), Tries.load(tries).attempt)
         else:
             try:
-                async with rt.slots:
-                    attempt = await attempt_or_retry(rt, delivery, [payload], job, Tries.load(tries))
+                attempt = await attempt_or_retry(rt, delivery, [payload], job, Tries.load(tries))
             except Retrying as retrying:
                 _retrying(span, job, Tries.load(tries), retrying.attempt)
                 return {"job_id": job.id, "status": "retrying"}
@@ -102,42 +110,51 @@ async def run_lines(
     tries: dict[str, float] | None = None,
     traceparent: str | None = None,
 ) -> dict[str, Any]:
-    """Lines of one batch that travelled in one message, run concurrently, each taking one of the
-    process's call slots. The message is acknowledged once every line has an outcome, is parked, or
-    was re-published for a retry; a redelivered message runs only the lines without an outcome."""
+    """Lines of one batch that travelled in one message, run concurrently, each call taking one of
+    the process's call slots (worker.attempt). The message is acknowledged once every line has an
+    outcome, is parked, or was re-published for a retry; a redelivered message runs only the lines
+    without an outcome."""
     rt = runtime(delivery.app)
-
-    async def one(index: int) -> str | None:
-        async with rt.slots:
-            if DRAINING.is_set():  # a warm shutdown began while this line waited for a slot
-                return None
-            return await run_line(delivery, batch_id, index, enqueued_at, Tries.load(tries), traceparent)
-
-    statuses = await asyncio.gather(*(one(i) for i in indexes), return_exceptions=True)
-    for index, status in zip(indexes, statuses, strict=True):
-        if isinstance(status, BaseException):
-            log.error(
-                "batch %s line %d: %s: %s", batch_id, index, type(status).__name__, status, exc_info=status
-            )
-    unstarted = [index for index, status in zip(indexes, statuses, strict=True) if status is None]
-    if unstarted:  # back on the queue at once, in a message of their own, before this one is acknowledged
+    if DRAINING.is_set():  # a warm shutdown began before this message started: back on the queue at once
+        for _ in indexes:
+            delivery.lent.line_ended()
         rt.app.send_task(
             LINE_TASK_NAME,
-            args=[batch_id, unstarted, enqueued_at],
+            args=[batch_id, indexes, enqueued_at],
             kwargs={"tries": tries, "traceparent": traceparent},
             queue=rt.settings.queue,
             ignore_result=True,
         )
         log.info(
-            "batch %s: %d line(s) not started before shutdown returned to the queue", batch_id, len(unstarted)
+            "batch %s: %d line(s) not started before shutdown returned to the queue", batch_id, len(indexes)
         )
-    return {"batch_id": batch_id, "lines": len(indexes), "returned": len(unstarted)}
+        return {"batch_id": batch_id, "lines": len(indexes), "returned": len(indexes)}
+    starts = await rt.batches.begin(batch_id, indexes)
+
+    async def one(index: int, start: LineStart) -> str:
+        try:
+            return await run_line(
+                delivery, batch_id, index, start, enqueued_at, Tries.load(tries), traceparent
+            )
+        finally:
+            delivery.lent.line_ended()
+
+    statuses = await asyncio.gather(
+        *(one(i, s) for i, s in zip(indexes, starts, strict=True)), return_exceptions=True
+    )
+    for index, status in zip(indexes, statuses, strict=True):
+        if isinstance(status, BaseException):
+            log.error(
+                "batch %s line %d: %s: %s", batch_id, index, type(status).__name__, status, exc_info=status
+            )
+    return {"batch_id": batch_id, "lines": len(indexes)}
 
 
 async def run_line(
     delivery: Delivery,
     batch_id: str,
     index: int,
+    start: LineStart,
     enqueued_at: float,
     tries: Tries,
     traceparent: str | None,
@@ -146,14 +163,20 @@ async def run_line(
     with its outcome; every attempt's call is a child of it, whichever process made it."""
     try:
         with LineTrace(sampler(), traceparent, enqueued_at) as line_trace:
-            result = await _run_line(delivery, line_trace, batch_id, index, enqueued_at, tries)
-    except Retrying:  # re-published with a countdown: the line goes on in another message
+            result = await _run_line(delivery, line_trace, batch_id, index, start, enqueued_at, tries)
+    except Retrying:  # re-published with a countdown (or, at shutdown, at once): it goes on elsewhere
         return "retrying"
     return result.value if isinstance(result, Skipped) else result.status
 
 
 async def _run_line(
-    delivery: Delivery, line_trace: LineTrace, batch_id: str, index: int, enqueued_at: float, tries: Tries
+    delivery: Delivery,
+    line_trace: LineTrace,
+    batch_id: str,
+    index: int,
+    start: LineStart,
+    enqueued_at: float,
+    tries: Tries,
 ) -> JobResult | Skipped:
     """The line's result when it was tried, or why it was not."""
     rt = runtime(delivery.app)
@@ -161,13 +184,9 @@ async def _run_line(
     line_trace.attributes.update(
         {**chain_kind(), BATCH_ID: batch_id, BATCH_LINE: index, ATTEMPT: tries.attempt}
     )
-    start = await store.begin(batch_id, index, delivery_key(delivery, f"{batch_id}-{index}"))
     batch, line = start.batch, start.line
     if batch is None or line is None:
-        await store.unmark_running(batch_id, index)
-        log.warning("batch %s line %d has expired or never existed; dropping it", batch_id, index)
-        line_trace.finish(output="batch expired or never existed", always=True)
-        return Skipped.MISSING
+        return await _missing(rt, line_trace, batch_id, index)
     project = batch.project
     if start.outcome is Outcome.SUCCEEDED:
         await store.unmark_running(batch_id, index)
@@ -175,52 +194,47 @@ async def _run_line(
         line_trace.finish(output="already succeeded: not sent again", ok=True, always=False, project=project)
         return Skipped.SUCCEEDED
     if batch.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.FAILED):
-        error = JobError(
-            code="batch_cancelled", message=f"batch is {batch.status.value}; line not sent upstream"
-        )
-        line_out = {"id": None, "custom_id": line["custom_id"], "response": None, "error": error.model_dump()}
-        traced = line_trace.finish(output=error.message, always=False, project=project)
-        await _record(rt, batch_id, index, Outcome.CANCELLED, line_out, None, line_trace, traced, 0)
-        return Skipped.CANCELLED
+        return await _cancelled(rt, line_trace, batch, index, line, batch.status.value)
     if batch.status is BatchStatus.PAUSED and await store.park(batch_id, index):
         line_trace.finish(output=f"parked: batch paused ({batch.reason})", always=True, project=project)
         return Skipped.PARKED
 
     job = line_job(batch, index, line, enqueued_at)
     line_trace.attributes.update(chain_attributes(job.prompt_text))
-    if start.deliveries > rt.settings.max_deliveries:
-        result = failed_without_call(job, poison_error(start.deliveries), tries.attempt)
-        attempt = Attempt(result, None)
-    else:
-        try:
-            attempt = await attempt_or_retry(
-                rt,
-                delivery,
-                [batch_id, [index], enqueued_at],
-                job,
-                tries,
-                lambda: store.unmark_running(batch_id, index),
-                {"traceparent": line_trace.traceparent},
-                (lambda: store.reserve(batch_id, index)) if batch.max_cost is not None else None,
-            )
-        except Retrying:
-            raise
-        except Exception as exc:  # a bug or an outage of ours: record it, never drop the line silently
-            result = failed_without_call(
-                job, JobError(code="internal_error", message=repr(exc)), tries.attempt
-            )
-            await store.record(
-                batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result
-            )
-            raise
-        result = attempt.result
+    guard = _LineGuard(rt, batch_id, index, delivery_key(delivery, f"{batch_id}-{index}"))
+    try:
+        attempt = await attempt_or_retry(
+            rt,
+            delivery,
+            [batch_id, [index], enqueued_at],
+            job,
+            tries,
+            lambda: store.unmark_running(batch_id, index),
+            {"traceparent": line_trace.traceparent},
+            guard,
+        )
+    except Retrying:
+        raise
+    except Halted as halted:
+        if halted.verdict == Go.MISSING:
+            return await _missing(rt, line_trace, batch_id, index)
+        if halted.verdict == Go.STOPPED:
+            return await _cancelled(rt, line_trace, batch, index, line, "cancelled")
+        if halted.verdict == Go.PARKED:
+            line_trace.finish(output="parked: batch paused", always=True, project=project)
+            return Skipped.PARKED
+        attempt = Attempt(failed_without_call(job, poison_error(guard.deliveries), tries.attempt), None)
+    except Exception as exc:  # a bug or an outage of ours: record it, never drop the line silently
+        result = failed_without_call(job, JobError(code="internal_error", message=repr(exc)), tries.attempt)
+        await store.record(batch_id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result)
+        raise
+    result = attempt.result
     line_trace.attributes.update(attempt_attributes(job, tries, attempt))
     decision = attempt.decision
-    if decision is not None and decision.action is Action.PAUSE:
-        await store.pause(batch_id, decision.reason)
-        if await store.park(batch_id, index):
-            line_trace.finish(output=f"parked: {decision.reason}", always=True, project=project)
-            return Skipped.PARKED
+    # the guard paused the batch already: set the line aside
+    if decision is not None and decision.action is Action.PAUSE and await store.park(batch_id, index):
+        line_trace.finish(output=f"parked: {decision.reason}", always=True, project=project)
+        return Skipped.PARKED
     text = result.text if result.ok else (result.error.message if result.error else result.status)
     retries = tries.attempt - 1 + tries.waits
     latency = (result.finished_at or 0.0) - (result.started_at or 0.0)
@@ -238,6 +252,43 @@ async def _run_line(
     if not result.ok:
         log.warning("batch %s line %d: %s", batch_id, index, JobFailedError(result))
     return result
+
+
+class _LineGuard:
+    """A batch line's call guard (worker.attempt.Guard): the batch's state right before the call."""
+
+    def __init__(self, rt: Runtime, batch_id: str, index: int, delivery_key: str) -> None:
+        self._rt, self._batch_id, self._index, self._delivery_key = rt, batch_id, index, delivery_key
+        self.deliveries = 0
+
+    async def before_call(self) -> None:
+        verdict = await self._rt.batches.go(self._batch_id, self._index, self._delivery_key)
+        if verdict == Go.OVER_BUDGET:
+            raise Deferred(BUDGET_WAIT_S, "batch budget")
+        self.deliveries = verdict
+        if verdict < 0 or verdict > self._rt.settings.max_deliveries:
+            raise Halted(verdict)
+
+    async def pause(self, reason: str) -> None:
+        await self._rt.batches.pause(self._batch_id, reason)
+
+
+async def _missing(rt: Runtime, line_trace: LineTrace, batch_id: str, index: int) -> Skipped:
+    await rt.batches.unmark_running(batch_id, index)
+    log.warning("batch %s line %d has expired or never existed; dropping it", batch_id, index)
+    line_trace.finish(output="batch expired or never existed", always=True)
+    return Skipped.MISSING
+
+
+async def _cancelled(
+    rt: Runtime, line_trace: LineTrace, batch: Batch, index: int, line: dict[str, Any], status: str
+) -> Skipped:
+    """A line of a cancelled (or failed) batch is recorded as cancelled without a call."""
+    error = JobError(code="batch_cancelled", message=f"batch is {status}; line not sent upstream")
+    line_out = {"id": None, "custom_id": line["custom_id"], "response": None, "error": error.model_dump()}
+    traced = line_trace.finish(output=error.message, always=False, project=batch.project)
+    await _record(rt, batch.id, index, Outcome.CANCELLED, line_out, None, line_trace, traced, 0)
+    return Skipped.CANCELLED
 
 
 async def _record(
@@ -314,8 +365,7 @@ async def _run_embed(
         log.warning("%s", JobFailedError(failed_without_call(job, poison_error(deliveries), tries.attempt)))
         return {"run": run_id, "stored": 0}
     try:
-        async with rt.slots:
-            attempt = await attempt_or_retry(rt, delivery, [run_id, indexes, enqueued_at], job, tries)
+        attempt = await attempt_or_retry(rt, delivery, [run_id, indexes, enqueued_at], job, tries)
     except Retrying as retrying:
         _retrying(span, job, tries, retrying.attempt)
         return {"run": run_id, "stored": 0, "status": "retrying"}
