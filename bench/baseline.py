@@ -12,15 +12,17 @@ import openai
 
 
 async def run_baseline(
-    base_url: str, api_key: str, model: str, prompts: list[str], concurrency: int
+    base_url: str, api_key: str, model: str, prompts: list[str], concurrency: int, aiohttp: bool = False
 ) -> list[float]:
     """Returns each line's latency (s); raises if any line fails, as the script's author would notice.
-    The client keeps its default retries (2), as a script's author would leave them."""
+    The client keeps its default retries (2), as a script's author would leave them. `aiohttp`: the
+    openai client's aiohttp backend (routerq's), a reference beside the default a script would use."""
+    http_client = openai.DefaultAioHttpClient if aiohttp else openai.DefaultAsyncHttpxClient
     client = openai.AsyncOpenAI(
         base_url=base_url,
         api_key=api_key,
         timeout=60,
-        http_client=openai.DefaultAsyncHttpxClient(
+        http_client=http_client(
             limits=httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         ),
     )
@@ -50,10 +52,13 @@ def main() -> None:
     parser.add_argument("--lines", type=int, required=True)
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--tag", default="baseline")
+    parser.add_argument("--aiohttp", action="store_true", help="the openai client's aiohttp backend")
     args = parser.parse_args()
     prompts = [f"{args.tag} line {i}: say something" for i in range(args.lines)]
     started = time.perf_counter()
-    latencies = asyncio.run(run_baseline(args.base_url, args.key, args.model, prompts, args.concurrency))
+    latencies = asyncio.run(
+        run_baseline(args.base_url, args.key, args.model, prompts, args.concurrency, args.aiohttp)
+    )
     print(json.dumps({"seconds": time.perf_counter() - started, "lines": len(latencies)}))
 
 

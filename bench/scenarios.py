@@ -5,7 +5,9 @@
 
 Each scenario runs, back to back on the same fake upstream (latency +-20 %): the asyncio +
 AsyncOpenAI + semaphore script in its own process, routerq untraced, and routerq traced with spans
-sent to an endpoint that discards them (routerq's tracing cost without Phoenix's). Throughput, CPU
+sent to an endpoint that discards them (routerq's tracing cost without Phoenix's); and, as a reference
+beside the floors' baseline, the same script on the openai client's aiohttp backend, which routerq
+uses (a script's author would keep the default httpx one). Throughput, CPU
 per 1,000 lines and peak RSS are measured from outside each process tree; ratios are to the script
 in the same run. The c64 scenario also times single jobs (`Producer().enqueue(...).get()`) against
 the upstream latency the fake recorded. The table goes into bench/RESULTS.md between markers.
@@ -75,9 +77,11 @@ class Stack(UpstreamStack):
         self.env.update(PHOENIX_COLLECTOR_ENDPOINT=self.sink.url, ROUTERQ_PHOENIX_PRICING="false")
 
 
-def script(stack: Stack, scenario: Scenario) -> Measured:
+def script(stack: Stack, scenario: Scenario, aiohttp: bool = False) -> Measured:
     argv = [sys.executable, "-m", "bench.baseline", "--base-url", stack.fake.url, "--key", KEY, "--model",
             MODEL, "--lines", str(scenario.lines), "--concurrency", str(scenario.concurrency)]  # fmt: skip
+    if aiohttp:
+        argv.append("--aiohttp")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
@@ -137,6 +141,9 @@ def run(stack: Stack, name: str, scenario: Scenario) -> list[tuple[str, str]]:
     untraced, _ = routerq(stack, scenario, name, tracing=False)
     print(f"{name}: routerq untraced {untraced}", flush=True)
     stack.configure(scenario.latency_ms)
+    reference = script(stack, scenario, aiohttp=True)
+    print(f"{name}: script on aiohttp {reference}", flush=True)
+    stack.configure(scenario.latency_ms)
     traced, overhead = routerq(stack, scenario, name, tracing=True)
     label = f"{name} (C={scenario.concurrency}, {scenario.latency_ms:g} ms, {scenario.lines} lines)"
     rows = [
@@ -146,6 +153,9 @@ def run(stack: Stack, name: str, scenario: Scenario) -> list[tuple[str, str]]:
          f"{untraced.rate:.1f} ({untraced.rate / base.rate:.3f})"),
         (f"{label}: routerq traced to a sink lines/s (ratio, floor {scenario.floor})",
          f"{traced.rate:.1f} ({traced.rate / base.rate:.3f})"),
+        (f"{label}: reference, the script on the openai client's aiohttp backend (routerq's): lines/s "
+         "(routerq untraced / it), CPU s per 1,000 lines",
+         f"{reference.rate:.1f} ({untraced.rate / reference.rate:.3f}), {reference.cpu_per_1000:.2f}"),
         (f"{label}: routerq CPU s per 1,000 lines untraced / traced (ratio to the script, ceiling "
          f"{CPU_RATIO_CEILING})",
          f"{untraced.cpu_per_1000:.2f} / {traced.cpu_per_1000:.2f} "
@@ -193,7 +203,7 @@ def main() -> None:
                     rows += run(stack, name, SCENARIOS[name])
                 except Exception as exc:  # say what broke, keep the other scenarios' numbers
                     rows.append((f"{name}: not measured", f"{type(exc).__name__}: {str(exc)[:200]}"))
-                print("\n".join(f"{k}: {v}" for k, v in rows[-6:]), flush=True)
+                print("\n".join(f"{k}: {v}" for k, v in rows[-7:]), flush=True)
         finally:
             stack.close()
     command = "python -m bench.scenarios " + " ".join(sys.argv[1:])
