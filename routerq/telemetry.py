@@ -7,6 +7,7 @@ before it exits.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -151,7 +152,13 @@ def shutdown() -> None:
 
 
 def tracer() -> trace.Tracer:
-    """routerq's own spans go to routerq's provider even when the host app set another global one."""
+    """routerq's own spans go to routerq's provider even when the host app set another global one.
+    One tracer per provider: `get_tracer` builds a new one each call, a line's root span asks for it."""
     if _provider is not None and _pid == os.getpid():
-        return _provider.get_tracer(TRACER_NAME)
+        return _tracer_of(_provider)
     return trace.get_tracer(TRACER_NAME)
+
+
+@functools.cache
+def _tracer_of(provider: TracerProvider) -> trace.Tracer:
+    return provider.get_tracer(TRACER_NAME)

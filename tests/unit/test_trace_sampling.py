@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanContext, TraceFlags
 
 from routerq.span_export import SpanQueue
-from worker.slow_lines import SlowLines
+from worker.slow_lines import SLOW_SLACK, SlowLines
 from worker.trace_budget import fraction, ratio_keeps
 
 
@@ -102,3 +102,15 @@ def test_spans_that_cannot_be_delivered_or_do_not_fit_are_counted_as_dropped() -
     counts = queue.counts
     assert counts.sent == 0 and counts.dropped == 25
     assert counts.queue_full > 0 and counts.refused > 0
+
+
+def test_latencies_drifting_past_the_p99_keep_no_more_than_one_percent_of_lines_as_slow() -> None:
+    async def fetch(batch_id: str) -> tuple[int, float | None]:
+        return 1000, 250.0  # the p99 of the lines so far; every new line is slower (a busier machine)
+
+    async def check() -> int:
+        slow = SlowLines(threshold_s=30, fetch=fetch)
+        return sum([await slow.is_slow("b1", 0.3) for _ in range(2000)])
+
+    kept = asyncio.run(check())
+    assert 20 <= kept <= 20 + SLOW_SLACK
