@@ -7,7 +7,7 @@ import time
 import redis
 
 from routerq.batch_store import BatchStatus, BatchStore
-from routerq.span_export import ExportCounts
+from routerq.export_counts import ExportCounts
 
 RECENT_S = 3600  # batches created within this window are summed
 RECENT_MAX = 1000

@@ -33,8 +33,8 @@ from bench.services import UpstreamStack
 from devstack.localstack import free_port, start_phoenix, start_worker
 from producer.batch_client import BatchClient
 from routerq.batch_store import Batch
+from routerq.export_counts import ExportCounts
 from routerq.settings import DEFAULT_TRACE_BUDGET, Settings
-from routerq.span_export import ExportCounts
 
 PROJECT = "routerq-trace-budget"
 TRACED_FLOOR = 0.9

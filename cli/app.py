@@ -12,7 +12,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -26,7 +25,8 @@ from routerq.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from producer.batch_client import BatchClient
-    from routerq.span_export import ExportCounts
+    from producer.batch_reader import BatchReader
+    from routerq.export_counts import ExportCounts
 
 
 BatchArg = Annotated[
@@ -56,7 +56,9 @@ DEFAULT_MODELS = {
 
 def _version(show: bool) -> None:
     if show:
-        print(f"routerq {package_version('routerq')}")
+        from importlib.metadata import version
+
+        print(f"routerq {version('routerq')}")
         raise typer.Exit()
 
 
@@ -239,13 +241,22 @@ def result(
 
 
 def _batch_client(tracing: bool = False) -> BatchClient:
-    """Only `submit` traces (its span opens the batch's session); reading and steering a batch needs
-    neither Phoenix nor the time importing its exporter takes."""
+    """Only `submit` traces (its span opens the batch's session); steering a batch needs neither
+    Phoenix nor the time importing its exporter takes."""
     from producer.batch_client import BatchClient
 
     settings = _settings()
     _require_redis(settings)
     return BatchClient(settings, tracing=tracing)
+
+
+def _batch_reader() -> BatchReader:
+    """Reading a batch (status, batches, results) needs Redis only: no Celery, no tracing imports."""
+    from producer.batch_reader import BatchReader
+
+    settings = _settings()
+    _require_redis(settings)
+    return BatchReader(settings)
 
 
 def _require_redis(settings: Settings) -> None:
@@ -277,7 +288,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _progress_until_done(client: BatchClient, batch_id: str) -> Batch:
+def _progress_until_done(client: BatchReader, batch_id: str) -> Batch:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (
@@ -425,7 +436,7 @@ def status(
     as_json: Annotated[bool, flag("--json", help="OpenAI-style batch object")] = False,
 ) -> None:
     """State, counts, tokens, cost, throughput and ETA of a batch."""
-    client = _batch_client()
+    client = _batch_reader()
     with _batch_errors():
         if watch and not as_json:
             _progress_until_done(client, batch_id)
@@ -441,7 +452,7 @@ def status(
 @app.command()
 def batches(limit: Annotated[int, typer.Option(help="how many")] = 20) -> None:
     """List batches, newest first."""
-    client = _batch_client()
+    client = _batch_reader()
     for batch in client.recent(limit):
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(batch.created_at))
         print(
@@ -456,7 +467,7 @@ def results(
     errors: Annotated[Path | None, typer.Option("--errors", help="failed lines go here instead")] = None,
 ) -> None:
     """Write OpenAI Batch output lines in the input file's order."""
-    client = _batch_client()
+    client = _batch_reader()
     with _batch_errors():
         batch = client.get(batch_id)
     with output.open("wb") as out, errors.open("wb") if errors else nullcontext() as err_file:

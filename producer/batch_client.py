@@ -7,10 +7,10 @@ trip) and moved onto the queue by one Lua script, so workers see every line of a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import redis
 from celery import Celery
@@ -18,12 +18,12 @@ from openinference.semconv.trace import SpanAttributes
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Status, StatusCode
 
+from producer.batch_reader import BatchReader
 from routerq import telemetry
 from routerq.batch_format import BatchLine, read_lines, validate
 from routerq.batch_store import (
     Batch,
     BatchOrigin,
-    BatchStats,
     BatchStatus,
     BatchStore,
     Outcome,
@@ -32,9 +32,7 @@ from routerq.batch_store import (
 )
 from routerq.broker import create_app
 from routerq.errors import BatchError, BatchFileError, StagingFailed
-from routerq.redis_client import connect
 from routerq.settings import Settings
-from routerq.span_export import ExportCounts
 from routerq.spans import BATCH_ID, chain_attributes
 from routerq.staged_enqueue import StagedEnqueue
 
@@ -45,21 +43,14 @@ class Submitted:
     existing: bool  # True when an idempotency key returned an earlier batch
 
 
-@dataclass
-class ResultsWritten:
-    written: int
-    errors: int
-    unfinished: int
+class BatchClient(BatchReader):
+    """Submits batches and steers them (cancel, resume, retry); reads them as a BatchReader does."""
 
-
-class BatchClient:
     def __init__(self, settings: Settings, app: Celery | None = None, *, tracing: bool = True) -> None:
-        self.settings = settings
+        super().__init__(settings)
         if tracing:
             telemetry.setup_tracing(settings)
         self._app = app
-        self.redis = connect(settings.redis_url)
-        self.store = BatchStore(self.redis, settings.result_ttl)
 
     @property
     def app(self) -> Celery:
@@ -191,29 +182,6 @@ class BatchClient:
         return BatchError(said)
 
     # -- follow, control ----------------------------------------------------------------------------
-    def get(self, batch_id: str) -> Batch:
-        batch = self.store.get(batch_id)
-        if batch is None:
-            raise BatchError(f"no batch {batch_id!r} (wrong id, or older than ROUTERQ_RESULT_TTL)")
-        return batch
-
-    def stats(self, batch_id: str) -> BatchStats:
-        """Latency and queue-wait percentiles of the lines run so far."""
-        return self.store.stats(batch_id)
-
-    def span_export(self) -> ExportCounts:
-        """Spans every worker sent to Phoenix, and any it refused or that were dropped."""
-        return ExportCounts.read(self.redis)
-
-    def wait(self, batch_id: str, on_update: Callable[[Batch], None], poll: float = 0.5) -> Batch:
-        """Until the batch ends or pauses (a paused batch waits for `resume`, not for time)."""
-        while True:
-            batch = self.get(batch_id)
-            on_update(batch)
-            if batch.status.final or batch.status is BatchStatus.PAUSED:
-                return batch
-            time.sleep(poll)
-
     def cancel(self, batch_id: str) -> Batch:
         """Queued and parked lines are skipped by workers (never sent upstream); running ones finish."""
         batch = self.get(batch_id)
@@ -259,20 +227,3 @@ class BatchClient:
         pipe.hdel(self.store.key(batch_id), "completed_at")
         pipe.execute()
         return self._stage_and_release(batch, lines)
-
-    def write_results(self, batch: Batch, out: IO[bytes], errors: IO[bytes] | None = None) -> ResultsWritten:
-        """Output lines in input order, streamed page by page; unfinished lines are counted, not written."""
-        written = failed = unfinished = 0
-        for _, outcome, raw in self.store.outputs(batch.id, batch.total):
-            if outcome is None:
-                unfinished += 1
-            elif outcome is Outcome.SUCCEEDED:
-                out.write(raw + b"\n")
-                written += 1
-            else:
-                (errors or out).write(raw + b"\n")
-                failed += 1
-        return ResultsWritten(written, failed, unfinished)
-
-    def recent(self, limit: int = 50) -> Iterator[Batch]:
-        yield from self.store.recent(limit)

@@ -13,14 +13,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-import redis
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from routerq.redis_client import as_text
+from routerq.export_counts import ExportCounts
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +34,7 @@ MAX_BACKOFF_S = 16.0
 # minutes, and the queue must make room for new spans.
 MAX_RETRY_S = 300.0
 REPORT_EVERY_S = 30.0
-# Workers add their counts here (worker.trace_budget); `routerq status` reads them.
-COUNTS_KEY = "routerq:trace-export"
-COUNT_NAMES = ("sent", "retried", "refused", "queue_full")
 SHUTDOWN_S = 10.0
-
-
-@dataclass
-class ExportCounts:
-    """What happened to the spans this process made, since it started."""
-
-    sent: int = 0
-    retried: int = 0  # refused at the first try and sent again (delivered unless counted below too)
-    refused: int = 0  # delivered nowhere: the collector failed every try for MAX_RETRY_S
-    queue_full: int = 0  # pushed out of a full queue before they could be sent
-
-    @property
-    def dropped(self) -> int:
-        return self.refused + self.queue_full
-
-    @classmethod
-    def read(cls, client: redis.Redis) -> ExportCounts:
-        """The counts of every worker since the key's TTL (ROUTERQ_RESULT_TTL) last lapsed."""
-        raw = {as_text(k): int(v) for k, v in client.hgetall(COUNTS_KEY).items()}
-        return cls(**{name: raw.get(name, 0) for name in COUNT_NAMES})
 
 
 class SpanQueue(SpanProcessor):

@@ -18,8 +18,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
+from routerq.export_counts import ExportCounts
 from routerq.settings import Settings
-from routerq.span_export import MAX_RETRY_S, ExportCounts, SpanQueue
+from routerq.span_export import MAX_RETRY_S, SpanQueue
 
 log = logging.getLogger(__name__)
 

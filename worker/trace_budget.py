@@ -29,8 +29,8 @@ from dataclasses import replace
 
 import redis
 
+from routerq.export_counts import COUNT_NAMES, COUNTS_KEY, ExportCounts
 from routerq.redis_client import as_text
-from routerq.span_export import COUNT_NAMES, COUNTS_KEY, ExportCounts
 
 log = logging.getLogger(__name__)
 

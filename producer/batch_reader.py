@@ -1,0 +1,70 @@
+"""Reading batches: status, progress, results. What `routerq status`, `batches` and `results` need,
+and nothing more: no Celery, no OpenTelemetry SDK, so those commands start fast (producer.batch_client
+adds submitting and steering on top)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO
+
+from routerq.batch_store import Batch, BatchStats, BatchStatus, BatchStore, Outcome
+from routerq.errors import BatchError
+from routerq.export_counts import ExportCounts
+from routerq.redis_client import connect
+from routerq.settings import Settings
+
+
+@dataclass
+class ResultsWritten:
+    written: int
+    errors: int
+    unfinished: int
+
+
+class BatchReader:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = connect(settings.redis_url)
+        self.store = BatchStore(self.redis, settings.result_ttl)
+
+    def get(self, batch_id: str) -> Batch:
+        batch = self.store.get(batch_id)
+        if batch is None:
+            raise BatchError(f"no batch {batch_id!r} (wrong id, or older than ROUTERQ_RESULT_TTL)")
+        return batch
+
+    def stats(self, batch_id: str) -> BatchStats:
+        """Latency and queue-wait percentiles of the lines run so far."""
+        return self.store.stats(batch_id)
+
+    def span_export(self) -> ExportCounts:
+        """Spans every worker sent to Phoenix, and any it refused or that were dropped."""
+        return ExportCounts.read(self.redis)
+
+    def wait(self, batch_id: str, on_update: Callable[[Batch], None], poll: float = 0.5) -> Batch:
+        """Until the batch ends or pauses (a paused batch waits for `resume`, not for time)."""
+        while True:
+            batch = self.get(batch_id)
+            on_update(batch)
+            if batch.status.final or batch.status is BatchStatus.PAUSED:
+                return batch
+            time.sleep(poll)
+
+    def write_results(self, batch: Batch, out: IO[bytes], errors: IO[bytes] | None = None) -> ResultsWritten:
+        """Output lines in input order, streamed page by page; unfinished lines are counted, not written."""
+        written = failed = unfinished = 0
+        for _, outcome, raw in self.store.outputs(batch.id, batch.total):
+            if outcome is None:
+                unfinished += 1
+            elif outcome is Outcome.SUCCEEDED:
+                out.write(raw + b"\n")
+                written += 1
+            else:
+                (errors or out).write(raw + b"\n")
+                failed += 1
+        return ResultsWritten(written, failed, unfinished)
+
+    def recent(self, limit: int = 50) -> Iterator[Batch]:
+        yield from self.store.recent(limit)
