@@ -51,10 +51,12 @@ def setup_tracing(
     export_timeout: float = PRODUCER_EXPORT_TIMEOUT_S,
     retry_for: float = PRODUCER_EXPORT_TIMEOUT_S,
     wrap: Callable[[SpanQueue], SpanProcessor] | None = None,
+    llm_calls: bool = False,
 ) -> TracerProvider | None:
     """Idempotent per process; a fork gets a fresh provider. Returns None when tracing is off.
     A refused span export is tried again for `retry_for` seconds. `wrap` puts a processor in front of
-    the export queue (the worker's tail sampler)."""
+    the export queue (the worker's tail sampler). `llm_calls`: instrument the openai client too (the
+    worker; a producer never calls it, and importing it costs `routerq enqueue` half a second)."""
     global _provider, _pid, _queue
     if not settings.tracing:
         return None
@@ -63,7 +65,7 @@ def setup_tracing(
 
     # Imported on first use, not with this module: together they cost about a second, and commands
     # that never trace (status, results, tracing off) should not pay it.
-    from openinference.instrumentation.openai import OpenAIInstrumentor
+    from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
     from phoenix.otel import HTTPSpanExporter, register
 
     from routerq.celery_tracing import CeleryInstrumentor
@@ -88,7 +90,12 @@ def setup_tracing(
         hold_until=lambda: _hold_until,
     )
     provider.add_span_processor(wrap(queue) if wrap else queue)  # replaces Phoenix's default processor
-    for instrumentor in (OpenAIInstrumentor(), CeleryInstrumentor()):  # type: ignore[no-untyped-call]
+    instrumentors: list[BaseInstrumentor] = [CeleryInstrumentor()]  # type: ignore[no-untyped-call]
+    if llm_calls:
+        from openinference.instrumentation.openai import OpenAIInstrumentor
+
+        instrumentors.append(OpenAIInstrumentor())
+    for instrumentor in instrumentors:
         if instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.uninstrument()
         instrumentor.instrument(tracer_provider=provider)

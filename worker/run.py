@@ -49,7 +49,11 @@ def run_worker(settings: Settings, concurrency: int, loglevel: str = "INFO") -> 
     after_setup_logger.connect(redact_logs, weak=False)
     after_setup_task_logger.connect(redact_logs, weak=False)
     telemetry.setup_tracing(
-        settings, telemetry.WORKER_EXPORT_TIMEOUT_S, telemetry.WORKER_EXPORT_RETRY_S, wrap=installer(settings)
+        settings,
+        telemetry.WORKER_EXPORT_TIMEOUT_S,
+        telemetry.WORKER_EXPORT_RETRY_S,
+        wrap=installer(settings),
+        llm_calls=True,
     )
     worker_shutdown.connect(lambda **_: telemetry.shutdown(), weak=False)
     watchdog = watch_broker(app, settings, prefetch)
