@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
 from routerq.export_counts import ExportCounts
+from routerq.phoenix_otel import import_phoenix_otel
 from routerq.settings import Settings
 from routerq.span_export import MAX_RETRY_S, SpanQueue
 
@@ -66,14 +67,15 @@ def setup_tracing(
     # Imported on first use, not with this module: together they cost about a second, and commands
     # that never trace (status, results, tracing off) should not pay it.
     from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-    from phoenix.otel import HTTPSpanExporter, register
+
+    phoenix_otel = import_phoenix_otel()
 
     from routerq.celery_tracing import CeleryInstrumentor
 
     os.environ.setdefault("PHOENIX_DISCOVER_CONFIG", "false")
     endpoint = f"{settings.phoenix_collector_endpoint}/v1/traces"
     api_key = settings.phoenix_api_key.get_secret_value() if settings.phoenix_api_key else None
-    provider = register(
+    provider: TracerProvider = phoenix_otel.register(
         project_name=settings.phoenix_project_name,
         endpoint=endpoint,
         protocol="http/protobuf",
@@ -85,7 +87,7 @@ def setup_tracing(
     )
     headers = {"authorization": f"Bearer {api_key}"} if api_key else None
     queue = SpanQueue(
-        HTTPSpanExporter(endpoint=endpoint, headers=headers, timeout=export_timeout),
+        phoenix_otel.HTTPSpanExporter(endpoint=endpoint, headers=headers, timeout=export_timeout),
         max_retry_s=retry_for,
         hold_until=lambda: _hold_until,
     )

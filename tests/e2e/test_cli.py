@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from conftest import Stack, routerq
 
@@ -97,3 +98,23 @@ def test_a_wrong_redis_url_fails_at_once_with_one_line_naming_it(stack: Stack) -
         assert done.returncode == 1, (command, done.stderr)
         assert "cannot reach Redis at redis://127.0.0.1:9/0 (REDIS_URL)" in done.stderr
         assert "Traceback" not in done.stderr and "hunter2" not in done.stderr
+
+
+def test_a_phoenix_server_installed_beside_routerq_is_never_imported(stack: Stack, tmp_path: Path) -> None:
+    """`arize-phoenix` puts a `phoenix/__init__.py` that imports its whole server next to
+    `arize-phoenix-otel`'s `phoenix/otel`; this stand-in does what it does (extends the namespace)
+    and leaves a mark when it runs."""
+    package = tmp_path / "site" / "phoenix"
+    package.mkdir(parents=True)
+    mark = tmp_path / "server-imported"
+    (package / "__init__.py").write_text(
+        '__path__ = __import__("pkgutil").extend_path(__path__, __name__)\n'
+        f"open({str(mark)!r}, 'w').write('the Phoenix server was imported')\n"
+    )
+    done = routerq(
+        stack, "enqueue", "--model", CHAT, "--wait", "traced beside a Phoenix server",
+        env={"PYTHONPATH": str(tmp_path / "site")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == fake_answer(CHAT, "traced beside a Phoenix server")
+    assert not mark.exists(), "routerq imported phoenix/__init__.py (the Phoenix server)"
