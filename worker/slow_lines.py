@@ -8,7 +8,8 @@ lines as slow instead of 1 %: each one a trace sent past the budget.
 Latencies that rise during a batch (a machine getting busier, Phoenix among the busy) put far more
 than 1 % of the new lines over the p99 of the lines so far, and each kept trace made Phoenix busier
 still (10 % of a 5,000-line batch kept at C=64 with Phoenix on the same cores). So each process keeps
-at most SLOW_SHARE of its own lines of a batch for being over the p99, as the p99 means.
+at most SLOW_SHARE of its own lines of a batch for being over the p99, as the p99 means; a line far
+over it (FAR_OVER times) is kept whatever the count: that one is slow, not the load.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ MIN_SAMPLES = 100  # below this a p99 is about the maximum, and every new maximu
 MAX_BATCHES = 64  # batches remembered per process; the least recently seen is forgotten first
 SLOW_SHARE = 0.01  # at most this share of a process's lines of a batch is kept for being over the p99
 SLOW_SLACK = 5  # ...plus a few, so the first slow lines of a batch are kept too
+FAR_OVER = 2.0
 
 # A batch's recorded line count and p99 latency in ms (None before any line was recorded).
 Fetch = Callable[[str], Awaitable[tuple[int, float | None]]]
@@ -57,8 +59,9 @@ class SlowLines:
         else:
             self._remember(batch_id, known)
         known.lines += 1
-        over = known.p99_ms is not None and latency_s * 1000 > known.p99_ms
-        if over and known.slow < SLOW_SHARE * known.lines + SLOW_SLACK:
+        if known.p99_ms is None or latency_s * 1000 <= known.p99_ms:
+            return False
+        if latency_s * 1000 > FAR_OVER * known.p99_ms or known.slow < SLOW_SHARE * known.lines + SLOW_SLACK:
             known.slow += 1
             return True
         return False

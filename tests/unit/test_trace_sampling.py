@@ -114,3 +114,16 @@ def test_latencies_drifting_past_the_p99_keep_no_more_than_one_percent_of_lines_
 
     kept = asyncio.run(check())
     assert 20 <= kept <= 20 + SLOW_SLACK
+
+
+def test_a_line_far_over_the_p99_is_kept_however_many_slow_lines_were() -> None:
+    async def fetch(batch_id: str) -> tuple[int, float | None]:
+        return 1000, 250.0
+
+    async def check() -> bool:
+        slow = SlowLines(threshold_s=30, fetch=fetch)
+        for _ in range(2000):
+            await slow.is_slow("b1", 0.3)  # drifting: the allowance is used up
+        return await slow.is_slow("b1", 1.5)  # six times the p99: this line is slow
+
+    assert asyncio.run(check())
