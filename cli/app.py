@@ -4,8 +4,6 @@ Commands import what they use inside their own body: `routerq status` should not
 openai client, nor `routerq worker` for the demo.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import sys
@@ -240,7 +238,7 @@ def result(
     _print_result(found)
 
 
-def _batch_client(tracing: bool = False) -> BatchClient:
+def _batch_client(tracing: bool = False) -> "BatchClient":
     """Only `submit` traces (its span opens the batch's session); steering a batch needs neither
     Phoenix nor the time importing its exporter takes."""
     from producer.batch_client import BatchClient
@@ -250,7 +248,7 @@ def _batch_client(tracing: bool = False) -> BatchClient:
     return BatchClient(settings, tracing=tracing)
 
 
-def _batch_reader() -> BatchReader:
+def _batch_reader() -> "BatchReader":
     """Reading a batch (status, batches, results) needs Redis only: no Celery, no tracing imports."""
     from producer.batch_reader import BatchReader
 
@@ -288,7 +286,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _progress_until_done(client: BatchReader, batch_id: str) -> Batch:
+def _progress_until_done(client: "BatchReader", batch_id: str) -> Batch:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (
@@ -388,7 +386,7 @@ def _percentiles(values: dict[float, float | None]) -> str:
     return ", ".join(f"p{round(q * 100)} {_ms(v)}" for q, v in values.items())
 
 
-def _traces(batch: Batch, export: ExportCounts) -> str:
+def _traces(batch: Batch, export: "ExportCounts") -> str:
     """How much of the batch Phoenix holds, and whether any span failed to get there."""
     decided = batch.traced + batch.sampled_out
     if not decided:
@@ -404,7 +402,7 @@ def _traces(batch: Batch, export: ExportCounts) -> str:
     return line
 
 
-def _describe(batch: Batch, stats: BatchStats, export: ExportCounts) -> str:
+def _describe(batch: Batch, stats: BatchStats, export: "ExportCounts") -> str:
     now = time.time()
     started = batch.in_progress_at or batch.created_at
     elapsed = (batch.completed_at or batch.cancelled_at or now) - started

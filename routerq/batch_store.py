@@ -29,7 +29,7 @@ import redis.asyncio as aredis
 from pydantic import BaseModel, Field
 
 from routerq.histogram import bucket, percentiles
-from routerq.jobs import JobResult
+from routerq.jobs import BUILT_ON_FIRST_USE, JobResult
 from routerq.redis_client import as_text
 
 INDEX_KEY = "routerq:batches"
@@ -68,6 +68,8 @@ class Outcome(StrEnum):
 class BatchOrigin(BaseModel):
     """Where a batch made through the Batch API (`routerq serve`) came from; None for `routerq submit`."""
 
+    model_config = BUILT_ON_FIRST_USE
+
     owner: str  # the hash of the token that made it (api.auth): only that token sees the batch
     input_file_id: str
     endpoint: str
@@ -75,6 +77,7 @@ class BatchOrigin(BaseModel):
 
 
 class Batch(BaseModel):
+    model_config = BUILT_ON_FIRST_USE
     id: str
     name: str = ""
     status: BatchStatus = BatchStatus.VALIDATING

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conftest import Stack, routerq
+from conftest import Stack, line, routerq, write_jsonl
 
 from devstack.fake_openrouter import fake_answer
 
@@ -118,3 +118,32 @@ def test_a_phoenix_server_installed_beside_routerq_is_never_imported(stack: Stac
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == fake_answer(CHAT, "traced beside a Phoenix server")
     assert not mark.exists(), "routerq imported phoenix/__init__.py (the Phoenix server)"
+
+
+# What only sending work or tracing needs: a command that just reads a batch must not pay for it.
+# (The metrics SDK's submodules, not the package: redis-py's attempt to import it is logged, though
+# it fails; see cli/__init__.py.)
+NOT_FOR_READING = (
+    "opentelemetry.sdk.trace", "opentelemetry.sdk.metrics.", "opentelemetry.exporter",
+    "celery", "kombu", "openai", "phoenix",
+)  # fmt: skip
+
+
+def test_reading_a_batch_imports_no_tracing_celery_or_openai(stack: Stack, tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "two.jsonl", [line(f"r{i}", "chat", f"read me {i}") for i in range(2)])
+    done = routerq(stack, "submit", str(source), "--wait")
+    assert done.returncode == 0, done.stderr
+    batch_id = done.stdout.strip().splitlines()[-1]
+    for command in (["status", batch_id], ["batches"], ["results", batch_id, "-o", str(tmp_path / "o")]):
+        done = routerq(stack, *command, env={"PYTHONPROFILEIMPORTTIME": "1"})
+        assert done.returncode == 0, (command, done.stderr[-2000:])
+        modules = {
+            row.rsplit("|", 1)[1].strip()
+            for row in done.stderr.splitlines()
+            if row.startswith("import time:")
+        }
+        assert "redis" in modules, "the import log was not captured"
+        needless = sorted(m for m in modules if m.startswith(NOT_FOR_READING))
+        assert not needless, (
+            f"`routerq {command[0]}` imported {len(needless)} needless modules: {needless[:8]}"
+        )
