@@ -34,7 +34,10 @@ def check_auth(settings: Settings, host: str, no_auth: bool) -> Tokens:
 
 def serve(settings: Settings, host: str, port: int, no_auth: bool, log_level: str = "info") -> None:
     tokens = check_auth(settings, host, no_auth)
-    telemetry.setup_tracing(settings)  # a caller's traceparent continues into the submit span
+    # a caller's traceparent continues into the submit span; a server rides out a Phoenix restart
+    telemetry.setup_tracing(
+        settings, telemetry.WORKER_EXPORT_TIMEOUT_S, telemetry.WORKER_EXPORT_RETRY_S, exits_soon=False
+    )
     for name in ("uvicorn", "uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(RedactingFilter(settings.secrets))
     app = create_app(settings, tokens)

@@ -9,10 +9,12 @@ counted. A job never waits for any of it.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
@@ -35,6 +37,28 @@ MAX_BACKOFF_S = 16.0
 MAX_RETRY_S = 300.0
 REPORT_EVERY_S = 30.0
 SHUTDOWN_S = 10.0
+# How long a producer waits for a TCP connection to the collector before taking it as not there: a
+# loopback or LAN Phoenix answers within milliseconds.
+PROBE_TIMEOUT_S = 0.5
+
+
+class Listening:
+    """Whether anything accepts connections at the collector's address. A refused connection is not
+    a busy Phoenix but no Phoenix: backing off (the OTLP exporter does too, within its own timeout) only
+    delays a producer's exit by seconds for spans that cannot be delivered."""
+
+    def __init__(self, url: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+        parts = urlsplit(url)
+        self.address = (parts.hostname or "localhost", parts.port or (443 if parts.scheme == "https" else 80))
+        self.where = f"{parts.scheme}://{self.address[0]}:{self.address[1]}"  # no credentials, no path
+        self._timeout = timeout_s
+
+    def __call__(self) -> bool:
+        try:
+            socket.create_connection(self.address, self._timeout).close()
+        except OSError:
+            return False
+        return True
 
 
 class SpanQueue(SpanProcessor):
@@ -48,8 +72,13 @@ class SpanQueue(SpanProcessor):
         max_retry_s: float = MAX_RETRY_S,
         first_backoff_s: float = 1.0,
         hold_until: Callable[[], float] = lambda: 0.0,
+        listening: Listening | None = None,
     ) -> None:
+        """`listening`, when given, is asked before each export: with nothing there the spans are
+        counted as refused at once (a producer's queue; a worker's waits out a Phoenix restart)."""
         self._exporter = exporter
+        self._listening = listening
+        self._said_not_listening = False
         self._max_queue = max_queue
         self._max_retry_s = max_retry_s
         self._hold_until = hold_until
@@ -107,6 +136,15 @@ class SpanQueue(SpanProcessor):
                 return
 
     def _send(self, batch: Sequence[ReadableSpan]) -> None:
+        if self._listening is not None and not self._listening():
+            self.counts.refused += len(batch)
+            if not self._said_not_listening:
+                self._said_not_listening = True
+                log.warning(
+                    "routerq: nothing listens at %s (PHOENIX_COLLECTOR_ENDPOINT): %d span(s) not sent",
+                    self._listening.where, len(batch),
+                )  # fmt: skip
+            return
         started = time.monotonic()
         delay = self._first_backoff
         while True:
@@ -158,6 +196,6 @@ class SpanQueue(SpanProcessor):
         self._wake.set()
         self._thread.join(SHUTDOWN_S)
         counts = self.counts
-        level = logging.WARNING if counts.dropped else logging.INFO
+        level = logging.WARNING if counts.dropped and not self._said_not_listening else logging.INFO
         log.log(level, "routerq: %d span(s) sent to Phoenix, %d dropped", counts.sent, counts.dropped)
         self._exporter.shutdown()

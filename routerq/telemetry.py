@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from routerq.export_counts import ExportCounts
 from routerq.phoenix_otel import import_phoenix_otel
 from routerq.settings import Settings
-from routerq.span_export import MAX_RETRY_S, SpanQueue
+from routerq.span_export import MAX_RETRY_S, Listening, SpanQueue
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,13 @@ def setup_tracing(
     retry_for: float = PRODUCER_EXPORT_TIMEOUT_S,
     wrap: Callable[[SpanQueue], SpanProcessor] | None = None,
     llm_calls: bool = False,
+    exits_soon: bool = True,
 ) -> TracerProvider | None:
     """Idempotent per process; a fork gets a fresh provider. Returns None when tracing is off.
     A refused span export is tried again for `retry_for` seconds. `wrap` puts a processor in front of
     the export queue (the worker's tail sampler). `llm_calls`: instrument the openai client too (the
-    worker; a producer never calls it, and importing it costs `routerq enqueue` half a second)."""
+    worker; a producer never calls it, and importing it costs `routerq enqueue` half a second).
+    `exits_soon` (a producer): spans for a Phoenix that is not listening at all are given up at once."""
     global _provider, _pid, _queue
     if not settings.tracing:
         return None
@@ -90,6 +92,7 @@ def setup_tracing(
         phoenix_otel.HTTPSpanExporter(endpoint=endpoint, headers=headers, timeout=export_timeout),
         max_retry_s=retry_for,
         hold_until=lambda: _hold_until,
+        listening=Listening(endpoint) if exits_soon else None,
     )
     provider.add_span_processor(wrap(queue) if wrap else queue)  # replaces Phoenix's default processor
     instrumentors: list[BaseInstrumentor] = [CeleryInstrumentor()]  # type: ignore[no-untyped-call]

@@ -54,6 +54,7 @@ def run_worker(settings: Settings, concurrency: int, loglevel: str = "INFO") -> 
         telemetry.WORKER_EXPORT_RETRY_S,
         wrap=installer(settings),
         llm_calls=True,
+        exits_soon=False,
     )
     worker_shutdown.connect(lambda **_: telemetry.shutdown(), weak=False)
     watchdog = watch_broker(app, settings, prefetch)

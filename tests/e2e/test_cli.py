@@ -100,6 +100,23 @@ def test_a_wrong_redis_url_fails_at_once_with_one_line_naming_it(stack: Stack) -
         assert "Traceback" not in done.stderr and "hunter2" not in done.stderr
 
 
+def test_enqueue_with_phoenix_down_says_so_in_one_line_and_does_not_wait_for_it(stack: Stack) -> None:
+    done = routerq(
+        stack,
+        "enqueue",
+        "untraced for now",
+        env={"PHOENIX_COLLECTOR_ENDPOINT": "http://127.0.0.1:9"},
+        timeout=10,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith("job_")
+    said = done.stderr.strip().splitlines()
+    assert len(said) == 1 and re.fullmatch(
+        r"routerq: nothing listens at http://127\.0\.0\.1:9 \(PHOENIX_COLLECTOR_ENDPOINT\): \d span\(s\) not sent",
+        said[0],
+    ), done.stderr
+
+
 def test_a_phoenix_server_installed_beside_routerq_is_never_imported(stack: Stack, tmp_path: Path) -> None:
     """`arize-phoenix` puts a `phoenix/__init__.py` that imports its whole server next to
     `arize-phoenix-otel`'s `phoenix/otel`; this stand-in does what it does (extends the namespace)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import threading
 from collections.abc import Sequence
 
@@ -12,7 +13,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from routerq.span_export import SpanQueue
+from routerq.span_export import Listening, SpanQueue
 from worker.slow_lines import SLOW_SLACK, SlowLines
 from worker.trace_budget import fraction, ratio_keeps
 
@@ -102,6 +103,37 @@ def test_spans_that_cannot_be_delivered_or_do_not_fit_are_counted_as_dropped() -
     counts = queue.counts
     assert counts.sent == 0 and counts.dropped == 25
     assert counts.queue_full > 0 and counts.refused > 0
+
+
+def test_a_producer_gives_up_at_once_on_spans_for_a_phoenix_that_is_not_running() -> None:
+    """Nothing listening is not a busy Phoenix: no backoff, no exporter retries, nothing to wait for."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: connections are refused
+        collector = Collector()
+        queue = SpanQueue(collector, listening=Listening(f"http://user:pw@127.0.0.1:{port}/v1/traces"))
+        for n in range(5):
+            queue.on_end(_span(n))
+        assert queue.force_flush(5_000)
+        queue.shutdown()
+    assert collector.requests == 0
+    assert (queue.counts.sent, queue.counts.refused, queue.counts.retried) == (0, 5, 0)
+
+
+def test_a_listening_phoenix_is_exported_to_and_its_address_shown_without_credentials() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        listening = Listening(f"http://user:pw@127.0.0.1:{port}/v1/traces")
+        assert listening()
+        assert listening.where == f"http://127.0.0.1:{port}"
+        collector = Collector()
+        queue = SpanQueue(collector, listening=listening)
+        queue.on_end(_span(1))
+        assert queue.force_flush(5_000)
+        queue.shutdown()
+    assert (collector.requests, queue.counts.sent) == (1, 1)
 
 
 def test_latencies_drifting_past_the_p99_keep_no_more_than_one_percent_of_lines_as_slow() -> None:
