@@ -12,9 +12,18 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def build(task_id: str, headers: dict[str, Any], args: list[Any], queue: str) -> str:
-    """One queued message: `headers` come from Celery's own `as_task_v2`, with this message's id."""
-    body = [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+def build(
+    task_id: str,
+    headers: dict[str, Any],
+    args: list[Any],
+    queue: str,
+    kwargs: dict[str, Any] | None = None,
+    delivery_tag: str | None = None,
+) -> str:
+    """One queued message: `headers` come from Celery's own `as_task_v2`, with this message's id.
+    kombu files an unacknowledged message under its delivery tag: a message re-published while the
+    one that carried its task is still unacknowledged needs a tag of its own."""
+    body = [args, kwargs or {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
     envelope = {
         "body": base64.b64encode(json.dumps(body).encode()).decode(),
         "content-encoding": "utf-8",
@@ -27,7 +36,7 @@ def build(task_id: str, headers: dict[str, Any], args: list[Any], queue: str) ->
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
             "body_encoding": "base64",
-            "delivery_tag": task_id,
+            "delivery_tag": delivery_tag or task_id,
         },
     }
     return json.dumps(envelope)

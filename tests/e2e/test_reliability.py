@@ -121,6 +121,27 @@ def test_a_429_storm_at_default_settings_fails_no_line(
     assert paid_duplicates(calls) == 0
 
 
+def test_a_retried_line_is_tried_again_after_its_backoff_not_behind_the_rest_of_the_batch(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Default retry settings: the first line's first call fails (502); its retry comes back while the
+    batch's other lines are still queued, not after all of them."""
+    marker = uuid.uuid4().hex[:8]
+    rows = [
+        line(f"l{i}", "chat", f"{marker} {i} [[slow:0.05]]{' [[flaky:1:502]]' if i == 0 else ''}")
+        for i in range(300)
+    ]
+    with extra_worker(stack, f"front-{marker}", concurrency=2, **DEFAULT_RETRIES) as (_, settings):
+        client = BatchClient(settings, tracing=False)
+        batch = client.submit(write_jsonl(tmp_path / "front.jsonl", rows)).batch
+        final = wait_final(client, batch.id)
+    assert (final.succeeded, final.failed) == (300, 0)
+    calls = sorted(calls_with(stack, marker), key=lambda c: c["t"])
+    first_line = [n for n, call in enumerate(calls) if call["prompt"].split()[1] == "0"]
+    assert [calls[n]["status"] for n in first_line] == [502, 200]
+    assert first_line[1] < len(calls) // 2, f"its retry was call {first_line[1]} of {len(calls)}"
+
+
 def test_concurrency_is_calls_in_flight_over_a_few_processes_and_a_dead_one_is_started_again(
     stack: Stack, tmp_path: Path
 ) -> None:
