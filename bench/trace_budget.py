@@ -46,6 +46,7 @@ class Stack(UpstreamStack):
         super().__init__(tmp, KEY)
         self.phoenix = self._keep(start_phoenix(free_port(), free_port(), tmp / "phoenix"))
         self.env.update(PHOENIX_COLLECTOR_ENDPOINT=self.phoenix.url, PHOENIX_PROJECT_NAME=PROJECT)
+        self.ended_at = 0.0  # perf_counter() when the last batch run became final
 
     def run_batch(self, source: Path, name: str, concurrency: int, **env: str) -> tuple[Batch, float, float]:
         """A batch through a fresh `routerq worker`: the batch at its end, the seconds it took, and the
@@ -59,7 +60,8 @@ class Stack(UpstreamStack):
                 batch = batches.submit(source).batch
                 while not (done := batches.get(batch.id)).status.final:
                     time.sleep(0.1)
-                seconds = time.perf_counter() - started
+                self.ended_at = time.perf_counter()
+                seconds = self.ended_at - started
         finally:
             worker.stop()
         return done, seconds, phoenix.cpu_used / seconds
@@ -145,10 +147,12 @@ def bulk(stack: Stack, lines: int) -> list[tuple[str, str]]:
     stack.configure(20)
     source, failing, retried = write_bulk(stack.tmp / "bulk.jsonl", lines)
     done, seconds, _ = stack.run_batch(source, "bulk", 64)
-    idle = wait_idle([stack.phoenix.process.pid], quiet=0.05, every=1.0)
+    stopping = time.perf_counter() - stack.ended_at  # the worker's shutdown, after the batch's end
+    idle = stopping + wait_idle([stack.phoenix.process.pid], quiet=0.05, every=1.0)
     counts = ExportCounts.read(redis.Redis.from_url(stack.redis.url))
-    print(f"bulk: {done.total} lines in {seconds:.0f} s, {done.traced} traced; Phoenix idle after "
-          f"{idle:.0f} s; spans {counts}", flush=True)  # fmt: skip
+    print(f"bulk: {done.total} lines in {seconds:.0f} s, {done.traced} traced; Phoenix idle "
+          f"{idle:.1f} s after the batch's end (the worker's stop took {stopping:.1f} s); spans {counts}",
+          flush=True)  # fmt: skip
     found = phoenix_lines(stack, done.id, failing | retried)
     failed_whole = sum(1 for i in failing if found.get(i) == 2)  # root + the failed call
     retried_whole = sum(1 for i in retried if found.get(i) == 3)  # root + failed call + good call
@@ -165,7 +169,7 @@ def bulk(stack: Stack, lines: int) -> list[tuple[str, str]]:
         (f"{label}: failed lines with their whole trace in Phoenix", f"{failed_whole} of {len(failing)}"),
         (f"{label}: retried lines with their whole trace in Phoenix", f"{retried_whole} of {len(retried)}"),
         (f"{label}: batch summary trace in Phoenix", "yes" if summary else "NO"),
-        (f"{label}: Phoenix busy after the batch ended (ceiling {IDLE_CEILING_S:g} s)", f"{idle:.0f} s"),
+        (f"{label}: Phoenix busy after the batch ended (ceiling {IDLE_CEILING_S:g} s)", f"{idle:.1f} s"),
     ]  # fmt: skip
 
 
