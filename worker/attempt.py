@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +28,7 @@ from routerq.broker import LINE_TASK_NAME
 from routerq.errors import RouterqError
 from routerq.jobs import Job, JobError, JobResult
 from routerq.spans import DECISION, ERROR_CLASS, worker_attributes
+from worker.call_record import Recording, untraced
 from worker.limiter import Lease, estimate_tokens
 from worker.openrouter import UpstreamAnswer
 from worker.pool import DRAINING, Delivery
@@ -94,11 +96,16 @@ class Attempt:
     result: JobResult
     decision: Decision | None
     limited: bool = False  # it waited for the shared limiter before its call
+    recording: Recording | None = None  # the call was made untraced (worker.call_record)
 
 
-async def attempt_job(rt: Runtime, job: Job, tries: Tries, guard: Guard | None = None) -> Attempt:
-    """One upstream attempt with the job's context (session, user, metadata) on the LLM span."""
+async def attempt_job(
+    rt: Runtime, job: Job, tries: Tries, guard: Guard | None = None, record: bool = False
+) -> Attempt:
+    """One upstream attempt with the job's context (session, user, metadata) on the LLM span; with
+    `record`, the call makes no span and is recorded instead, to be traced later if needed."""
     attempt = tries.attempt
+    recording = Recording() if record else None
     await rt.ensure_priced(job.models)
     model = job.models[0]
     decision = None
@@ -108,7 +115,7 @@ async def attempt_job(rt: Runtime, job: Job, tries: Tries, guard: Guard | None =
         if guard is not None:
             await guard.before_call()
         started = time.time()
-        answer, limited = await _call(rt, job, model)
+        answer, limited = await _call(rt, job, model, recording)
         if answer.error:
             decision = decide(answer.error, answer.retry_after, tries, rt.settings, time.time())
             if answer.error.status_code == 429:
@@ -139,25 +146,38 @@ async def attempt_job(rt: Runtime, job: Job, tries: Tries, guard: Guard | None =
         custom_id=job.custom_id,
         trace_id=_trace_id(trace.get_current_span()),
     )
-    return Attempt(result, decision, limited)
+    return Attempt(result, decision, limited, recording)
 
 
-async def _call(rt: Runtime, job: Job, model: str) -> tuple[UpstreamAnswer, bool]:
+async def _call(
+    rt: Runtime, job: Job, model: str, recording: Recording | None
+) -> tuple[UpstreamAnswer, bool]:
     """The upstream call under a limiter lease; whether it had to wait for the lease."""
     lease, limited = await _acquire(rt, model, estimate_tokens(job.body))
     answer: UpstreamAnswer | None = None
     try:
-        with using_attributes(**_context_kwargs(job)):
+        with using_attributes(**_context_kwargs(job)), untraced(recording) if recording else nullcontext():
             try:
                 async with asyncio.timeout(rt.settings.job_time_limit):
+                    if recording is not None:
+                        recording.started = time.time()
                     answer = await rt.openrouter.call(job)
             except TimeoutError:
                 message = f"no answer within ROUTERQ_JOB_TIME_LIMIT ({rt.settings.job_time_limit:g} s)"
                 answer = UpstreamAnswer(None, JobError(code="timeout", message=message))
+            finally:
+                if recording is not None:
+                    recording.finished = time.time()
     finally:
         usage = answer.usage if answer is not None else None
         await rt.limiter.release(lease, usage.total_tokens if usage else None)
     return answer, limited
+
+
+async def replay_call(rt: Runtime, job: Job) -> None:
+    """The job's call again, with its context, for a replay (worker.call_record.replaying)."""
+    with using_attributes(**_context_kwargs(job)):
+        await rt.openrouter.call(job)
 
 
 def attempt_attributes(job: Job, tries: Tries, attempt: Attempt) -> dict[str, Any]:
@@ -201,6 +221,7 @@ async def attempt_or_retry(
     before_retry: Callable[[], Awaitable[None]] | None = None,
     carry: dict[str, Any] | None = None,
     guard: Guard | None = None,
+    record: bool = False,
 ) -> Attempt:
     """An attempt whose outcome is final or a pause. A retry (or a long limiter wait, or a `guard`
     that defers) re-publishes the task, with `args`, the next tries and `carry`, after
@@ -209,7 +230,7 @@ async def attempt_or_retry(
     unstarted = tries
     tries = tries.started(time.time())
     try:
-        attempt = await attempt_job(rt, job, tries, guard)
+        attempt = await attempt_job(rt, job, tries, guard, record)
         decision = attempt.decision
     except NotStarted as exc:
         await _republish(rt, delivery, args, unstarted, 0.0, carry, before_retry)

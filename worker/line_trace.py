@@ -10,6 +10,7 @@ ends is kept when it must be (failed, retried, rate-limited, slow) or when it fi
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -22,6 +23,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCod
 from routerq import telemetry
 from routerq.spans import output_attribute
 from worker.attempt import Retrying
+from worker.call_record import Recording, replaying
 from worker.tail_sampler import TailSampler
 
 ROOT_NAME = "routerq.line"
@@ -87,29 +89,53 @@ class LineTrace:
             self._settled = True
             self._sampler.settle(self.trace_id, always=True)
 
+    def would_drop(self) -> bool:
+        """Whether this line's call can be made untraced (worker.call_record): its success would be
+        sampled out. Its spans are held all the same: a failure is replayed into them."""
+        return self._sampler is not None and self._sampler.would_drop(self.trace_id)
+
+    async def replay(self, recording: Recording | None, call: Callable[[], Awaitable[None]]) -> None:
+        """Write the LLM span of a call made untraced: `call` makes it again, answered from
+        `recording`, and the span gets the real call's times."""
+        if self._sampler is None or recording is None:
+            return
+        since = self._sampler.held(self.trace_id)
+        with replaying(recording):
+            await call()
+        self._sampler.redate(self.trace_id, since, recording.started, recording.finished)
+
+    def decide(self, always: bool, unwritten_calls: int = 0) -> bool:
+        """Whether the line's trace goes to Phoenix (the root and `unwritten_calls` still to come)."""
+        return self._sampler is not None and self._sampler.decide(self.trace_id, always, 1 + unwritten_calls)
+
     def finish(
         self,
         *,
         output: str,
         error: str | None = None,
         ok: bool = False,
-        always: bool,
+        always: bool = False,
+        kept: bool | None = None,
         project: str | None = None,
     ) -> bool:
-        """Write the root with the line's outcome and settle the trace; True when it goes to Phoenix."""
+        """Write the root with the line's outcome and settle the trace; True when it goes to Phoenix.
+        `kept` when already decided (`decide`); a dropped trace's root is never built."""
         if self._sampler is None or self._settled:
             return False
         self._settled = True
-        with telemetry.chosen_ids(self.trace_id, self.span_id):
-            span = telemetry.tracer().start_span(
-                ROOT_NAME,
-                context=otel_context.Context(),
-                start_time=int(self._enqueued_at * 1e9),
-                attributes={**self.attributes, SpanAttributes.OUTPUT_VALUE: output_attribute(output)},
-            )
-        if error is not None:
-            span.set_status(Status(StatusCode.ERROR, error))
-        elif ok:
-            span.set_status(Status(StatusCode.OK))
-        span.end()
-        return self._sampler.settle(self.trace_id, always=always, project=project)
+        kept = self.decide(always) if kept is None else kept
+        if kept:
+            with telemetry.chosen_ids(self.trace_id, self.span_id):
+                span = telemetry.tracer().start_span(
+                    ROOT_NAME,
+                    context=otel_context.Context(),
+                    start_time=int(self._enqueued_at * 1e9),
+                    attributes={**self.attributes, SpanAttributes.OUTPUT_VALUE: output_attribute(output)},
+                )
+            if error is not None:
+                span.set_status(Status(StatusCode.ERROR, error))
+            elif ok:
+                span.set_status(Status(StatusCode.OK))
+            span.end()
+        self._sampler.release(self.trace_id, kept, project)
+        return kept

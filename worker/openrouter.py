@@ -32,6 +32,7 @@ from routerq.jobs import Job, JobError, JobKind, Usage
 from routerq.redaction import redact
 from routerq.settings import Settings
 from routerq.spans import annotate_llm_span
+from worker.call_record import RECORDING, REPLAYING
 
 FAILURE_HEADER = "x-routerq-failure"  # why a 200 became an error: a Normalized value
 
@@ -88,11 +89,15 @@ class OpenRouterTransport(httpx2.AsyncBaseTransport):
         self._inner = inner
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        replay, recording = REPLAYING.get(), RECORDING.get()
         try:
-            response = await self._inner.handle_async_request(request)
-            await response.aread()
-        except httpx2.TimeoutException as exc:
-            raise lost_connection_as_read_error(exc) from exc.__cause__
+            response = replay.answer(request) if replay is not None else await self._fetch(request)
+        except httpx2.TransportError as exc:
+            if recording is not None:
+                recording.error = exc
+            raise
+        if recording is not None:
+            recording.keep(response)
         body = _json_body(response)
         annotate_llm_span(trace.get_current_span(), response.status_code, body)
         if response.status_code != 200 or request.method != "POST":
@@ -106,6 +111,14 @@ class OpenRouterTransport(httpx2.AsyncBaseTransport):
         if reason:
             problem = {"error": {"code": 502, "message": f"unusable answer from OpenRouter: {reason}"}}
             return self._as_error(response, request, 502, problem, Normalized.UNUSABLE)
+        return response
+
+    async def _fetch(self, request: httpx2.Request) -> httpx2.Response:
+        try:
+            response = await self._inner.handle_async_request(request)
+            await response.aread()
+        except httpx2.TimeoutException as exc:
+            raise lost_connection_as_read_error(exc) from exc.__cause__
         return response
 
     @staticmethod

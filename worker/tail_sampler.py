@@ -12,12 +12,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from openinference.semconv.resource import ResourceAttributes
 from openinference.semconv.trace import OpenInferenceSpanKindValues, SpanAttributes
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace import Event, ReadableSpan, Span, SpanProcessor
 
 from routerq.redis_client import connect
 from routerq.settings import Settings
@@ -51,27 +52,56 @@ class TailSampler(SpanProcessor):
         with self._lock:
             self._held.setdefault(trace_id, [])
 
+    def would_drop(self, trace_id: int) -> bool:
+        """Whether the trace, should its line succeed plainly, is one the budget has no room for now."""
+        return self._budget.would_drop(trace_id)
+
+    def decide(self, trace_id: int, always: bool, more: int = 0) -> bool:
+        """Whether the held trace, with `more` spans still to be written, goes to Phoenix; charged to
+        the budget either way."""
+        with self._lock:
+            spans = len(self._held.get(trace_id, ())) + more
+        if always:
+            self._budget.always(spans)
+            return True
+        return self._budget.keep(trace_id, spans)
+
     def settle(self, trace_id: int, always: bool, project: str | None = None) -> bool:
         """Send the held trace when it must be kept or fits in the budget, into `project` (the job's
         Phoenix project) when it is not this worker's; drop it otherwise."""
+        kept = self.decide(trace_id, always)
+        self.release(trace_id, kept, project)
+        return kept
+
+    def release(self, trace_id: int, kept: bool, project: str | None = None) -> None:
+        """Send or drop the held trace, as decided."""
         with self._lock:
             held = self._held.pop(trace_id, None)
         if held is None:
-            return False
-        spans = len(held)
-        if always:
-            self._budget.always(spans)
-            kept = True
-        else:
-            kept = self._budget.keep(trace_id, spans)
-        if kept:
-            self.counts.kept += 1
-            project = project if project != self._project else None
-            for span in held:
-                self._forward(span, project)
-        else:
+            return
+        if not kept:
             self.counts.sampled_out += 1
-        return kept
+            return
+        self.counts.kept += 1
+        project = project if project != self._project else None
+        for span in held:
+            self._forward(span, project)
+
+    def held(self, trace_id: int) -> int:
+        with self._lock:
+            return len(self._held.get(trace_id, ()))
+
+    def redate(self, trace_id: int, since: int, start: float, end: float) -> None:
+        """The held spans from the `since`-th on were made by a replay: they get the real call's times
+        (epoch seconds), their events moved with their end."""
+        start_ns, end_ns = int(start * 1e9), int(end * 1e9)
+        with self._lock:
+            held = self._held.get(trace_id, [])
+            for n in range(since, len(held)):
+                span = held[n]
+                shift = end_ns - (span.end_time or end_ns)
+                events = [Event(e.name, e.attributes, e.timestamp + shift) for e in span.events]
+                held[n] = _copy(span, start_time=start_ns, end_time=end_ns, events=events)
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         pass
@@ -97,22 +127,12 @@ class TailSampler(SpanProcessor):
         if project is None and scrubbed is None:
             self._queue.on_end(span)
             return
-        self._queue.on_end(
-            ReadableSpan(
-                name=span.name,
-                context=span.context,
-                parent=span.parent,
-                resource=_resource(span.resource, project) if project else span.resource,
-                attributes={**attributes, SpanAttributes.OUTPUT_VALUE: scrubbed} if scrubbed else attributes,
-                events=span.events,
-                links=span.links,
-                kind=span.kind,
-                status=span.status,
-                start_time=span.start_time,
-                end_time=span.end_time,
-                instrumentation_scope=span.instrumentation_scope,
-            )
-        )
+        changes: dict[str, Any] = {}
+        if project:
+            changes["resource"] = _resource(span.resource, project)
+        if scrubbed:
+            changes["attributes"] = {**attributes, SpanAttributes.OUTPUT_VALUE: scrubbed}
+        self._queue.on_end(_copy(span, **changes))
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return self._queue.force_flush(timeout_millis)
@@ -120,6 +140,25 @@ class TailSampler(SpanProcessor):
     def shutdown(self) -> None:
         self._budget.stop()
         self._queue.shutdown()
+
+
+def _copy(span: ReadableSpan, **changes: Any) -> ReadableSpan:
+    """The span as it is, but for `changes` (ReadableSpan's own arguments)."""
+    fields: dict[str, Any] = {
+        "name": span.name,
+        "context": span.context,
+        "parent": span.parent,
+        "resource": span.resource,
+        "attributes": span.attributes,
+        "events": span.events,
+        "links": span.links,
+        "kind": span.kind,
+        "status": span.status,
+        "start_time": span.start_time,
+        "end_time": span.end_time,
+        "instrumentation_scope": span.instrumentation_scope,
+    }
+    return ReadableSpan(**{**fields, **changes})
 
 
 @cache

@@ -37,6 +37,7 @@ from worker.attempt import (
     attempt_attributes,
     attempt_or_retry,
     failed_without_call,
+    replay_call,
 )
 from worker.batch_summary import write_summary
 from worker.deliveries import delivery_key, over_delivered, poison_error
@@ -202,6 +203,13 @@ async def _run_line(
     job = line_job(batch, index, line, enqueued_at)
     line_trace.attributes.update(chain_attributes(job.prompt_text))
     guard = _LineGuard(rt, batch_id, index, delivery_key(delivery, f"{batch_id}-{index}"))
+    # A first try whose success the budget would drop is called untraced, and traced by a replay only
+    # if the line turns out to need its trace (worker.call_record); a retried line is always kept.
+    record = tries.attempt == 1 and not tries.waits and line_trace.would_drop()
+
+    async def trace_the_call(attempt: Attempt) -> None:
+        await line_trace.replay(attempt.recording, lambda: replay_call(rt, job))
+
     try:
         attempt = await attempt_or_retry(
             rt,
@@ -212,8 +220,10 @@ async def _run_line(
             lambda: store.unmark_running(batch_id, index),
             {"traceparent": line_trace.traceparent},
             guard,
+            record,
         )
-    except Retrying:
+    except Retrying as retrying:
+        await trace_the_call(retrying.attempt)
         raise
     except Halted as halted:
         if halted.verdict == Go.MISSING:
@@ -233,6 +243,7 @@ async def _run_line(
     decision = attempt.decision
     # the guard paused the batch already: set the line aside
     if decision is not None and decision.action is Action.PAUSE and await store.park(batch_id, index):
+        await trace_the_call(attempt)
         line_trace.finish(output=f"parked: {decision.reason}", always=True, project=project)
         return Skipped.PARKED
     text = result.text if result.ok else (result.error.message if result.error else result.status)
@@ -241,8 +252,11 @@ async def _run_line(
     must_keep = (
         not result.ok or retries > 0 or attempt.limited or await rt.slow_lines.is_slow(batch_id, latency)
     )
+    kept = line_trace.decide(must_keep, unwritten_calls=1 if attempt.recording else 0)
+    if kept:
+        await trace_the_call(attempt)
     traced = line_trace.finish(
-        output=text, error=None if result.ok else text, ok=result.ok, always=must_keep, project=project
+        output=text, error=None if result.ok else text, ok=result.ok, kept=kept, project=project
     )
     if traced:
         result.trace_id = line_trace.trace_id_hex

@@ -86,6 +86,10 @@ class TraceBudget:
         with self._lock:
             self._forced += spans
 
+    def would_drop(self, trace_id: int) -> bool:
+        """What `keep` will most likely say of a successful line, asked before its call."""
+        return not self._unlimited and not ratio_keeps(trace_id, self.ratio)
+
     def keep(self, trace_id: int, spans: int) -> bool:
         """Whether a successful line's `spans` fit in the budget."""
         if self._unlimited:

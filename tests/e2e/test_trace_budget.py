@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from conftest import Stack, extra_worker, line, routerq, wait_final, write_jsonl
+from conftest import MODELS, Stack, extra_worker, line, routerq, wait_final, write_jsonl
 from phoenix.client import Client
 from phoenix_queries import Span
 
@@ -104,6 +105,23 @@ def test_at_the_default_budget_every_failed_retried_and_slow_line_is_traced_whol
         assert statuses == expected, (i, [(s["name"], s["status_code"]) for s in spans])
         if i in retried:
             assert by_line[i]["attributes"]["routerq.attempt"] == 2
+        for call in calls:  # OpenInference's own LLM span, dated as the call was (see worker.call_record)
+            attrs = call["attributes"]
+            assert call["span_kind"] == "LLM" and MODELS["chat"] in attrs["llm.invocation_parameters"], call
+            assert attrs["llm.input_messages.0.message.content"] == prompt(i), call
+            if call["status_code"] == "OK":
+                assert attrs["llm.model_name"] == MODELS["chat"] and attrs["llm.token_count.total"] > 0, call
+            assert attrs["llm.provider"] == "openrouter" and attrs["session.id"] == batch.id, call
+            assert (
+                by_line[i]["start_time"] <= call["start_time"] <= call["end_time"] <= by_line[i]["end_time"]
+            )
+        if i in failing:
+            assert calls[0]["attributes"]["http.response.status_code"] == 400
+        if i in slow:
+            took = datetime.fromisoformat(calls[0]["end_time"]) - datetime.fromisoformat(
+                calls[0]["start_time"]
+            )
+            assert took.total_seconds() >= 1.4, (i, calls[0]["start_time"], calls[0]["end_time"])
 
     summary = batch_spans(stack, batch.id, "routerq.batch", expect=1)[0]
     attributes: dict[str, Any] = summary["attributes"]
