@@ -125,17 +125,19 @@ def test_a_retried_line_is_tried_again_after_its_backoff_not_behind_the_rest_of_
     stack: Stack, tmp_path: Path
 ) -> None:
     """Default retry settings: the first line's first call fails (502); its retry comes back while the
-    batch's other lines are still queued, not after all of them."""
+    batch's other lines are still queued, not after all of them. (It runs once its countdown, up to
+    1 s, is due and the ~50 lines the worker already holds have had their slots: ~4 s into a ~10 s
+    batch. Behind the batch, as before, it was the last call.)"""
     marker = uuid.uuid4().hex[:8]
     rows = [
-        line(f"l{i}", "chat", f"{marker} {i} [[slow:0.05]]{' [[flaky:1:502]]' if i == 0 else ''}")
-        for i in range(300)
+        line(f"l{i}", "chat", f"{marker} {i} [[slow:0.03]]{' [[flaky:1:502]]' if i == 0 else ''}")
+        for i in range(600)
     ]
     with extra_worker(stack, f"front-{marker}", concurrency=2, **DEFAULT_RETRIES) as (_, settings):
         client = BatchClient(settings, tracing=False)
         batch = client.submit(write_jsonl(tmp_path / "front.jsonl", rows)).batch
         final = wait_final(client, batch.id)
-    assert (final.succeeded, final.failed) == (300, 0)
+    assert (final.succeeded, final.failed) == (600, 0)
     calls = sorted(calls_with(stack, marker), key=lambda c: c["t"])
     first_line = [n for n, call in enumerate(calls) if call["prompt"].split()[1] == "0"]
     assert [calls[n]["status"] for n in first_line] == [502, 200]
