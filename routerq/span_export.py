@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # one (ROUTERQ_TRACE_BUDGET=all, or a 50,000-line submit) may outrun Phoenix for minutes.
 MAX_QUEUE = 131_072
 MAX_BATCH = 1_024  # spans per export request: one request of ~1 MB at LLM-span sizes
-SCHEDULE_S = 1.0  # a quiet process still sends its spans within a second
+SCHEDULE_S = 1.0  # a quiet process sends its spans within this long (callers may choose longer)
 # A refused batch is tried again after 1, 2, 4 ... seconds, up to this; Phoenix drains its own
 # queue at 150-250 spans/s, so a second or two is usually enough.
 MAX_BACKOFF_S = 16.0
@@ -73,10 +73,13 @@ class SpanQueue(SpanProcessor):
         first_backoff_s: float = 1.0,
         hold_until: Callable[[], float] = lambda: 0.0,
         listening: Listening | None = None,
+        every_s: float = SCHEDULE_S,
     ) -> None:
         """`listening`, when given, is asked before each export: with nothing there the spans are
-        counted as refused at once (a producer's queue; a worker's waits out a Phoenix restart)."""
+        counted as refused at once (a producer's queue; a worker's waits out a Phoenix restart).
+        Spans are sent every `every_s` seconds, or as soon as a full request's worth is queued."""
         self._exporter = exporter
+        self._every_s = every_s
         self._listening = listening
         self._said_not_listening = False
         self._max_queue = max_queue
@@ -123,7 +126,7 @@ class SpanQueue(SpanProcessor):
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(SCHEDULE_S)
+            self._wake.wait(self._every_s)
             self._wake.clear()
             hold = self._hold_until() - time.time()
             if hold > 0:  # only spans wait (see telemetry.hold_export_until)
