@@ -16,7 +16,6 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -156,7 +155,8 @@ async def _call(
     lease, limited = await _acquire(rt, model, estimate_tokens(job.body))
     answer: UpstreamAnswer | None = None
     try:
-        with using_attributes(**_context_kwargs(job)), untraced(recording) if recording else nullcontext():
+        # an untraced call makes no span: the job's context is given to its replay, if any
+        with untraced(recording) if recording else using_attributes(**_context_kwargs(job)):
             try:
                 async with asyncio.timeout(rt.settings.job_time_limit):
                     if recording is not None:
