@@ -10,6 +10,7 @@ ends is kept when it must be (failed, retried, rate-limited, slow) or when it fi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
@@ -25,6 +26,8 @@ from routerq.spans import output_attribute
 from worker.attempt import Retrying
 from worker.call_record import Recording, replaying
 from worker.tail_sampler import TailSampler
+
+log = logging.getLogger(__name__)
 
 ROOT_NAME = "routerq.line"
 _ids = RandomIdGenerator()
@@ -100,8 +103,12 @@ class LineTrace:
         if self._sampler is None or recording is None:
             return
         since = self._sampler.held(self.trace_id)
-        with replaying(recording):
-            await call()
+        try:
+            with replaying(recording):
+                await call()
+        except Exception:  # tracing never fails a line: the trace goes without this call's span
+            log.warning("routerq: replaying a call for its trace failed", exc_info=True)
+            return
         self._sampler.redate(self.trace_id, since, recording.started, recording.finished)
 
     def decide(self, always: bool, unwritten_calls: int = 0) -> bool:

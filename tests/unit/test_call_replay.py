@@ -15,6 +15,7 @@ from opentelemetry.trace import SpanContext, TraceFlags
 
 from routerq.span_export import SpanQueue
 from worker.call_record import Recording, replaying, untraced
+from worker.line_trace import LineTrace
 from worker.openrouter import OpenRouterTransport
 from worker.tail_sampler import TailSampler
 from worker.trace_budget import TraceBudget
@@ -118,3 +119,17 @@ def test_a_replayed_span_is_redated_to_the_real_call_and_its_events_move_with_it
     assert (earlier.start_time, earlier.end_time) == (10, 20)
     assert (call.start_time, call.end_time) == (100_000_000_000, 101_500_000_000)
     assert [e.timestamp for e in call.events] == [101_500_000_000]
+
+
+def test_a_replay_that_fails_never_fails_the_line() -> None:
+    queue = SpanQueue(Collector())
+    nowhere = redis.Redis(port=1, socket_connect_timeout=0.1)
+    sampler = TailSampler(queue, TraceBudget(nowhere, None, lambda: queue.counts, 60), "p")
+    line = LineTrace(sampler, None, enqueued_at=0.0)
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in the instrumentation")
+
+    with line:
+        asyncio.run(line.replay(Recording(status=200), broken))
+    sampler.shutdown()
