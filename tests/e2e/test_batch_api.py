@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 from conftest import Stack, line, routerq, write_jsonl
-from phoenix.client import Client
+from phoenix_queries import trace_spans
 
 from devstack.fake_openrouter import fake_answer
 from devstack.localstack import Service, free_port, start_api
@@ -194,12 +194,8 @@ def test_a_callers_traceparent_puts_the_submit_into_the_callers_trace(
     )
     oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
                        extra_headers={"traceparent": traceparent})  # fmt: skip
-    phoenix = Client(base_url=stack.phoenix.url)
-    deadline = time.monotonic() + 60
-    spans: list[Any] = []
-    while time.monotonic() < deadline and not spans:
-        spans = list(phoenix.spans.get_spans(project_identifier=stack.project, trace_ids=[trace_id]))
-        time.sleep(0.5)
+    # `routerq serve` sends its spans every few seconds; the project may not exist in Phoenix before
+    spans = trace_spans(stack.phoenix.url, stack.project, trace_id, expect=1)
     assert [s["name"] for s in spans] == ["routerq.submit"], spans
 
 
@@ -234,14 +230,7 @@ def test_the_openai_npm_client_round_trips_a_batch_and_its_trace_continues_into_
             body["model"], f"{marker} question {i}"
         )
 
-    phoenix = Client(base_url=stack.phoenix.url)
-    deadline = time.monotonic() + 60
-    spans: list[Any] = []
-    while time.monotonic() < deadline and len(spans) < 2:
-        spans = list(
-            phoenix.spans.get_spans(project_identifier=stack.project, trace_ids=[result["trace_id"]])
-        )
-        time.sleep(0.5)
+    spans = trace_spans(stack.phoenix.url, stack.project, result["trace_id"], expect=2)
     by_name = {s["name"]: s for s in spans}
     assert set(by_name) == {"node.submit-batch", "routerq.submit"}, spans
     assert by_name["routerq.submit"]["parent_id"] == by_name["node.submit-batch"]["context"]["span_id"]
