@@ -150,7 +150,9 @@ def create_app(state: FakeState) -> Starlette:
         prompt = _prompt_of(kind, body)
         call["prompt"] = prompt[:200]
         if kind == "embedding":
-            call["inputs"] = len(body["input"]) if isinstance(body.get("input"), list) else 1
+            texts = body.get("input") if isinstance(body.get("input"), list) else [body.get("input")]
+            call["inputs"] = len(texts)
+            call["texts"] = texts  # which texts were sent (and paid for), for tests of re-sending
         key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not key or (state.keys and key not in state.keys):
             return _error(401, "No auth credentials found" if not key else "User not found.")
