@@ -565,7 +565,7 @@ def embed(
 
 @app.command("fake-openrouter")
 def fake_openrouter(
-    port: Annotated[int, typer.Option()] = 8765,
+    port: Annotated[int, typer.Option(help="port to listen on (127.0.0.1 only)")] = 8765,
     latency_ms: Annotated[float, typer.Option(help="added to every answer")] = 0.0,
 ) -> None:
     """Serve the local OpenRouter stand-in (what `make demo` uses without an API key)."""
