@@ -8,10 +8,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from openinference.semconv.trace import SpanAttributes
+from opentelemetry import propagate
 from opentelemetry.trace import Span, Status, StatusCode
 
-from routerq import telemetry
-from routerq.broker import TASK_NAME, create_app
+from routerq import envelope, telemetry
+from routerq.broker import TASK_NAME
 from routerq.errors import JobFailedError
 from routerq.jobs import Job, JobKind, JobResult
 from routerq.redis_client import connect
@@ -44,10 +45,8 @@ class Producer:
         self.settings = settings or get_settings()
         if tracing:
             telemetry.setup_tracing(self.settings)
-        self.app = create_app(self.settings)
-        self.store = ResultStore(
-            connect(self.settings.redis_url), self.settings.result_ttl, self.settings.queue
-        )
+        self.redis = connect(self.settings.redis_url)
+        self.store = ResultStore(self.redis, self.settings.result_ttl, self.settings.queue)
 
     def enqueue(
         self,
@@ -102,14 +101,16 @@ class Producer:
         return result
 
     def _publish(self, job: Job) -> None:
-        self.store.pend(job)
-        self.app.send_task(
-            TASK_NAME,
-            args=[job.model_dump(mode="json")],
-            task_id=job.id,
-            queue=self.settings.queue,
-            ignore_result=True,
-        )
+        """The job's message (carrying the current span's context, which the worker's run span
+        continues) and its pending record, in one transaction: both or neither."""
+        args = [job.model_dump(mode="json")]
+        headers = envelope.headers(TASK_NAME, job.id, args)
+        propagate.inject(headers)
+        queue = self.settings.queue
+        pipe = self.redis.pipeline(transaction=True)
+        self.store.pend(job, pipe)
+        pipe.lpush(queue, envelope.build(job.id, headers, args, queue))  # kombu's publish: LPUSH
+        pipe.execute()
 
     @contextmanager
     def _job_span(self, name: str, job: Job) -> Iterator[Span]:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from celery import Celery
 from openinference.semconv.trace import SpanAttributes
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Status, StatusCode
@@ -30,7 +29,6 @@ from routerq.batch_store import (
     active_key,
     new_batch_id,
 )
-from routerq.broker import create_app
 from routerq.errors import BatchError, BatchFileError, StagingFailed
 from routerq.settings import Settings
 from routerq.spans import BATCH_ID, chain_attributes
@@ -46,18 +44,10 @@ class Submitted:
 class BatchClient(BatchReader):
     """Submits batches and steers them (cancel, resume, retry); reads them as a BatchReader does."""
 
-    def __init__(self, settings: Settings, app: Celery | None = None, *, tracing: bool = True) -> None:
+    def __init__(self, settings: Settings, *, tracing: bool = True) -> None:
         super().__init__(settings)
         if tracing:
             telemetry.setup_tracing(settings)
-        self._app = app
-
-    @property
-    def app(self) -> Celery:
-        """Built on first use: reading a batch (status, results) needs Redis, not Celery."""
-        if self._app is None:
-            self._app = create_app(self.settings)
-        return self._app
 
     # -- submit -------------------------------------------------------------------------------------
     def submit(
@@ -135,7 +125,7 @@ class BatchClient(BatchReader):
     ) -> int:
         """Stage every line (inputs stored alongside when they are new), then release them all at once
         (`start` marks the batch in progress); returns how many lines were enqueued."""
-        staged = StagedEnqueue(self.app, self.redis, self.store.key(batch.id))
+        staged = StagedEnqueue(self.redis, self.settings, self.store.key(batch.id))
         inputs = ((index, line.stored() if isinstance(line, BatchLine) else None) for index, line in lines)
         try:
             count = staged.add_lines(batch.id, inputs, time.time())

@@ -19,7 +19,7 @@ from openinference.semconv.trace import SpanAttributes
 
 from routerq import telemetry
 from routerq.batch_format import LineError
-from routerq.broker import EMBED_TASK_NAME, create_app
+from routerq.broker import EMBED_TASK_NAME
 from routerq.embed_store import EmbedRun, EmbedStore
 from routerq.errors import EmbedError, EmbedInputError
 from routerq.redis_client import connect
@@ -77,7 +77,6 @@ class EmbedClient:
         self.settings = settings
         if tracing:
             telemetry.setup_tracing(settings)
-        self.app = create_app(settings)
         self.redis = connect(settings.redis_url)
         self.store = EmbedStore(self.redis, settings.result_ttl)
 
@@ -113,7 +112,7 @@ class EmbedClient:
             run = existing
         self.store.save(run)
         missing = list(self.store.missing(run.id, run.total))
-        staged = StagedEnqueue(self.app, self.redis, self.store.key(run.id))
+        staged = StagedEnqueue(self.redis, self.settings, self.store.key(run.id))
         now = time.time()
         requests = 0
         for start in range(0, len(missing), per_request):

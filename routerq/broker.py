@@ -1,14 +1,10 @@
-"""The broker protocol both sides share: task names and the Celery app's configuration.
+"""The broker protocol both sides share: task names and how many batch lines a message carries.
 
-Producers publish by task name and never import a task body; workers register the bodies on this
-app (worker.app). Redis broker, JSON only, late acks.
+Producers publish by task name (routerq.envelope) and never import a task body, nor Celery; workers
+register the bodies on their Celery app (worker.app).
 """
 
 from __future__ import annotations
-
-from celery import Celery
-
-from routerq.settings import Settings
 
 TASK_NAME = "routerq.run_job"
 LINE_TASK_NAME = "routerq.run_lines"  # args: batch id, [line indexes], enqueued at
@@ -17,33 +13,3 @@ EMBED_TASK_NAME = "routerq.run_embed"
 # and an ack in Redis (about a third of a line's CPU, one line a message); 16 makes that small, while
 # a crash or a retry still concerns few lines (a retried line travels alone).
 LINES_PER_MESSAGE = 16
-
-
-def create_app(settings: Settings) -> Celery:
-    # No Celery result backend: outcomes live in routerq's own stores (one copy each), and Celery's
-    # Redis backend would refuse a rediss:// URL without its own ssl_cert_reqs parameter.
-    app = Celery("routerq", broker=settings.redis_url, set_as_current=True)
-    transport = {
-        "visibility_timeout": settings.visibility_timeout,
-        # Sweep for lost (unacked) messages every ROUTERQ_RESTORE_INTERVAL s instead of kombu's ~100 s.
-        "unacked_restore_interval": settings.restore_interval,
-        "unacked_restore_throttle": 1,
-    }
-    app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_ignore_result=True,
-        task_default_queue=settings.queue,
-        worker_prefetch_multiplier=1,
-        task_time_limit=settings.job_time_limit,
-        task_soft_time_limit=max(1.0, settings.job_time_limit - 5),
-        broker_transport_options=transport,
-        broker_connection_retry_on_startup=True,
-        worker_send_task_events=False,
-    )
-    app.conf.routerq_settings = settings
-    return app

@@ -1,15 +1,46 @@
 """Celery protocol-2 messages as kombu's Redis transport stores them: built and read in one place.
 
-Bulk enqueue builds envelopes itself (building each through Celery costs more than the rest of a
-submit together); the lost-message sweep reads them back off the queue and the unacked hash.
+Producers build messages here and push them onto the queue themselves: importing Celery to publish one
+job cost `routerq enqueue` more than everything else it does, and building each message through Celery
+costs a bulk submit more than the rest of it together. Workers read them with Celery; the lost-message
+sweep reads them back off the queue and the unacked hash. tests/unit/test_jobs_and_messages.py checks
+these headers against Celery's own.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any
+
+
+def headers(task: str, task_id: str, args: list[Any]) -> dict[str, Any]:
+    """The headers Celery's `as_task_v2` gives a task published with `ignore_result=True` (outcomes live
+    in routerq's stores) and no eta, expiry, time limits or parent."""
+    return {
+        "lang": "py",
+        "task": task,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": repr(args),
+        "kwargsrepr": "{}",
+        "origin": f"gen{os.getpid()}@{socket.gethostname()}",  # Celery's anon_nodename()
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
 
 
 def build(
@@ -20,7 +51,7 @@ def build(
     kwargs: dict[str, Any] | None = None,
     delivery_tag: str | None = None,
 ) -> str:
-    """One queued message: `headers` come from Celery's own `as_task_v2`, with this message's id.
+    """One queued message, with `headers` from `headers` above (or Celery's own `as_task_v2`).
     kombu files an unacknowledged message under its delivery tag: a message re-published while the
     one that carried its task is still unacknowledged needs a tag of its own."""
     body = [args, kwargs or {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]

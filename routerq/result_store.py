@@ -44,13 +44,11 @@ class ResultStore:
         self._ttl = ttl
         self._pending = PENDING_KEY.format(queue=queue)
 
-    def pend(self, job: Job) -> None:
-        """Record the job as queued (before its message is published): the lost-message sweep
-        re-sends a pending job whose message Redis lost."""
-        pipe = self._redis.pipeline(transaction=False)
+    def pend(self, job: Job, pipe: redis.client.Pipeline) -> None:
+        """Record the job as queued, in the transaction that publishes its message: the lost-message
+        sweep re-sends a pending job whose message Redis lost."""
         pipe.set(INPUT_KEY.format(job_id=job.id), job.model_dump_json(), ex=self._ttl)
         pipe.zadd(self._pending, {job.id: time.time()})
-        pipe.execute()
 
     def pending(self, older_than: float) -> list[str]:
         ids = self._redis.zrangebyscore(self._pending, "-inf", time.time() - older_than)

@@ -6,8 +6,6 @@ see every message of a submit or none, and an interrupted submit leaves nothing 
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -15,7 +13,6 @@ from itertools import islice
 from typing import Any
 
 import redis
-from celery import Celery
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
@@ -57,19 +54,17 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 class StagedEnqueue:
     """Messages for one owner record (a batch, an embedding run), staged under `{owner}:{part}`."""
 
-    def __init__(self, app: Celery, client: redis.Redis, owner_key: str, part: str = "staging") -> None:
-        settings: Settings = app.conf.routerq_settings
-        self._app = app
+    def __init__(
+        self, client: redis.Redis, settings: Settings, owner_key: str, part: str = "staging"
+    ) -> None:
         self._redis = client
         self._queue = settings.queue
         self._ttl = settings.result_ttl
         self._staging = f"{owner_key}:{part}"
         self._owner = owner_key
-        self._origin = f"{os.getpid()}@{socket.gethostname()}"
         self._pending: list[str] = []
         self._items = 0
         self._extra: list[Callable[[Any], None]] = []
-        self._templates: dict[str, dict[str, Any]] = {}
         client.delete(self._staging)
 
     def add(
@@ -134,12 +129,9 @@ class StagedEnqueue:
         return int(self._redis.eval(_RELEASE, len(keys), *keys, *args))
 
     def _message(self, task: str, args: list[Any], span: tuple[str, dict[str, Any]] | None) -> str:
-        """A Celery protocol-2 message as kombu's Redis transport stores it.
-
-        Headers come from one `as_task_v2` template per task name; only the per-message fields change
-        (building each message through Celery costs more than the rest of a submit together)."""
+        """A Celery protocol-2 message as kombu's Redis transport stores it."""
         task_id = uuid.uuid4().hex
-        headers = {**self._template(task), "id": task_id, "root_id": task_id, "argsrepr": repr(args)}
+        headers = envelope.headers(task, task_id, args)
         if span is not None:
             name, attributes = span
             started = telemetry.tracer().start_span(
@@ -148,17 +140,3 @@ class StagedEnqueue:
             propagate.inject(headers, context=trace.set_span_in_context(started))
             started.end()
         return envelope.build(task_id, headers, args, self._queue)
-
-    def _template(self, task: str) -> dict[str, Any]:
-        if task not in self._templates:
-            message = self._app.amqp.as_task_v2(
-                "template",
-                task,
-                args=[],
-                kwargs={},
-                origin=self._origin,
-                kwargsrepr="{}",
-                ignore_result=True,  # outcomes live in routerq's stores; Celery's would be a second copy
-            )
-            self._templates[task] = dict(message.headers)
-        return self._templates[task]

@@ -1,4 +1,4 @@
-"""Tracing set-up shared by producer and worker: Phoenix exporter plus the OpenAI and Celery instrumentors.
+"""Tracing set-up shared by producer and worker: the Phoenix exporter, and the instrumentors a worker adds.
 
 A process sets tracing up once, after any fork (the export thread does not survive fork), and flushes
 before it exits.
@@ -10,9 +10,10 @@ import atexit
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -22,6 +23,9 @@ from routerq.export_counts import ExportCounts
 from routerq.phoenix_otel import import_phoenix_otel
 from routerq.settings import Settings
 from routerq.span_export import MAX_RETRY_S, SCHEDULE_S, Listening, SpanQueue
+
+if TYPE_CHECKING:
+    from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +62,13 @@ def setup_tracing(
     export_timeout: float = PRODUCER_EXPORT_TIMEOUT_S,
     retry_for: float = PRODUCER_EXPORT_TIMEOUT_S,
     wrap: Callable[[SpanQueue], SpanProcessor] | None = None,
-    llm_calls: bool = False,
+    instrumentors: Sequence[BaseInstrumentor] = (),
     exits_soon: bool = True,
 ) -> TracerProvider | None:
     """Idempotent per process; a fork gets a fresh provider. Returns None when tracing is off.
     A refused span export is tried again for `retry_for` seconds. `wrap` puts a processor in front of
-    the export queue (the worker's tail sampler). `llm_calls`: instrument the openai client too (the
-    worker; a producer never calls it, and importing it costs `routerq enqueue` half a second).
+    the export queue (the worker's tail sampler). `instrumentors` (the worker's: Celery, openai) are
+    pointed at this provider; a producer has none (it publishes without Celery and never calls openai).
     `exits_soon` (a producer): spans for a Phoenix that is not listening at all are given up at once."""
     global _provider, _pid, _queue
     if not settings.tracing:
@@ -72,13 +76,9 @@ def setup_tracing(
     if _provider is not None and _pid == os.getpid():
         return _provider
 
-    # Imported on first use, not with this module: together they cost about a second, and commands
-    # that never trace (status, results, tracing off) should not pay it.
-    from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-
+    # Imported on first use, not with this module: commands that never trace (status, results,
+    # tracing off) should not pay for it.
     phoenix_otel = import_phoenix_otel()
-
-    from routerq.celery_tracing import CeleryInstrumentor
 
     os.environ.setdefault("PHOENIX_DISCOVER_CONFIG", "false")
     endpoint = f"{settings.phoenix_collector_endpoint}/v1/traces"
@@ -102,11 +102,6 @@ def setup_tracing(
         every_s=SCHEDULE_S if exits_soon else LONG_LIVED_EXPORT_EVERY_S,
     )
     provider.add_span_processor(wrap(queue) if wrap else queue)  # replaces Phoenix's default processor
-    instrumentors: list[BaseInstrumentor] = [CeleryInstrumentor()]  # type: ignore[no-untyped-call]
-    if llm_calls:
-        from openinference.instrumentation.openai import OpenAIInstrumentor
-
-        instrumentors.append(OpenAIInstrumentor())
     for instrumentor in instrumentors:
         if instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.uninstrument()

@@ -11,12 +11,14 @@ from celery.signals import (
     after_setup_task_logger,
     worker_shutdown,
 )
+from openinference.instrumentation.openai import OpenAIInstrumentor
 
 from routerq import telemetry
 from routerq.broker import LINES_PER_MESSAGE
 from routerq.redaction import RedactingFilter
 from routerq.settings import Settings
 from worker.app import create_worker_app
+from worker.celery_tracing import CeleryInstrumentor
 from worker.maintenance import watch_broker
 from worker.preflight import check_api_key
 from worker.supervisor import WORKER_INDEX_ENV
@@ -53,7 +55,7 @@ def run_worker(settings: Settings, concurrency: int, loglevel: str = "INFO") -> 
         telemetry.WORKER_EXPORT_TIMEOUT_S,
         telemetry.WORKER_EXPORT_RETRY_S,
         wrap=installer(settings),
-        llm_calls=True,
+        instrumentors=[CeleryInstrumentor(), OpenAIInstrumentor()],  # type: ignore[no-untyped-call]
         exits_soon=False,
     )
     worker_shutdown.connect(lambda **_: telemetry.shutdown(), weak=False)

@@ -159,7 +159,7 @@ class LostMessageSweeper:
         return wanted
 
     def _resend_lines(self, batch: Batch, indexes: list[int]) -> None:
-        staged = StagedEnqueue(self._app, self._redis, self._batches.key(batch.id), part="resend")
+        staged = StagedEnqueue(self._redis, self._settings, self._batches.key(batch.id), part="resend")
         staged.add_lines(batch.id, ((index, None) for index in indexes), time.time())
         staged.release(start=False)
         log.warning(

@@ -26,8 +26,9 @@ from producer import Producer
 from producer.batch_client import BatchClient
 from routerq import envelope
 from routerq.batch_store import Batch, BatchStatus
-from routerq.broker import LINE_TASK_NAME, LINES_PER_MESSAGE, TASK_NAME, create_app
+from routerq.broker import LINE_TASK_NAME, LINES_PER_MESSAGE, TASK_NAME
 from routerq.jobs import Job, JobKind
+from worker.app import create_app
 
 CHAT = "meta-llama/llama-3.1-8b-instruct"
 DEFAULT_RETRIES = {  # the session stack shortens retries for speed; these are a user's defaults

@@ -55,9 +55,9 @@ def test_the_api_key_appears_in_no_span_log_or_stored_result(stack: Stack) -> No
         for prompt in ("a normal answer", "a failure [[status:500]]", "a moderated one [[status:403]]")
     ]
     telemetry.flush()
-    for result in results:  # these three traces whole (4 spans each) before searching every span
+    for result in results:  # these three traces whole (3 spans or more each) before searching every span
         assert result.trace_id, result
-        trace_spans(stack.phoenix.url, stack.project, result.trace_id, expect=4)
+        trace_spans(stack.phoenix.url, stack.project, result.trace_id, expect=3)
 
     spans = all_spans(stack.phoenix.url, stack.project)
     assert stack.api_key not in json.dumps(spans)

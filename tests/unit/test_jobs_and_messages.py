@@ -70,6 +70,22 @@ def test_a_queued_message_reads_back_as_its_task_id_and_args() -> None:
     assert envelope.parse(unacked) == envelope.parse(raw)
 
 
+def test_a_message_built_without_celery_is_the_one_celery_would_publish() -> None:
+    """Producers publish without importing Celery; a worker must not be able to tell the difference."""
+    from celery import Celery
+
+    args = [{"id": "job_1", "body": {"model": "m"}}]
+    celery_headers = (
+        Celery(broker="memory://")
+        .amqp.as_task_v2("job_1", "routerq.run_job", args=args, kwargs={}, ignore_result=True)
+        .headers
+    )
+    assert envelope.headers("routerq.run_job", "job_1", args) == celery_headers
+    assert envelope.parse(envelope.build("job_1", celery_headers, args, "q")) == envelope.Message(
+        "routerq.run_job", "job_1", args
+    )
+
+
 @pytest.mark.parametrize("raw", [b"", b"not json", b"{}", b'{"headers": {}, "body": "!!"}', b"[]"])
 def test_anything_else_on_a_queue_is_not_a_message(raw: bytes) -> None:
     assert envelope.parse(raw) is None
