@@ -1,20 +1,42 @@
-"""The `routerq` command line (cli.app).
+"""The `routerq` command line (cli.app), and what a `routerq` process never loads.
 
-redis-py 8 imports OpenTelemetry's metrics SDK whenever it is installed (it always is beside routerq)
-for metrics that only an explicit `redis.observability` set-up turns on; routerq never does, and that
-import is a sixth of `routerq status`'s start-up. So a `routerq` process imports redis-py with the
-module marked absent (Python raises ImportError for a None in sys.modules, which redis-py takes as
-"not installed"), then unmarks it: tracing commands still import the SDK (phoenix.otel needs it), and
-library users (`Producer` in their own process) are not affected.
+- redis-py 8 imports OpenTelemetry's metrics API and SDK whenever they are installed (they always are
+  beside routerq) for metrics that only an explicit `redis.observability` set-up turns on; routerq
+  never does, and those imports were a fifth of `routerq status`'s start-up. So a `routerq` process
+  imports redis-py with them marked absent (Python raises ImportError for a None in sys.modules, which
+  redis-py takes as "not installed"), then unmarks them: tracing commands still import them.
+- `phoenix.otel` imports the OTLP gRPC exporter (grpc, and the SDK's logs and metrics) for its
+  `protocol="grpc"`; routerq sends spans over HTTP only (routerq.telemetry), and that import was a
+  tenth of `routerq enqueue`. A `routerq` process gets a stand-in that refuses to be used.
+
+Both apply to `routerq` processes only: an application using `Producer` in its own process imports
+its libraries as they are.
 """
 
 import sys
+import types
 
-_METRICS_SDK = "opentelemetry.sdk.metrics"
+_METRICS = ("opentelemetry.metrics", "opentelemetry.sdk.metrics")
+_GRPC_EXPORTER = "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"
 
-if _METRICS_SDK not in sys.modules:
-    sys.modules[_METRICS_SDK] = None  # type: ignore[assignment]
+
+class GrpcNotLoaded:
+    """What phoenix.otel sees as the gRPC span exporter in a `routerq` process."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("routerq sends spans over OTLP/HTTP; the gRPC exporter is not loaded")
+
+
+if _GRPC_EXPORTER not in sys.modules:
+    _stand_in = types.ModuleType(_GRPC_EXPORTER, GrpcNotLoaded.__doc__)
+    _stand_in.OTLPSpanExporter = GrpcNotLoaded  # type: ignore[attr-defined]
+    sys.modules[_GRPC_EXPORTER] = _stand_in
+
+if "redis" not in sys.modules:
+    _marked = [name for name in _METRICS if name not in sys.modules]
+    sys.modules.update(dict.fromkeys(_marked))  # type: ignore[arg-type]
     try:
         import redis  # noqa: F401
     finally:
-        del sys.modules[_METRICS_SDK]
+        for name in _marked:
+            del sys.modules[name]

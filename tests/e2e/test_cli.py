@@ -164,3 +164,18 @@ def test_reading_a_batch_imports_no_tracing_celery_or_openai(stack: Stack, tmp_p
         assert not needless, (
             f"`routerq {command[0]}` imported {len(needless)} needless modules: {needless[:8]}"
         )
+
+
+# What a producer never needs: it publishes the Celery message itself (routerq.envelope), never calls
+# openai, and sends spans over HTTP.
+NOT_FOR_SENDING = ("celery", "kombu", "openai", "grpc", "opentelemetry.exporter.otlp.proto.grpc.exporter")
+
+
+def test_enqueue_traces_without_importing_celery_openai_or_grpc(stack: Stack) -> None:
+    done = routerq(stack, "enqueue", "--wait", "sent light", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == fake_answer(CHAT, "sent light")
+    modules = {row.rsplit("|", 1)[1].strip() for row in done.stderr.splitlines() if row.startswith("import time:")}
+    assert "phoenix.otel" in modules, "the import log was not captured, or enqueue did not trace"
+    needless = sorted(m for m in modules if m.startswith(NOT_FOR_SENDING))
+    assert not needless, f"`routerq enqueue` imported {len(needless)} needless modules: {needless[:8]}"
