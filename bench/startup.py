@@ -7,7 +7,8 @@ Every command runs against a local Redis holding one small batch; `enqueue` trac
 collector that keeps nothing (what Phoenix does with the spans is not the command's time). Each round
 runs every command once, in turn, so a noisy neighbour slows them all alike. Two baselines from the
 same rounds: the interpreter alone (`python -c pass`), and the import of the libraries the read
-commands cannot do without (redis-py, pydantic-settings, typer, rich): what is above that is routerq's.
+commands cannot do without (redis-py, pydantic-settings, typer, rich), as a `routerq` process imports
+them: what is above that is routerq's.
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ def routerq(*args: str) -> list[str]:
 def commands(tmp: Path, batch_id: str) -> dict[str, tuple[list[str], dict[str, str]]]:
     """name -> (argv, extra environment)."""
     untraced = {"ROUTERQ_TRACING": "false"}
-    libraries = "import redis, pydantic_settings, typer, rich.console"
+    # as a routerq process imports them: redis-py without OpenTelemetry's metrics (cli/__init__.py)
+    libraries = (
+        "import sys; sys.modules.update(dict.fromkeys(['opentelemetry.metrics', "
+        "'opentelemetry.sdk.metrics'])); import redis, pydantic_settings, typer, rich.console"
+    )
     return {
         "python -c pass": ([sys.executable, "-c", "pass"], {}),
         "import of the libraries": ([sys.executable, "-c", libraries], {}),

@@ -175,7 +175,9 @@ def test_enqueue_traces_without_importing_celery_openai_or_grpc(stack: Stack) ->
     done = routerq(stack, "enqueue", "--wait", "sent light", env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == fake_answer(CHAT, "sent light")
-    modules = {row.rsplit("|", 1)[1].strip() for row in done.stderr.splitlines() if row.startswith("import time:")}
+    modules = {
+        row.rsplit("|", 1)[1].strip() for row in done.stderr.splitlines() if row.startswith("import time:")
+    }
     assert "phoenix.otel" in modules, "the import log was not captured, or enqueue did not trace"
     needless = sorted(m for m in modules if m.startswith(NOT_FOR_SENDING))
     assert not needless, f"`routerq enqueue` imported {len(needless)} needless modules: {needless[:8]}"
