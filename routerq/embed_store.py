@@ -4,6 +4,7 @@ Keys (`{id}` is the run id, derived from the input file, model and options, so a
   routerq:embed:{id}        hash  the run: model, dimensions, total, done, failed, tokens, cost
   routerq:embed:{id}:in     hash  index -> {"id", "text"}
   routerq:embed:{id}:vec    hash  index -> little-endian float32 bytes (4 bytes a dimension, no JSON)
+  routerq:embed:{id}:claim  hash  index -> "{until} {message id}": the request sending that text now
 """
 
 from __future__ import annotations
@@ -31,6 +32,34 @@ class EmbedRun(BaseModel):
     input_file: str = ""
     project: str | None = None  # the submitter's Phoenix project
     created_at: float = Field(default_factory=time.time)
+
+
+# Take the texts of a request that have no vector and that no other live request holds: a text is sent
+# by one request at a time, even when a re-run's request and a dead worker's restored one run together.
+# A claim lasts as long as a call may (ARGV[2] s); the request that holds it may always take it again
+# (a retry, a redelivery of the same message).
+_CLAIM = """
+local owner, hold = ARGV[1], tonumber(ARGV[2])
+local now = tonumber(redis.call('TIME')[1])
+local taken = {}
+for i = 4, #ARGV do
+  local index = ARGV[i]
+  if redis.call('HEXISTS', KEYS[1], index) == 0 then
+    local held = redis.call('HGET', KEYS[2], index)
+    local free = not held
+    if held then
+      local space = string.find(held, ' ', 1, true)
+      free = string.sub(held, space + 1) == owner or tonumber(string.sub(held, 1, space - 1)) <= now
+    end
+    if free then
+      redis.call('HSET', KEYS[2], index, (now + hold) .. ' ' .. owner)
+      taken[#taken + 1] = index
+    end
+  end
+end
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return taken
+"""
 
 
 def embed_key(run_id: str, part: str = "") -> str:
@@ -88,9 +117,11 @@ class AsyncEmbedStore:
 
     key = staticmethod(embed_key)
 
-    def __init__(self, client: aredis.Redis, ttl: int) -> None:
+    def __init__(self, client: aredis.Redis, ttl: int, claim_s: float) -> None:
         self._redis = client
         self._ttl = ttl
+        self._claim_s = claim_s
+        self._claim = client.register_script(_CLAIM)
 
     async def get(self, run_id: str) -> EmbedRun | None:
         raw = await self._redis.hgetall(self.key(run_id))
@@ -102,12 +133,11 @@ class AsyncEmbedStore:
         values = await self._redis.hmget(self.key(run_id, "in"), indexes)
         return [json.loads(v)["text"] if v else None for v in values]
 
-    async def missing_of(self, run_id: str, indexes: list[int]) -> list[int]:
-        key = self.key(run_id, "vec")
-        pipe = self._redis.pipeline(transaction=False)
-        for index in indexes:
-            pipe.hexists(key, str(index))
-        return [index for index, present in zip(indexes, await pipe.execute(), strict=True) if not present]
+    async def claim(self, run_id: str, indexes: list[int], owner: str) -> list[int]:
+        """The indexes this request is to send: no vector yet, and no other live request holds them."""
+        keys = [self.key(run_id, "vec"), self.key(run_id, "claim")]
+        args: list[str | int] = [owner, int(self._claim_s) + 1, self._ttl, *indexes]
+        return [int(index) for index in await self._claim(keys=keys, args=args)]
 
     async def store_vectors(self, run_id: str, vectors: dict[int, bytes], tokens: int, cost: float) -> int:
         """Store new vectors only (HSETNX): a redelivered request never double-counts."""
@@ -118,6 +148,8 @@ class AsyncEmbedStore:
         added = sum(1 for created in await pipe.execute() if created)
         pipe = self._redis.pipeline(transaction=False)
         pipe.expire(key, self._ttl)
+        if vectors:
+            pipe.hdel(self.key(run_id, "claim"), *vectors)
         pipe.hincrby(self.key(run_id), "done", added)
         if added:
             pipe.hincrby(self.key(run_id), "prompt_tokens", tokens)
@@ -125,5 +157,10 @@ class AsyncEmbedStore:
         await pipe.execute()
         return added
 
-    async def record_failure(self, run_id: str, count: int) -> None:
-        await self._redis.hincrby(self.key(run_id), "failed", count)
+    async def record_failure(self, run_id: str, indexes: list[int]) -> None:
+        """Count the texts failed and let go of them: a re-run sends them again."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hincrby(self.key(run_id), "failed", len(indexes))
+        if indexes:
+            pipe.hdel(self.key(run_id, "claim"), *indexes)
+        await pipe.execute()

@@ -13,7 +13,7 @@ from routerq.batch_store import AsyncBatchStore
 from routerq.embed_store import AsyncEmbedStore
 from routerq.redis_client import connect, connect_async
 from routerq.result_store import AsyncResultStore
-from routerq.settings import Settings
+from routerq.settings import VISIBILITY_SLACK, Settings
 from worker.limiter import SharedLimiter
 from worker.openrouter import OpenRouterClient
 from worker.pricing import PhoenixPricing
@@ -61,7 +61,10 @@ def runtime(app: Celery) -> Runtime:
             limiter=SharedLimiter(client, settings),
             store=AsyncResultStore(client, settings.result_ttl, settings.queue),
             batches=batches,
-            embeddings=AsyncEmbedStore(client, settings.result_ttl),
+            # a text's claim outlives any call: Celery stops a task at ROUTERQ_JOB_TIME_LIMIT
+            embeddings=AsyncEmbedStore(
+                client, settings.result_ttl, claim_s=settings.job_time_limit + VISIBILITY_SLACK
+            ),
             openrouter=OpenRouterClient(settings, concurrency),
             pricing=PhoenixPricing(settings, connect(settings.redis_url)),
             slots=asyncio.Semaphore(concurrency),

@@ -355,7 +355,7 @@ async def _run_embed(
     tries: Tries,
 ) -> dict[str, Any]:
     run_id = run.id
-    todo = await rt.embeddings.missing_of(run_id, indexes)
+    todo = await rt.embeddings.claim(run_id, indexes, owner=delivery.id)
     if not todo:
         return {"run": run_id, "stored": 0}
     body: dict[str, Any] = {
@@ -375,7 +375,7 @@ async def _run_embed(
     )
     deliveries = await over_delivered(rt, delivery, job.id)
     if deliveries:
-        await rt.embeddings.record_failure(run_id, len(todo))
+        await rt.embeddings.record_failure(run_id, todo)
         log.warning("%s", JobFailedError(failed_without_call(job, poison_error(deliveries), tries.attempt)))
         return {"run": run_id, "stored": 0}
     try:
@@ -387,7 +387,7 @@ async def _run_embed(
     span.set_attributes(attempt_attributes(job, tries, attempt))
     _end_status(span, result)
     if not result.ok or result.response is None:
-        await rt.embeddings.record_failure(run_id, len(todo))
+        await rt.embeddings.record_failure(run_id, todo)
         log.warning("%s", JobFailedError(result))
         return {"run": run_id, "stored": 0}
     vectors = {todo[item["index"]]: base64.b64decode(item["embedding"]) for item in result.response["data"]}
