@@ -153,6 +153,38 @@ def test_an_interrupted_embed_resends_only_the_texts_without_vectors(stack: Stac
     assert rows[640]["embedding"] == fake_embedding(f"{marker} text number 640 [[slow:0.4]]", 1536)
 
 
+def test_two_runs_of_one_backfill_at_once_pay_for_each_text_once(stack: Stack, tmp_path: Path) -> None:
+    """A re-run while the first run still goes (or a dead worker's request restored while a re-run's
+    runs): requests for the same texts in flight together send each text once."""
+    marker = uuid.uuid4().hex[:8]
+    rows = [{"doc": f"d{i:02d}", "body": f"{marker} text number {i}" + (" [[slow:1]]" if i % 8 == 0 else "")}
+            for i in range(64)]  # fmt: skip
+    source = tmp_path / "twice.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    queue = f"embed-twice-{marker}"
+    env = {**stack.env, "ROUTERQ_QUEUE": queue}
+    with extra_worker(stack, queue, concurrency=32, ROUTERQ_QUEUE=queue):
+        argv = [ROUTERQ, "embed", str(source), "--model", MODEL, "--id-field", "doc", "--text-field", "body",
+                "--inputs-per-request", "8"]  # fmt: skip
+        outputs = [["-o", str(tmp_path / f"out{n}.jsonl")] for n in range(2)]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+        runs = [subprocess.Popen([*argv, *output], env=env, **pipes) for output in outputs]  # type: ignore[call-overload]
+        for run in runs:
+            _, stderr = run.communicate(timeout=120)
+            assert run.returncode == 0, stderr
+    sent = Counter(
+        int(text.split()[3])
+        for c in embed_calls(stack, marker)
+        for text in c["texts"]  # type: ignore[attr-defined]
+    )
+    assert set(sent) == set(range(64))
+    twice = sorted(text for text, times in sent.items() if times > 1)
+    assert not twice, f"{len(twice)} of 64 texts were sent (and paid for) twice: {twice[:10]}"
+    for n in range(2):
+        written = [json.loads(x)["id"] for x in (tmp_path / f"out{n}.jsonl").read_text().splitlines()]
+        assert written == [f"d{i:02d}" for i in range(64)]
+
+
 def test_a_backfills_embedding_spans_carry_tokens_phoenix_counts_and_routerqs_cost_and_no_vectors(
     stack: Stack, tmp_path: Path
 ) -> None:
