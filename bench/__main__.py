@@ -29,7 +29,9 @@ import redis
 from bench.baseline import run_baseline
 from bench.measure import TreeSampler, cpu_seconds, wait_idle
 from bench.services import Services
-from devstack.localstack import (
+from routerq.core import telemetry
+from routerq.core.settings import Settings
+from routerq.devstack.localstack import (
     Service,
     free_port,
     spawn,
@@ -39,10 +41,8 @@ from devstack.localstack import (
     start_worker,
     wait_until,
 )
-from producer.batch_client import BatchClient
-from routerq import telemetry
-from routerq.settings import Settings
-from worker.supervisor import default_processes
+from routerq.producer.batch_client import BatchClient
+from routerq.worker.upkeep.supervisor import default_processes
 
 MODEL = "meta-llama/llama-3.1-8b-instruct"
 KEY = "sk-or-v1-bench"

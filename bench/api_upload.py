@@ -22,7 +22,7 @@ from bench.__main__ import mib, write_batch
 from bench.measure import TreeSampler
 from bench.results import put_section, section, table
 from bench.services import Services
-from devstack.localstack import Service, free_port, start_api, start_redis
+from routerq.devstack.localstack import Service, free_port, start_api, start_redis
 
 BEGIN, END = "<!-- api-upload:begin -->", "<!-- api-upload:end -->"
 TOKEN = "bench-token"

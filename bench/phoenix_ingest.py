@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from bench.measure import cpu_seconds, tree, wait_idle
-from devstack.localstack import free_port, start_phoenix
+from routerq.devstack.localstack import free_port, start_phoenix
 
 TEXT = "x" * 600
 

@@ -29,10 +29,10 @@ from bench.__main__ import KEY, MODEL, mib, pct, start_span_sink, write_batch
 from bench.measure import TreeSampler
 from bench.results import HEADER, put_section, section, section_rows, table
 from bench.services import UpstreamStack
-from devstack.localstack import free_port, start_worker
-from producer import Producer
-from producer.batch_client import BatchClient
-from routerq.settings import Settings
+from routerq.core.settings import Settings
+from routerq.devstack.localstack import free_port, start_worker
+from routerq.producer import Producer
+from routerq.producer.batch_client import BatchClient
 
 BEGIN, END = "<!-- scenarios:begin -->", "<!-- scenarios:end -->"
 SINGLE_JOBS = 50

@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from devstack.localstack import Service, free_port, start_fake_openrouter, start_redis
+from routerq.devstack.localstack import Service, free_port, start_fake_openrouter, start_redis
 
 
 class Services:

@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.__main__ import start_span_sink
 from bench.results import put_section, section, table
 from bench.services import Services
-from devstack.localstack import free_port, start_redis
+from routerq.devstack.localstack import free_port, start_redis
 
 READ_FLOOR_S = 0.5  # issue 12: status, batches and results start in under half a second
 ENQUEUE_FLOOR_S = 1.0  # and `routerq enqueue` returns in under a second
@@ -53,7 +53,7 @@ def routerq(*args: str) -> list[str]:
 def commands(tmp: Path, batch_id: str) -> dict[str, tuple[list[str], dict[str, str]]]:
     """name -> (argv, extra environment)."""
     untraced = {"ROUTERQ_TRACING": "false"}
-    # as a routerq process imports them: redis-py without OpenTelemetry's metrics (cli/__init__.py)
+    # as a routerq process imports them: redis-py without OpenTelemetry's metrics (routerq/cli/__init__.py)
     libraries = (
         "import sys; sys.modules.update(dict.fromkeys(['opentelemetry.metrics', "
         "'opentelemetry.sdk.metrics'])); import redis, pydantic_settings, typer, rich.console"

@@ -30,11 +30,11 @@ from bench.__main__ import KEY, MODEL, write_batch
 from bench.measure import TreeSampler, wait_idle
 from bench.results import put_section, section, table
 from bench.services import UpstreamStack
-from devstack.localstack import free_port, start_phoenix, start_worker
-from producer.batch_client import BatchClient
-from routerq.batch_store import Batch
-from routerq.export_counts import ExportCounts
-from routerq.settings import DEFAULT_TRACE_BUDGET, Settings
+from routerq.core.batch_store import Batch
+from routerq.core.export_counts import ExportCounts
+from routerq.core.settings import DEFAULT_TRACE_BUDGET, Settings
+from routerq.devstack.localstack import free_port, start_phoenix, start_worker
+from routerq.producer.batch_client import BatchClient
 
 PROJECT = "routerq-trace-budget"
 TRACED_FLOOR = 0.9

@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from routerq.jobs import JobKind
+from routerq.core.jobs import JobKind
 
 if TYPE_CHECKING:
-    from producer.api import JobHandle, Producer
+    from routerq.producer.api import JobHandle, Producer
 
 __all__ = ["JobHandle", "Producer", "enqueue"]
 
@@ -20,7 +20,7 @@ _default: Producer | None = None
 
 def __getattr__(name: str) -> Any:
     if name in ("JobHandle", "Producer"):
-        from producer import api
+        from routerq.producer import api
 
         return getattr(api, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -28,7 +28,7 @@ def __getattr__(name: str) -> Any:
 
 def enqueue(body: Mapping[str, Any], *, kind: JobKind | str = JobKind.CHAT, **options: Any) -> JobHandle:
     """Queue a job with a process-wide Producer configured from the environment."""
-    from producer.api import Producer
+    from routerq.producer.api import Producer
 
     global _default
     if _default is None:

@@ -11,14 +11,14 @@ from openinference.semconv.trace import SpanAttributes
 from opentelemetry import propagate
 from opentelemetry.trace import Span, Status, StatusCode
 
-from routerq import envelope, telemetry
-from routerq.broker import TASK_NAME
-from routerq.errors import JobFailedError
-from routerq.jobs import Job, JobKind, JobResult
-from routerq.redis_client import connect
-from routerq.result_store import ResultStore
-from routerq.settings import Settings, get_settings
-from routerq.spans import output_attribute, producer_attributes
+from routerq.core import envelope, telemetry
+from routerq.core.broker import TASK_NAME
+from routerq.core.errors import JobFailedError
+from routerq.core.jobs import Job, JobKind, JobResult
+from routerq.core.redis_client import connect
+from routerq.core.result_store import ResultStore
+from routerq.core.settings import Settings, get_settings
+from routerq.core.spans import output_attribute, producer_attributes
 
 
 class JobHandle:

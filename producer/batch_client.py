@@ -17,10 +17,9 @@ from openinference.semconv.trace import SpanAttributes
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Status, StatusCode
 
-from producer.batch_reader import BatchReader
-from routerq import telemetry
-from routerq.batch_format import BatchLine, read_lines, validate
-from routerq.batch_store import (
+from routerq.core import telemetry
+from routerq.core.batch_format import BatchLine, read_lines, validate
+from routerq.core.batch_store import (
     Batch,
     BatchOrigin,
     BatchStatus,
@@ -29,10 +28,11 @@ from routerq.batch_store import (
     active_key,
     new_batch_id,
 )
-from routerq.errors import BatchError, BatchFileError, StagingFailed
-from routerq.settings import Settings
-from routerq.spans import BATCH_ID, chain_attributes
-from routerq.staged_enqueue import StagedEnqueue
+from routerq.core.errors import BatchError, BatchFileError, StagingFailed
+from routerq.core.settings import Settings
+from routerq.core.spans import BATCH_ID, chain_attributes
+from routerq.core.staged_enqueue import StagedEnqueue
+from routerq.producer.batch_reader import BatchReader
 
 
 @dataclass

@@ -9,11 +9,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
-from routerq.batch_store import Batch, BatchStats, BatchStatus, BatchStore, Outcome
-from routerq.errors import BatchError
-from routerq.export_counts import ExportCounts
-from routerq.redis_client import connect
-from routerq.settings import Settings
+from routerq.core.batch_store import Batch, BatchStats, BatchStatus, BatchStore, Outcome
+from routerq.core.errors import BatchError
+from routerq.core.export_counts import ExportCounts
+from routerq.core.redis_client import connect
+from routerq.core.settings import Settings
 
 
 @dataclass

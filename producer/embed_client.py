@@ -17,16 +17,16 @@ from typing import IO, Any
 
 from openinference.semconv.trace import SpanAttributes
 
-from routerq import telemetry
-from routerq.batch_format import LineError
-from routerq.broker import EMBED_TASK_NAME
-from routerq.embed_store import EmbedRun, EmbedStore
-from routerq.errors import EmbedError, EmbedInputError
-from routerq.redis_client import connect
-from routerq.settings import Settings
-from routerq.spans import chain_attributes
-from routerq.staged_enqueue import StagedEnqueue
-from routerq.vectors import from_float32
+from routerq.core import telemetry
+from routerq.core.batch_format import LineError
+from routerq.core.broker import EMBED_TASK_NAME
+from routerq.core.embed_store import EmbedRun, EmbedStore
+from routerq.core.errors import EmbedError, EmbedInputError
+from routerq.core.redis_client import connect
+from routerq.core.settings import Settings
+from routerq.core.spans import chain_attributes
+from routerq.core.staged_enqueue import StagedEnqueue
+from routerq.core.vectors import from_float32
 
 
 @dataclass

@@ -18,7 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
-from devstack.localstack import (
+from routerq.core import telemetry
+from routerq.core.batch_store import Batch
+from routerq.core.settings import Settings
+from routerq.devstack.localstack import (
     Service,
     free_port,
     start_fake_openrouter,
@@ -26,10 +29,7 @@ from devstack.localstack import (
     start_redis,
     start_worker,
 )
-from producer.batch_client import BatchClient
-from routerq import telemetry
-from routerq.batch_store import Batch
-from routerq.settings import Settings
+from routerq.producer.batch_client import BatchClient
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

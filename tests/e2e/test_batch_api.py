@@ -18,8 +18,8 @@ import pytest
 from conftest import Stack, line, routerq, write_jsonl
 from phoenix_queries import trace_spans
 
-from devstack.fake_openrouter import fake_answer
-from devstack.localstack import Service, free_port, start_api
+from routerq.devstack.fake_openrouter import fake_answer
+from routerq.devstack.localstack import Service, free_port, start_api
 
 TOKEN_A, TOKEN_B = "rq-token-a-" + uuid.uuid4().hex, "rq-token-b-" + uuid.uuid4().hex
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,12 +14,12 @@ import pytest
 from conftest import Stack, calls_with, line, routerq, wait_final, wait_for, write_jsonl
 from phoenix_queries import trace_spans
 
-from devstack.fake_openrouter import fake_answer, fake_embedding
-from producer.batch_client import BatchClient
-from routerq import telemetry
-from routerq.batch_store import BatchStatus
-from routerq.errors import BatchFileError
-from routerq.jobs import embedding_vector
+from routerq.core import telemetry
+from routerq.core.batch_store import BatchStatus
+from routerq.core.errors import BatchFileError
+from routerq.core.jobs import embedding_vector
+from routerq.devstack.fake_openrouter import fake_answer, fake_embedding
+from routerq.producer.batch_client import BatchClient
 
 CHAT = "meta-llama/llama-3.1-8b-instruct"
 COMPLETION = "mistralai/mistral-7b-instruct"

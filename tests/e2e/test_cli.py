@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import Stack, line, routerq, write_jsonl
 
-from devstack.fake_openrouter import fake_answer
+from routerq.devstack.fake_openrouter import fake_answer
 
 CHAT = "meta-llama/llama-3.1-8b-instruct"
 
@@ -139,7 +139,7 @@ def test_a_phoenix_server_installed_beside_routerq_is_never_imported(stack: Stac
 
 # What only sending work or tracing needs: a command that just reads a batch must not pay for it.
 # (The metrics SDK's submodules, not the package: redis-py's attempt to import it is logged, though
-# it fails; see cli/__init__.py.)
+# it fails; see routerq/cli/__init__.py.)
 NOT_FOR_READING = (
     "opentelemetry.sdk.trace", "opentelemetry.sdk.metrics.", "opentelemetry.exporter",
     "celery", "kombu", "openai", "phoenix",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import ROUTERQ
 
-from devstack.fake_openrouter import fake_answer
+from routerq.devstack.fake_openrouter import fake_answer
 
 
 def test_demo_runs_every_kind_and_prints_the_phoenix_url(tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ import pytest
 import redis
 from conftest import ROUTERQ, Stack, extra_worker, routerq, wait_for
 
-from devstack.fake_openrouter import fake_embedding
-from producer.embed_client import EmbedClient
-from routerq.embed_store import EmbedStore
+from routerq.core.embed_store import EmbedStore
+from routerq.devstack.fake_openrouter import fake_embedding
+from routerq.producer.embed_client import EmbedClient
 
 MODEL = "openai/text-embedding-3-small"
 

@@ -8,10 +8,10 @@ from conftest import Stack
 from opentelemetry import trace
 from phoenix_queries import by_name, span_cost, trace_spans
 
-from devstack.fake_openrouter import fake_answer, fake_embedding
-from producer import Producer
-from routerq import telemetry
-from routerq.jobs import Job, JobKind, embedding_vector
+from routerq.core import telemetry
+from routerq.core.jobs import Job, JobKind, embedding_vector
+from routerq.devstack.fake_openrouter import fake_answer, fake_embedding
+from routerq.producer import Producer
 
 CHAT = "meta-llama/llama-3.1-8b-instruct"
 COMPLETION = "mistralai/mistral-7b-instruct"

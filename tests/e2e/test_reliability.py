@@ -21,14 +21,14 @@ import pytest
 import redis
 from conftest import Stack, calls_with, extra_worker, line, routerq, wait_final, wait_for, write_jsonl
 
-from devstack.localstack import free_port, start_redis, start_worker
-from producer import Producer
-from producer.batch_client import BatchClient
-from routerq import envelope
-from routerq.batch_store import Batch, BatchStatus
-from routerq.broker import LINE_TASK_NAME, LINES_PER_MESSAGE, TASK_NAME
-from routerq.jobs import Job, JobKind
-from worker.app import create_app
+from routerq.core import envelope
+from routerq.core.batch_store import Batch, BatchStatus
+from routerq.core.broker import LINE_TASK_NAME, LINES_PER_MESSAGE, TASK_NAME
+from routerq.core.jobs import Job, JobKind
+from routerq.devstack.localstack import free_port, start_redis, start_worker
+from routerq.producer import Producer
+from routerq.producer.batch_client import BatchClient
+from routerq.worker.execution.app import create_app
 
 CHAT = "meta-llama/llama-3.1-8b-instruct"
 DEFAULT_RETRIES = {  # the session stack shortens retries for speed; these are a user's defaults

@@ -12,12 +12,12 @@ import yaml
 from conftest import Stack, extra_worker, line, wait_final, write_jsonl
 from phoenix_queries import all_spans, trace_spans
 
-from devstack.localstack import TLSFiles, free_port, start_redis
-from producer import Producer
-from producer.batch_client import BatchClient
-from routerq import telemetry
-from routerq.jobs import Job, JobKind
-from routerq.settings import Settings
+from routerq.core import telemetry
+from routerq.core.jobs import Job, JobKind
+from routerq.core.settings import Settings
+from routerq.devstack.localstack import TLSFiles, free_port, start_redis
+from routerq.producer import Producer
+from routerq.producer.batch_client import BatchClient
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = "meta-llama/llama-3.1-8b-instruct"

@@ -13,8 +13,8 @@ from conftest import MODELS, Stack, extra_worker, line, routerq, wait_final, wri
 from phoenix.client import Client
 from phoenix_queries import Span
 
-from producer.batch_client import BatchClient
-from routerq.settings import DEFAULT_TRACE_BUDGET
+from routerq.core.settings import DEFAULT_TRACE_BUDGET
+from routerq.producer.batch_client import BatchClient
 
 
 def batch_spans(stack: Stack, batch_id: str, name: str, expect: int, timeout: float = 90) -> list[Span]:

@@ -1,9 +1,9 @@
 import pytest
 
-from api.auth import OPEN_TENANT, Tokens, token_hash
-from api.server import check_auth
-from routerq.errors import SettingsError
-from routerq.settings import DEFAULT_MAX_UPLOAD_MB, Settings
+from routerq.api.auth import OPEN_TENANT, Tokens, token_hash
+from routerq.api.server import check_auth
+from routerq.core.errors import SettingsError
+from routerq.core.settings import DEFAULT_MAX_UPLOAD_MB, Settings
 
 
 def test_each_token_is_its_own_tenant_named_by_its_hash_never_by_the_token() -> None:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from routerq.batch_format import BatchLine, LineError, output_line, parse_line, read_lines, validate
-from routerq.jobs import JobError, JobKind, JobResult, Usage
+from routerq.core.batch_format import BatchLine, LineError, output_line, parse_line, read_lines, validate
+from routerq.core.jobs import JobError, JobKind, JobResult, Usage
 
 CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -13,12 +13,12 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from routerq.span_export import SpanQueue
-from worker.call_record import Recording, replaying, untraced
-from worker.line_trace import LineTrace
-from worker.openrouter import OpenRouterTransport
-from worker.tail_sampler import TailSampler
-from worker.trace_budget import TraceBudget
+from routerq.core.span_export import SpanQueue
+from routerq.worker.tracing.line_trace import LineTrace
+from routerq.worker.tracing.tail_sampler import TailSampler
+from routerq.worker.tracing.trace_budget import TraceBudget
+from routerq.worker.upstream.call_record import Recording, replaying, untraced
+from routerq.worker.upstream.openrouter import OpenRouterTransport
 
 REQUEST = httpx2.Request("POST", "https://openrouter.test/api/v1/chat/completions", json={"model": "m"})
 

@@ -1,6 +1,6 @@
 import random
 
-from routerq.histogram import bucket, bucket_value, percentiles
+from routerq.core.histogram import bucket, bucket_value, percentiles
 
 
 def test_a_percentile_from_buckets_is_within_three_percent_of_the_exact_one() -> None:

@@ -10,14 +10,14 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from devstack.demo import LOCAL_KEY, export_lines
-from routerq import envelope
-from routerq.errors import SettingsError
-from routerq.jobs import Job, JobKind, embedding_vector
-from routerq.redis_client import describe
-from routerq.settings import Settings, load_settings
-from routerq.vectors import from_float32
-from worker.limiter import estimate_tokens
+from routerq.core import envelope
+from routerq.core.errors import SettingsError
+from routerq.core.jobs import Job, JobKind, embedding_vector
+from routerq.core.redis_client import describe
+from routerq.core.settings import Settings, load_settings
+from routerq.core.vectors import from_float32
+from routerq.devstack.demo import LOCAL_KEY, export_lines
+from routerq.worker.upstream.limiter import estimate_tokens
 
 
 def test_each_kind_knows_its_openrouter_path_and_batch_url() -> None:

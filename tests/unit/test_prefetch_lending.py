@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.pool import Lent
+from routerq.worker.execution.pool import Lent
 
 
 def test_each_ended_line_gives_one_slot_back_and_the_ack_gives_the_rest() -> None:

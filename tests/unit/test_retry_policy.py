@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from routerq.jobs import JobError
-from routerq.settings import Settings
-from worker.attempt import final_error
-from worker.retry import Action, Tries, backoff, decide, error_class
+from routerq.core.jobs import JobError
+from routerq.core.settings import Settings
+from routerq.worker.execution.attempt import final_error
+from routerq.worker.upstream.retry import Action, Tries, backoff, decide, error_class
 
 SETTINGS = Settings(ROUTERQ_MAX_ATTEMPTS=6, ROUTERQ_RETRY_BASE_DELAY=1.0, ROUTERQ_RETRY_MAX_DELAY=60.0)
 NOW = 1_800_000_000.0

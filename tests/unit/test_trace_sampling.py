@@ -13,9 +13,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from routerq.span_export import Listening, SpanQueue
-from worker.slow_lines import SLOW_SLACK, SlowLines
-from worker.trace_budget import fraction, ratio_keeps
+from routerq.core.span_export import Listening, SpanQueue
+from routerq.worker.tracing.slow_lines import SLOW_SLACK, SlowLines
+from routerq.worker.tracing.trace_budget import fraction, ratio_keeps
 
 
 def test_a_fraction_keeps_the_same_trace_ids_every_time_and_about_that_share_of_them() -> None:

@@ -9,7 +9,7 @@ import aiohttp
 import httpx2
 import pytest
 
-from worker.openrouter import lost_connection_as_read_error, retry_after, unusable_reason
+from routerq.worker.upstream.openrouter import lost_connection_as_read_error, retry_after, unusable_reason
 
 NOW = 1_800_000_000.0
 

@@ -1,0 +1,572 @@
+"""Batch state in Redis: the batch record, its input lines, per-line outcomes, all with one TTL.
+
+Keys (`{id}` is the batch id):
+  routerq:batch:{id}        hash   the record: status, counts, usage, metadata
+  routerq:batch:{id}:in     hash   line index -> input line (what workers run, what `retry` re-sends)
+  routerq:batch:{id}:out    hash   line index -> outcome: one letter (S, F, C) + the OpenAI output line
+  routerq:batch:{id}:run    set    line indexes running now
+  routerq:batch:{id}:parked set    line indexes set aside while the batch is paused (re-sent by resume)
+  routerq:batch:{id}:held   hash   line index -> the cost reserved for its call (batches with a budget)
+  routerq:batch:{id}:stats  hash   latency and queue-wait histograms (routerq.histogram):
+                                   lat:{bucket} and wait:{bucket} -> lines
+  routerq:batches           zset   batch ids by creation time
+  routerq:active:{queue}    set    batches with lines on that queue, until the lost-line sweep sees them end
+A success is final: a redelivered line never overwrites or double-counts it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio as aredis
+from pydantic import BaseModel, Field
+
+from routerq.core.histogram import bucket, percentiles
+from routerq.core.jobs import BUILT_ON_FIRST_USE, JobResult
+from routerq.core.redis_client import as_text
+
+INDEX_KEY = "routerq:batches"
+DELIVERY_KEY_TTL_S = 24 * 3600  # far beyond any visibility timeout: a counter outlives its redeliveries
+IDEMPOTENCY_KEY = "routerq:idempotency:{key}"
+
+
+def batch_key(batch_id: str, part: str = "") -> str:
+    return f"routerq:batch:{batch_id}" + (f":{part}" if part else "")
+
+
+def active_key(queue: str) -> str:
+    return f"routerq:active:{queue}"
+
+
+class BatchStatus(StrEnum):
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.CANCELLED)
+
+
+class Outcome(StrEnum):
+    SUCCEEDED = "S"
+    FAILED = "F"
+    CANCELLED = "C"
+
+
+class BatchOrigin(BaseModel):
+    """Where a batch made through the Batch API (`routerq serve`) came from; None for `routerq submit`."""
+
+    model_config = BUILT_ON_FIRST_USE
+
+    owner: str  # the hash of the token that made it (api.auth): only that token sees the batch
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+
+
+class Batch(BaseModel):
+    model_config = BUILT_ON_FIRST_USE
+    id: str
+    name: str = ""
+    status: BatchStatus = BatchStatus.VALIDATING
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    running: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    metadata: dict[str, str] = Field(default_factory=dict)
+    session_id: str | None = None
+    user_id: str | None = None
+    input_file: str = ""
+    digest: str = ""
+    idempotency_key: str | None = None
+    reason: str | None = None
+    max_cost: float | None = None
+    project: str | None = None  # the submitter's Phoenix project: every line's trace goes there
+    origin: BatchOrigin | None = None
+    parked: int = 0
+    retries: int = 0  # attempts beyond each line's first, and waits for rate limits
+    traced: int = 0  # lines whose whole trace went to Phoenix
+    sampled_out: int = 0  # successful lines the trace budget left out
+    created_at: float = Field(default_factory=time.time)
+    in_progress_at: float | None = None
+    completed_at: float | None = None
+    cancelled_at: float | None = None
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed + self.cancelled
+
+    @property
+    def queued(self) -> int:
+        return max(0, self.total - self.done - self.running - self.parked)
+
+    def openai_object(self) -> dict[str, Any]:
+        """The batch as OpenAI's batch object, with routerq's finer counts beside OpenAI's three."""
+        return {
+            "id": self.id,
+            "object": "batch",
+            "status": self.status.value,
+            "input_file": self.input_file,
+            "request_counts": {
+                "total": self.total,
+                "completed": self.succeeded,
+                "failed": self.failed,
+                "queued": self.queued,
+                "running": self.running,
+                "parked": self.parked,
+                "succeeded": self.succeeded,
+                "cancelled": self.cancelled,
+            },
+            "usage": {
+                "input_tokens": self.prompt_tokens,
+                "output_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "cost": self.cost,
+            },
+            "metadata": {"name": self.name, **self.metadata} if self.name else dict(self.metadata),
+            "reason": self.reason,
+            "max_cost": self.max_cost,
+            "created_at": int(self.created_at),
+            "in_progress_at": _int(self.in_progress_at),
+            "completed_at": _int(self.completed_at),
+            "cancelled_at": _int(self.cancelled_at),
+        }
+
+
+def _int(value: float | None) -> int | None:
+    return int(value) if value is not None else None
+
+
+def _outcome(raw: Any) -> Outcome:
+    return Outcome(as_text(raw)[:1])
+
+
+def new_batch_id() -> str:
+    return f"batch_{uuid.uuid4().hex[:24]}"
+
+
+# Give back a line's reserved cost (see _GO): every path that ends a line's call runs this.
+_RELEASE = """
+local function release(meta, held, index)
+  local est = redis.call('HGET', held, index)
+  if not est then return end
+  redis.call('HDEL', held, index)
+  if redis.call('HLEN', held) == 0 then
+    redis.call('HDEL', meta, 'reserved')
+  else
+    redis.call('HINCRBYFLOAT', meta, 'reserved', tostring(-tonumber(est)))
+  end
+end
+"""
+
+# May a line's call start now? Asked with a call slot held, right before the call: the batch may have
+# been cancelled or paused, or spent its budget, while the line waited for the slot. Returns the
+# message's delivery count (>= 1: go, the worker checks it against ROUTERQ_MAX_DELIVERIES), or a Go
+# verdict. Deliveries count here, at the call, so a crash blames the lines that were calling, not the
+# ones waiting behind them. With a budget, the line's estimated cost is reserved: the call may start
+# while spent + reserved + its estimate fits, or when no other call holds a reservation, so the spend
+# passes the budget by at most about one call. The estimate is the batch's mean cost per success;
+# before any line succeeded it is unknown, and calls go one at a time until one has.
+# KEYS: meta, held, parked, run, deliveries; ARGV: index, ttl, deliveries ttl
+_GO = (
+    _RELEASE
+    + """
+local meta, held, index = KEYS[1], KEYS[2], ARGV[1]
+local f = redis.call('HMGET', meta, 'status', 'max_cost', 'cost', 'reserved', 'succeeded')
+if not f[1] then return -1 end
+if f[1] == 'cancelling' or f[1] == 'cancelled' or f[1] == 'failed' then return -2 end
+if f[1] == 'paused' then
+  release(meta, held, index)
+  redis.call('SADD', KEYS[3], index)
+  redis.call('SREM', KEYS[4], index)
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+  return -3
+end
+local budget = tonumber(f[2] or '')
+if budget then
+  release(meta, held, index)
+  local spent, succeeded = tonumber(f[3] or '0'), tonumber(f[5] or '0')
+  local reserved = tonumber(redis.call('HGET', meta, 'reserved') or '0')
+  if spent >= budget then return -4 end
+  local estimate = 0
+  if succeeded > 0 then estimate = spent / succeeded end
+  if redis.call('HLEN', held) > 0 and (succeeded == 0 or spent + reserved + estimate > budget) then
+    return -4
+  end
+  redis.call('HSET', held, index, tostring(estimate))
+  redis.call('HINCRBYFLOAT', meta, 'reserved', tostring(estimate))
+  redis.call('EXPIRE', held, ARGV[2])
+end
+local n = redis.call('INCR', KEYS[5])
+redis.call('EXPIRE', KEYS[5], ARGV[3])
+return n
+"""
+)
+
+
+class Go(IntEnum):
+    """Why a line's call may not start now (the gate's answer when it is not a delivery count)."""
+
+    MISSING = -1  # the batch expired
+    STOPPED = -2  # cancelled, cancelling or failed
+    PARKED = -3  # the batch is paused: the line was set aside
+    OVER_BUDGET = -4  # the calls in flight hold the rest of the budget: come back later
+
+
+# Record one outcome atomically: counters, usage, running set and the final status move together.
+# Returns -1 (no batch), 0 (already recorded), 1, or 2 when this outcome ended the batch.
+_RECORD = (
+    _RELEASE
+    + """
+local meta, out, run = KEYS[1], KEYS[2], KEYS[3]
+local index, outcome, value = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', meta) == 0 then return -1 end
+release(meta, KEYS[5], index)
+local names = {S = 'succeeded', F = 'failed', C = 'cancelled'}
+local prev = redis.call('HGET', out, index)
+if prev then
+  local p = string.sub(prev, 1, 1)
+  if p == 'S' or p == outcome then
+    redis.call('SREM', run, index)
+    return 0
+  end
+  redis.call('HINCRBY', meta, names[p], -1)
+end
+redis.call('HSET', out, index, outcome .. value)
+redis.call('HINCRBY', meta, names[outcome], 1)
+if ARGV[9] ~= '' then redis.call('HINCRBY', meta, ARGV[9], 1) end
+if ARGV[10] ~= '0' then redis.call('HINCRBY', meta, 'retries', ARGV[10]) end
+if ARGV[11] ~= '' then
+  redis.call('HINCRBY', KEYS[4], 'lat:' .. ARGV[11], 1)
+  redis.call('HINCRBY', KEYS[4], 'wait:' .. ARGV[12], 1)
+  redis.call('EXPIRE', KEYS[4], ARGV[8])
+end
+if outcome == 'S' then
+  redis.call('HINCRBY', meta, 'prompt_tokens', ARGV[4])
+  redis.call('HINCRBY', meta, 'completion_tokens', ARGV[5])
+  local spent = tonumber(redis.call('HINCRBYFLOAT', meta, 'cost', ARGV[6]))
+  local budget = tonumber(redis.call('HGET', meta, 'max_cost') or '')
+  if budget and spent >= budget and redis.call('HGET', meta, 'status') == 'in_progress' then
+    redis.call('HSET', meta, 'status', 'paused', 'reason', string.format('budget of $%s reached', budget))
+  end
+end
+redis.call('SREM', run, index)
+redis.call('EXPIRE', out, ARGV[8])
+local f = redis.call('HMGET', meta, 'total', 'succeeded', 'failed', 'cancelled', 'status')
+local done = tonumber(f[2] or 0) + tonumber(f[3] or 0) + tonumber(f[4] or 0)
+if done >= tonumber(f[1]) then
+  if f[5] == 'in_progress' or f[5] == 'paused' then
+    redis.call('HSET', meta, 'status', 'completed', 'completed_at', ARGV[7])
+    return 2
+  elseif f[5] == 'cancelling' then
+    redis.call('HSET', meta, 'status', 'cancelled', 'cancelled_at', ARGV[7])
+    return 2
+  end
+end
+return 1
+"""
+)
+
+# Set a line aside while the batch is paused; 0 means the batch is running again: run the line.
+_PARK = (
+    _RELEASE
+    + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'paused' then return 0 end
+release(KEYS[1], KEYS[4], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+)
+
+# A line that will not run now (a retry, a skip): off the running set, its reservation given back.
+_UNMARK = (
+    _RELEASE
+    + """
+redis.call('SREM', KEYS[2], ARGV[1])
+release(KEYS[1], KEYS[3], ARGV[1])
+"""
+)
+
+# Pause only a running batch (a cancel or an end wins), keeping the first reason.
+_PAUSE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'paused', 'reason', ARGV[1])
+return 1
+"""
+
+# Leave a pause (to run again, or to cancel) before handing back the parked lines, so no new line is
+# parked meanwhile; ARGV[2]/ARGV[3] optionally stamp a field (cancelled_at).
+_UNPARK = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'paused' then return false end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end
+redis.call('HDEL', KEYS[1], 'reason')
+local parked = redis.call('SMEMBERS', KEYS[2])
+redis.call('DEL', KEYS[2])
+return parked
+"""
+
+_JSON_FIELDS = ("metadata", "origin")
+_NUMBERS = {"total", "succeeded", "failed", "cancelled", "prompt_tokens", "completion_tokens"}
+_STATS_QUANTILES = (0.5, 0.95, 0.99)
+
+
+def _batch(raw: dict[Any, Any], running: int, parked: int) -> Batch | None:
+    if not raw:
+        return None
+    data: dict[str, Any] = {as_text(k): as_text(v) for k, v in raw.items()}
+    for name in _JSON_FIELDS:
+        if name in data:
+            data[name] = json.loads(data[name])
+    data["running"], data["parked"] = running, parked
+    return Batch.model_validate(data)
+
+
+class Recorded(IntEnum):
+    NO_BATCH = -1
+    ALREADY = 0  # a redelivery: the line had this outcome (or a success) already
+    STORED = 1
+    ENDED_BATCH = 2  # this outcome was the batch's last
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """A batch's latency and queue-wait percentiles in ms (None before any line ran)."""
+
+    latency_ms: dict[float, float | None]
+    queue_wait_ms: dict[float, float | None]
+    lines: int = 0  # lines whose latency was recorded
+
+
+def parse_stats(raw: dict[Any, Any]) -> BatchStats:
+    latency: dict[int, int] = {}
+    wait: dict[int, int] = {}
+    for key, count in raw.items():
+        name, _, index = as_text(key).partition(":")
+        (latency if name == "lat" else wait)[int(index)] = int(count)
+    return BatchStats(
+        percentiles(latency, _STATS_QUANTILES), percentiles(wait, _STATS_QUANTILES), sum(latency.values())
+    )
+
+
+_Pipe = TypeVar("_Pipe", redis.client.Pipeline, aredis.client.Pipeline)
+
+
+def _queue_batch_read(pipe: _Pipe, batch_id: str) -> _Pipe:
+    """The record, running and parked counts, queued on a pipeline: its reply is `_batch`'s arguments."""
+    pipe.hgetall(batch_key(batch_id))
+    pipe.scard(batch_key(batch_id, "run"))
+    pipe.scard(batch_key(batch_id, "parked"))
+    return pipe
+
+
+@dataclass(frozen=True)
+class LineStart:
+    batch: Batch | None
+    line: dict[str, Any] | None
+    outcome: Outcome | None
+
+
+class BatchStore:
+    def __init__(self, client: redis.Redis, ttl: int) -> None:
+        self._redis = client
+        self._ttl = ttl
+        self._unpark = client.register_script(_UNPARK)
+
+    key = staticmethod(batch_key)
+
+    def create(self, batch: Batch) -> None:
+        fields: dict[str, Any] = {}
+        for name, value in batch.model_dump(exclude_none=True).items():
+            fields[name] = json.dumps(value) if name in _JSON_FIELDS else value
+        pipe = self._redis.pipeline()
+        pipe.hset(self.key(batch.id), mapping=fields)  # type: ignore[arg-type]
+        pipe.expire(self.key(batch.id), self._ttl)
+        pipe.zadd(INDEX_KEY, {batch.id: batch.created_at})
+        pipe.zremrangebyscore(INDEX_KEY, "-inf", batch.created_at - self._ttl)  # their state has expired
+        pipe.execute()
+
+    def get(self, batch_id: str) -> Batch | None:
+        return _batch(*_queue_batch_read(self._redis.pipeline(transaction=False), batch_id).execute())
+
+    def set_status(self, batch_id: str, status: BatchStatus, **fields: Any) -> None:
+        mapping: dict[str, str | float] = {"status": status.value, **fields}
+        self._redis.hset(self.key(batch_id), mapping=mapping)  # type: ignore[arg-type]
+
+    def stats(self, batch_id: str) -> BatchStats:
+        return parse_stats(self._redis.hgetall(self.key(batch_id, "stats")))
+
+    def recent(self, limit: int = 50) -> list[Batch]:
+        ids = self._redis.zrevrange(INDEX_KEY, 0, limit - 1)
+        batches = [self.get(as_text(i)) for i in ids]
+        return [b for b in batches if b is not None]
+
+    def line(self, batch_id: str, index: int) -> dict[str, Any] | None:
+        raw = self._redis.hget(self.key(batch_id, "in"), str(index))
+        return json.loads(raw) if raw else None
+
+    def unpark(self, batch_id: str, status: BatchStatus, **stamp: float) -> list[int] | None:
+        """Move a paused batch to `status`; its parked line indexes, or None when it was not paused."""
+        field, value = next(iter(stamp.items())) if stamp else ("", 0.0)
+        keys = [self.key(batch_id), self.key(batch_id, "parked")]
+        parked = self._unpark(keys=keys, args=[status.value, field, value])
+        return None if parked is None else sorted(int(i) for i in parked)
+
+    def outputs(
+        self, batch_id: str, total: int, page: int = 1000
+    ) -> Iterator[tuple[int, Outcome | None, bytes]]:
+        """Outcomes in input order, `page` per round trip, so memory stays flat in the batch size."""
+        key = self.key(batch_id, "out")
+        for start in range(0, total, page):
+            indexes = list(range(start, min(start + page, total)))
+            for index, raw in zip(indexes, self._redis.hmget(key, indexes), strict=True):
+                if raw:
+                    yield index, _outcome(raw), raw[1:] if isinstance(raw, bytes) else raw[1:].encode()
+                else:
+                    yield index, None, b""
+
+    def indexes_with(self, batch_id: str, outcomes: set[Outcome]) -> Iterator[int]:
+        for field, value in self._redis.hscan_iter(self.key(batch_id, "out"), count=1000):
+            if _outcome(value) in outcomes:
+                yield int(field)
+
+    def claim_idempotency_key(self, key: str, batch_id: str) -> str | None:
+        """Returns the batch that already owns `key`, or None when this batch now owns it."""
+        name = IDEMPOTENCY_KEY.format(key=key)
+        if self._redis.set(name, batch_id, nx=True, ex=self._ttl):
+            return None
+        owner = self._redis.get(name)
+        return as_text(owner) if owner else None
+
+    def discard_staging(self, batch_id: str) -> None:
+        self._redis.delete(self.key(batch_id, "staging"))
+
+    def release_idempotency_key(self, key: str) -> None:
+        self._redis.delete(IDEMPOTENCY_KEY.format(key=key))
+
+
+class AsyncBatchStore:
+    """The worker's side of a batch, on redis.asyncio: start a line, then record, park or pause it."""
+
+    key = staticmethod(batch_key)
+
+    def __init__(self, client: aredis.Redis, ttl: int) -> None:
+        self._redis = client
+        self._ttl = ttl
+        self._record = client.register_script(_RECORD)
+        self._park = client.register_script(_PARK)
+        self._go = client.register_script(_GO)
+        self._unmark = client.register_script(_UNMARK)
+        self._pause = client.register_script(_PAUSE)
+
+    async def begin(self, batch_id: str, indexes: list[int]) -> list[LineStart]:
+        """What a worker needs before it may run lines of one message, in one round trip: the batch,
+        each line, its outcome so far. The lines are marked running at once; every path that does
+        not run one records, parks or unmarks it."""
+        fields = [str(i) for i in indexes]
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.sadd(self.key(batch_id, "run"), *indexes)
+        pipe.expire(self.key(batch_id, "run"), self._ttl)
+        pipe.hgetall(self.key(batch_id))
+        pipe.hmget(self.key(batch_id, "in"), fields)
+        pipe.hmget(self.key(batch_id, "out"), fields)
+        _, _, raw, lines, outcomes = await pipe.execute()
+        batch = _batch(raw, 0, 0)
+        return [
+            LineStart(batch, json.loads(line) if line else None, _outcome(outcome) if outcome else None)
+            for line, outcome in zip(lines, outcomes, strict=True)
+        ]
+
+    async def get(self, batch_id: str) -> Batch | None:
+        return _batch(*await _queue_batch_read(self._redis.pipeline(transaction=False), batch_id).execute())
+
+    async def stats(self, batch_id: str) -> BatchStats:
+        return parse_stats(await self._redis.hgetall(self.key(batch_id, "stats")))
+
+    async def latency_p99(self, batch_id: str) -> tuple[int, float | None]:
+        """How many lines' latencies the batch has recorded, and their p99 in ms."""
+        stats = await self.stats(batch_id)
+        return stats.lines, stats.latency_ms.get(0.99)
+
+    async def unmark_running(self, batch_id: str, index: int) -> None:
+        keys = [self.key(batch_id), self.key(batch_id, "run"), self.key(batch_id, "held")]
+        await self._unmark(keys=keys, args=[index])
+
+    async def go(self, batch_id: str, index: int, delivery_key: str) -> int:
+        """The message's delivery count when the line's call may start now, else a Go verdict (_GO)."""
+        keys = [
+            self.key(batch_id),
+            self.key(batch_id, "held"),
+            self.key(batch_id, "parked"),
+            self.key(batch_id, "run"),
+            delivery_key,
+        ]
+        return int(await self._go(keys=keys, args=[index, self._ttl, DELIVERY_KEY_TTL_S]))
+
+    async def park(self, batch_id: str, index: int) -> bool:
+        keys = [
+            self.key(batch_id),
+            self.key(batch_id, "parked"),
+            self.key(batch_id, "run"),
+            self.key(batch_id, "held"),
+        ]
+        return bool(await self._park(keys=keys, args=[index, self._ttl]))
+
+    async def pause(self, batch_id: str, reason: str) -> bool:
+        return bool(await self._pause(keys=[self.key(batch_id)], args=[reason]))
+
+    async def record(
+        self,
+        batch_id: str,
+        index: int,
+        outcome: Outcome,
+        line: dict[str, Any],
+        result: JobResult | None,
+        *,
+        traced: bool | None = None,
+        retries: int = 0,
+    ) -> Recorded:
+        """Store a line's outcome with its usage, latency, queue wait and whether its trace was kept
+        (None: this worker does not trace)."""
+        usage = result.usage if result and result.usage else None
+        started, finished = (result.started_at, result.finished_at) if result else (None, None)
+        keys = [
+            self.key(batch_id),
+            self.key(batch_id, "out"),
+            self.key(batch_id, "run"),
+            self.key(batch_id, "stats"),
+            self.key(batch_id, "held"),
+        ]
+        args = [
+            index,
+            outcome.value,
+            json.dumps(line, separators=(",", ":")),
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+            repr(usage.cost or 0.0) if usage else "0",
+            time.time(),
+            self._ttl,
+            "" if traced is None else ("traced" if traced else "sampled_out"),
+            retries,
+            bucket((finished - started) * 1000) if started and finished else "",
+            bucket((started - result.enqueued_at) * 1000) if started and finished and result else "",
+        ]
+        return Recorded(int(await self._record(keys=keys, args=args)))

@@ -1,0 +1,73 @@
+"""Per-process worker state, built on the process's event loop at its first task and shared by all."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import redis.asyncio as aredis
+from celery import Celery
+
+from routerq.core.batch_store import AsyncBatchStore
+from routerq.core.embed_store import AsyncEmbedStore
+from routerq.core.redis_client import connect, connect_async
+from routerq.core.result_store import AsyncResultStore
+from routerq.core.settings import VISIBILITY_SLACK, Settings
+from routerq.worker.tracing.slow_lines import SlowLines
+from routerq.worker.upstream.limiter import SharedLimiter
+from routerq.worker.upstream.openrouter import OpenRouterClient
+from routerq.worker.upstream.pricing import PhoenixPricing
+
+
+@dataclass
+class Runtime:
+    app: Celery
+    settings: Settings
+    redis: aredis.Redis
+    limiter: SharedLimiter
+    store: AsyncResultStore
+    batches: AsyncBatchStore
+    embeddings: AsyncEmbedStore
+    openrouter: OpenRouterClient
+    pricing: PhoenixPricing
+    slots: asyncio.Semaphore  # upstream calls this process may have in flight: its share of --concurrency
+    slow_lines: SlowLines
+
+    async def ensure_priced(self, models: Iterable[str]) -> None:
+        """A model's first call registers its price in Phoenix (blocking HTTP): off the loop."""
+        wanted = [m for m in models if not self.pricing.known(m)]
+        if wanted:
+            await asyncio.to_thread(self.pricing.ensure, wanted)
+
+
+# Redis connections beyond one per call slot: the delivery counter, a retry's bookkeeping, a sweep.
+REDIS_HEADROOM = 8
+_runtime: Runtime | None = None
+
+
+def runtime(app: Celery) -> Runtime:
+    """One per process; called only from the loop's thread, so no lock is needed."""
+    global _runtime
+    if _runtime is None:
+        settings: Settings = app.conf.routerq_settings
+        concurrency: int = app.conf.routerq_slots
+        client = connect_async(settings.redis_url, max_connections=concurrency + REDIS_HEADROOM)
+        batches = AsyncBatchStore(client, settings.result_ttl)
+        _runtime = Runtime(
+            app=app,
+            settings=settings,
+            redis=client,
+            limiter=SharedLimiter(client, settings),
+            store=AsyncResultStore(client, settings.result_ttl, settings.queue),
+            batches=batches,
+            # a text's claim outlives any call: Celery stops a task at ROUTERQ_JOB_TIME_LIMIT
+            embeddings=AsyncEmbedStore(
+                client, settings.result_ttl, claim_s=settings.job_time_limit + VISIBILITY_SLACK
+            ),
+            openrouter=OpenRouterClient(settings, concurrency),
+            pricing=PhoenixPricing(settings, connect(settings.redis_url)),
+            slots=asyncio.Semaphore(concurrency),
+            slow_lines=SlowLines(settings.trace_slow_s, batches.latency_p99),
+        )
+    return _runtime
