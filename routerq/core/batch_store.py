@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from routerq.core.histogram import bucket, percentiles
 from routerq.core.jobs import BUILT_ON_FIRST_USE, JobResult
+from routerq.core.lua import lua_script
 from routerq.core.redis_client import as_text
 
 INDEX_KEY = "routerq:batches"
@@ -161,63 +162,7 @@ def new_batch_id() -> str:
     return f"batch_{uuid.uuid4().hex[:24]}"
 
 
-# Give back a line's reserved cost (see _GO): every path that ends a line's call runs this.
-_RELEASE = """
-local function release(meta, held, index)
-  local est = redis.call('HGET', held, index)
-  if not est then return end
-  redis.call('HDEL', held, index)
-  if redis.call('HLEN', held) == 0 then
-    redis.call('HDEL', meta, 'reserved')
-  else
-    redis.call('HINCRBYFLOAT', meta, 'reserved', tostring(-tonumber(est)))
-  end
-end
-"""
-
-# May a line's call start now? Asked with a call slot held, right before the call: the batch may have
-# been cancelled or paused, or spent its budget, while the line waited for the slot. Returns the
-# message's delivery count (>= 1: go, the worker checks it against ROUTERQ_MAX_DELIVERIES), or a Go
-# verdict. Deliveries count here, at the call, so a crash blames the lines that were calling, not the
-# ones waiting behind them. With a budget, the line's estimated cost is reserved: the call may start
-# while spent + reserved + its estimate fits, or when no other call holds a reservation, so the spend
-# passes the budget by at most about one call. The estimate is the batch's mean cost per success;
-# before any line succeeded it is unknown, and calls go one at a time until one has.
-# KEYS: meta, held, parked, run, deliveries; ARGV: index, ttl, deliveries ttl
-_GO = (
-    _RELEASE
-    + """
-local meta, held, index = KEYS[1], KEYS[2], ARGV[1]
-local f = redis.call('HMGET', meta, 'status', 'max_cost', 'cost', 'reserved', 'succeeded')
-if not f[1] then return -1 end
-if f[1] == 'cancelling' or f[1] == 'cancelled' or f[1] == 'failed' then return -2 end
-if f[1] == 'paused' then
-  release(meta, held, index)
-  redis.call('SADD', KEYS[3], index)
-  redis.call('SREM', KEYS[4], index)
-  redis.call('EXPIRE', KEYS[3], ARGV[2])
-  return -3
-end
-local budget = tonumber(f[2] or '')
-if budget then
-  release(meta, held, index)
-  local spent, succeeded = tonumber(f[3] or '0'), tonumber(f[5] or '0')
-  local reserved = tonumber(redis.call('HGET', meta, 'reserved') or '0')
-  if spent >= budget then return -4 end
-  local estimate = 0
-  if succeeded > 0 then estimate = spent / succeeded end
-  if redis.call('HLEN', held) > 0 and (succeeded == 0 or spent + reserved + estimate > budget) then
-    return -4
-  end
-  redis.call('HSET', held, index, tostring(estimate))
-  redis.call('HINCRBYFLOAT', meta, 'reserved', tostring(estimate))
-  redis.call('EXPIRE', held, ARGV[2])
-end
-local n = redis.call('INCR', KEYS[5])
-redis.call('EXPIRE', KEYS[5], ARGV[3])
-return n
-"""
-)
+_GO = lua_script("routerq.core", "batch_go", "batch_release")
 
 
 class Go(IntEnum):
@@ -229,100 +174,12 @@ class Go(IntEnum):
     OVER_BUDGET = -4  # the calls in flight hold the rest of the budget: come back later
 
 
-# Record one outcome atomically: counters, usage, running set and the final status move together.
-# Returns -1 (no batch), 0 (already recorded), 1, or 2 when this outcome ended the batch.
-_RECORD = (
-    _RELEASE
-    + """
-local meta, out, run = KEYS[1], KEYS[2], KEYS[3]
-local index, outcome, value = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('EXISTS', meta) == 0 then return -1 end
-release(meta, KEYS[5], index)
-local names = {S = 'succeeded', F = 'failed', C = 'cancelled'}
-local prev = redis.call('HGET', out, index)
-if prev then
-  local p = string.sub(prev, 1, 1)
-  if p == 'S' or p == outcome then
-    redis.call('SREM', run, index)
-    return 0
-  end
-  redis.call('HINCRBY', meta, names[p], -1)
-end
-redis.call('HSET', out, index, outcome .. value)
-redis.call('HINCRBY', meta, names[outcome], 1)
-if ARGV[9] ~= '' then redis.call('HINCRBY', meta, ARGV[9], 1) end
-if ARGV[10] ~= '0' then redis.call('HINCRBY', meta, 'retries', ARGV[10]) end
-if ARGV[11] ~= '' then
-  redis.call('HINCRBY', KEYS[4], 'lat:' .. ARGV[11], 1)
-  redis.call('HINCRBY', KEYS[4], 'wait:' .. ARGV[12], 1)
-  redis.call('EXPIRE', KEYS[4], ARGV[8])
-end
-if outcome == 'S' then
-  redis.call('HINCRBY', meta, 'prompt_tokens', ARGV[4])
-  redis.call('HINCRBY', meta, 'completion_tokens', ARGV[5])
-  local spent = tonumber(redis.call('HINCRBYFLOAT', meta, 'cost', ARGV[6]))
-  local budget = tonumber(redis.call('HGET', meta, 'max_cost') or '')
-  if budget and spent >= budget and redis.call('HGET', meta, 'status') == 'in_progress' then
-    redis.call('HSET', meta, 'status', 'paused', 'reason', string.format('budget of $%s reached', budget))
-  end
-end
-redis.call('SREM', run, index)
-redis.call('EXPIRE', out, ARGV[8])
-local f = redis.call('HMGET', meta, 'total', 'succeeded', 'failed', 'cancelled', 'status')
-local done = tonumber(f[2] or 0) + tonumber(f[3] or 0) + tonumber(f[4] or 0)
-if done >= tonumber(f[1]) then
-  if f[5] == 'in_progress' or f[5] == 'paused' then
-    redis.call('HSET', meta, 'status', 'completed', 'completed_at', ARGV[7])
-    return 2
-  elseif f[5] == 'cancelling' then
-    redis.call('HSET', meta, 'status', 'cancelled', 'cancelled_at', ARGV[7])
-    return 2
-  end
-end
-return 1
-"""
-)
-
-# Set a line aside while the batch is paused; 0 means the batch is running again: run the line.
-_PARK = (
-    _RELEASE
-    + """
-if redis.call('HGET', KEYS[1], 'status') ~= 'paused' then return 0 end
-release(KEYS[1], KEYS[4], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return 1
-"""
-)
-
-# A line that will not run now (a retry, a skip): off the running set, its reservation given back.
-_UNMARK = (
-    _RELEASE
-    + """
-redis.call('SREM', KEYS[2], ARGV[1])
-release(KEYS[1], KEYS[3], ARGV[1])
-"""
-)
-
-# Pause only a running batch (a cancel or an end wins), keeping the first reason.
-_PAUSE = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'paused', 'reason', ARGV[1])
-return 1
-"""
-
-# Leave a pause (to run again, or to cancel) before handing back the parked lines, so no new line is
-# parked meanwhile; ARGV[2]/ARGV[3] optionally stamp a field (cancelled_at).
-_UNPARK = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'paused' then return false end
-redis.call('HSET', KEYS[1], 'status', ARGV[1])
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end
-redis.call('HDEL', KEYS[1], 'reason')
-local parked = redis.call('SMEMBERS', KEYS[2])
-redis.call('DEL', KEYS[2])
-return parked
-"""
+# The scripts (routerq/core/lua/batch_*.lua) share batch_release.lua: giving back a line's reserved cost.
+_RECORD = lua_script("routerq.core", "batch_record", "batch_release")
+_PARK = lua_script("routerq.core", "batch_park", "batch_release")
+_UNMARK = lua_script("routerq.core", "batch_unmark", "batch_release")
+_PAUSE = lua_script("routerq.core", "batch_pause")
+_UNPARK = lua_script("routerq.core", "batch_unpark")
 
 _JSON_FIELDS = ("metadata", "origin")
 _NUMBERS = {"total", "succeeded", "failed", "cancelled", "prompt_tokens", "completion_tokens"}

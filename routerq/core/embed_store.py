@@ -17,6 +17,7 @@ import redis
 import redis.asyncio as aredis
 from pydantic import BaseModel, Field
 
+from routerq.core.lua import lua_script
 from routerq.core.redis_client import as_text
 
 
@@ -34,32 +35,7 @@ class EmbedRun(BaseModel):
     created_at: float = Field(default_factory=time.time)
 
 
-# Take the texts of a request that have no vector and that no other live request holds: a text is sent
-# by one request at a time, even when a re-run's request and a dead worker's restored one run together.
-# A claim lasts as long as a call may (ARGV[2] s); the request that holds it may always take it again
-# (a retry, a redelivery of the same message).
-_CLAIM = """
-local owner, hold = ARGV[1], tonumber(ARGV[2])
-local now = tonumber(redis.call('TIME')[1])
-local taken = {}
-for i = 4, #ARGV do
-  local index = ARGV[i]
-  if redis.call('HEXISTS', KEYS[1], index) == 0 then
-    local held = redis.call('HGET', KEYS[2], index)
-    local free = not held
-    if held then
-      local space = string.find(held, ' ', 1, true)
-      free = string.sub(held, space + 1) == owner or tonumber(string.sub(held, 1, space - 1)) <= now
-    end
-    if free then
-      redis.call('HSET', KEYS[2], index, (now + hold) .. ' ' .. owner)
-      taken[#taken + 1] = index
-    end
-  end
-end
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-return taken
-"""
+_CLAIM = lua_script("routerq.core", "embed_claim")
 
 
 def embed_key(run_id: str, part: str = "") -> str:

@@ -15,6 +15,7 @@ import redis.asyncio as aredis
 
 from routerq.core.errors import ResultTimeoutError
 from routerq.core.jobs import Job, JobResult
+from routerq.core.lua import lua_script
 from routerq.core.redis_client import as_text
 
 RESULT_KEY = "routerq:result:{job_id}"
@@ -24,18 +25,7 @@ DONE_KEY = "routerq:job:{job_id}:done"
 DONE_TTL_S = 60  # a waiter that comes later than this finds the result itself
 WAIT_SLICE_S = 1.0  # a waiter re-reads the result at least this often (another waiter took the signal)
 
-# Store an outcome atomically: a success is final (a redelivered job's later failure never
-# overwrites it), the job stops being pending, and whoever waits for it is woken at once.
-_PUT = """
-local prev = redis.call('GET', KEYS[1])
-if prev and ARGV[2] == '0' and cjson.decode(prev)['status'] == 'succeeded' then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('ZREM', KEYS[2], ARGV[4])
-redis.call('DEL', KEYS[3])
-redis.call('LPUSH', KEYS[4], '1')
-redis.call('EXPIRE', KEYS[4], ARGV[5])
-return 1
-"""
+_PUT = lua_script("routerq.core", "result_put")
 
 
 class ResultStore:

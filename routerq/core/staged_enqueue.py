@@ -19,6 +19,7 @@ from opentelemetry import propagate, trace
 from routerq.core import envelope, telemetry
 from routerq.core.batch_store import batch_key
 from routerq.core.broker import LINE_TASK_NAME, LINES_PER_MESSAGE
+from routerq.core.lua import lua_script
 from routerq.core.settings import Settings
 
 # Work items (lines, embedding requests) per pipelined round trip while staging: large enough to
@@ -27,21 +28,7 @@ from routerq.core.settings import Settings
 STAGE_CHUNK = 2000
 STAGING_TTL_S = 24 * 3600  # a submit that died mid-staging leaves a list that cleans itself up
 
-# Move staged messages (oldest first) onto the queue; mark the owner record in progress (ARGV[2] = 1)
-# and add its id to a watch set (KEYS[4], when given) in the same step.
-_RELEASE = """
-local n = 0
-while true do
-  local v = redis.call('RPOPLPUSH', KEYS[1], KEYS[2])
-  if not v then break end
-  n = n + 1
-end
-if ARGV[2] == '1' then
-  redis.call('HSET', KEYS[3], 'status', 'in_progress', 'in_progress_at', ARGV[1])
-end
-if KEYS[4] then redis.call('SADD', KEYS[4], ARGV[3]) end
-return n
-"""
+_RELEASE = lua_script("routerq.core", "staged_release")
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

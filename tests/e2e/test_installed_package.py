@@ -70,6 +70,8 @@ def test_the_wheel_installs_one_top_level_package_named_routerq(installed: Path)
     assert (dist_info / "top_level.txt").read_text().split() == ["routerq"]
     assert any(line.startswith("routerq/worker/execution/tasks.py,") for line in record)
     assert any(line.startswith("routerq/producer/api.py,") for line in record)
+    for script in ("routerq/core/lua/batch_go.lua", "routerq/worker/upstream/lua/limiter_acquire.lua"):
+        assert any(line.startswith(script + ",") for line in record), script
 
 
 def test_from_routerq_import_producer_in_a_project_with_its_own_producer_and_worker(

@@ -27,6 +27,7 @@ import uuid
 import redis
 from celery.signals import task_received
 
+from routerq.core.lua import lua_script
 from routerq.core.redis_client import as_text
 from routerq.core.settings import Settings
 from routerq.worker.execution.holdings import HELD, Holdings
@@ -40,14 +41,7 @@ GRACE_S = 10.0
 UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"  # kombu's Redis transport defaults
 _ALIVE = "alive"
 
-# Put one orphan back at the head of its queue, unless someone (its owner's ack, another sweeper,
-# kombu's own restore) took it out of the unacked hash first.
-_RESTORE = """
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('RPUSH', KEYS[3], ARGV[2])
-return 1
-"""
+_RESTORE = lua_script("routerq.worker.upkeep", "lease_restore")
 
 
 class LeaseKeeper:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aredis
 
+from routerq.core.lua import lua_script
 from routerq.core.settings import Settings
 
 RECOVERY_S = 10.0
@@ -24,90 +25,11 @@ LEASE_TTL_S = 300.0
 # (more under CPU load), and OpenRouter counts arrivals, not grants.
 SKEW_S = 0.25
 
-# KEYS: 4 per scope (requests zset, tokens zset, in-flight zset, state hash)
-# ARGV: now_ms, window_ms, lease, lease_expiry_ms, tokens, recovery_ms, then 3 limits per scope
-_ACQUIRE = """
-local now, window, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local lease_until, tokens, recovery = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local wait = 0
-local scopes = #KEYS / 4
-for s = 0, scopes - 1 do
-  local req, tok, fly, st = KEYS[s*4+1], KEYS[s*4+2], KEYS[s*4+3], KEYS[s*4+4]
-  local max_req, max_tok, max_fly = tonumber(ARGV[7+s*3]), tonumber(ARGV[8+s*3]), tonumber(ARGV[9+s*3])
-  local state = redis.call('HMGET', st, 'factor', 'last429', 'cooldown')
-  local cooldown = tonumber(state[3] or 0)
-  if cooldown > now then wait = math.max(wait, cooldown - now) end
-  local factor = 1
-  if state[1] then
-    factor = math.min(1, tonumber(state[1]) * math.pow(2, (now - tonumber(state[2])) / recovery))
-  end
-  redis.call('ZREMRANGEBYSCORE', req, '-inf', now - window)
-  redis.call('ZREMRANGEBYSCORE', tok, '-inf', now - window)
-  redis.call('ZREMRANGEBYSCORE', fly, '-inf', now)
-  if max_req > 0 then
-    local allowed = math.max(1, math.floor(max_req * factor))
-    if redis.call('ZCARD', req) >= allowed then
-      local oldest = redis.call('ZRANGE', req, 0, 0, 'WITHSCORES')
-      local count = redis.call('ZCARD', req)
-      local nth = redis.call('ZRANGE', req, count - allowed, count - allowed, 'WITHSCORES')
-      wait = math.max(wait, tonumber(nth[2] or oldest[2]) + window - now)
-    end
-  end
-  if max_tok > 0 then
-    local used = 0
-    for _, member in ipairs(redis.call('ZRANGE', tok, 0, -1)) do
-      used = used + tonumber(string.match(member, ':(%d+)$'))
-    end
-    if used > 0 and used + tokens > max_tok then
-      local oldest = redis.call('ZRANGE', tok, 0, 0, 'WITHSCORES')
-      wait = math.max(wait, tonumber(oldest[2]) + window - now)
-    end
-  end
-  if max_fly > 0 and redis.call('ZCARD', fly) >= max_fly then
-    wait = math.max(wait, 25)
-  end
-end
-if wait > 0 then return wait end
-for s = 0, scopes - 1 do
-  local req, tok, fly = KEYS[s*4+1], KEYS[s*4+2], KEYS[s*4+3]
-  redis.call('ZADD', req, now, lease)
-  redis.call('ZADD', tok, now, lease .. ':' .. tokens)
-  redis.call('ZADD', fly, lease_until, lease)
-  for _, k in ipairs({req, tok, fly}) do redis.call('PEXPIRE', k, math.floor(window * 2 + 600000)) end
-end
-return 0
-"""
+_ACQUIRE = lua_script("routerq.worker.upstream", "limiter_acquire")
 
-# KEYS: 4 per scope; ARGV: lease, estimated tokens, actual tokens
-_RELEASE = """
-for s = 0, #KEYS / 4 - 1 do
-  local tok, fly = KEYS[s*4+2], KEYS[s*4+3]
-  redis.call('ZREM', fly, ARGV[1])
-  local estimated = ARGV[1] .. ':' .. ARGV[2]
-  local at = redis.call('ZSCORE', tok, estimated)
-  if at then
-    redis.call('ZREM', tok, estimated)
-    redis.call('ZADD', tok, at, ARGV[1] .. ':' .. ARGV[3])
-  end
-end
-return 1
-"""
+_RELEASE = lua_script("routerq.worker.upstream", "limiter_release")
 
-# KEYS: state hash per scope; ARGV: now_ms, cooldown_ms, recovery_ms
-_PENALIZE = """
-local now, cooldown, recovery = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-for _, st in ipairs(KEYS) do
-  local state = redis.call('HMGET', st, 'factor', 'last429', 'cooldown')
-  local factor = 1
-  if state[1] then
-    factor = math.min(1, tonumber(state[1]) * math.pow(2, (now - tonumber(state[2])) / recovery))
-  end
-  local until_ms = math.max(tonumber(state[3] or 0), now + cooldown)
-  redis.call('HSET', st, 'factor', math.max(0.05, factor / 2), 'last429', now, 'cooldown', until_ms)
-  redis.call('PEXPIRE', st, 3600000)
-end
-return 1
-"""
+_PENALIZE = lua_script("routerq.worker.upstream", "limiter_penalize")
 
 
 @dataclass(frozen=True)
