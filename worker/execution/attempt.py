@@ -193,9 +193,10 @@ def final_error(error: JobError | None, decision: Decision | None) -> JobError |
 async def attempt_or_retry(
     rt: Runtime,
     delivery: Delivery,
-    args: list[Any],
+    *,
     job: Job,
     tries: Tries,
+    args: list[Any],
     before_retry: Callable[[], Awaitable[None]] | None = None,
     carry: dict[str, Any] | None = None,
     guard: Guard | None = None,

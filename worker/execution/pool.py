@@ -6,7 +6,8 @@ unacknowledged (prefetch), schedules countdowns, and acknowledges a message when
 blocking HTTP call per line in flight), this pool starts a coroutine on the process's loop, so
 hundreds of upstream calls wait together at the cost of a few kilobytes each.
 
-Tasks are `async def handler(delivery, *args, **kwargs)`, registered by name (worker.tasks). A task
+Tasks are `async def handler(rt, delivery, *args, **kwargs)`, registered by name (execution.tasks);
+`rt` is the process's Runtime, built by the pool at the first task (arq hands its tasks `ctx`). A task
 that raises is logged and acknowledged, as Celery acknowledges failed late-ack tasks; a task still
 running when the process dies is not acknowledged, so Redis delivers it again (worker.deliveries
 bounds how often). A warm shutdown (SIGTERM, one Ctrl-C) waits for running tasks; a cold one
@@ -34,6 +35,7 @@ from kombu.asynchronous import get_event_loop
 from routerq.core.broker import LINE_TASK_NAME
 from routerq.core.settings import Settings
 from routerq.worker.execution.holdings import HELD
+from routerq.worker.execution.runtime import Runtime, build_runtime
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,7 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="routerq-loop", daemon=True)
         self._qos: Any = None
+        self._runtime: Runtime | None = None
         task_received.connect(self._note_consumer, weak=False)
 
     def _run_loop(self) -> None:
@@ -182,7 +185,7 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
             args, kwargs = message
             delivery = Delivery(self.app, name, task_id, int(request.get("retries") or 0), request, lent)
             handler: Handler = self.app.tasks[name].run
-            result = await handler(delivery, *args, **kwargs)
+            result = await handler(self._runtime_of_loop(), delivery, *args, **kwargs)
         except asyncio.CancelledError:
             log.warning("task %s[%s] cancelled by a cold shutdown; its message goes back", name, task_id)
             raise
@@ -195,6 +198,13 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
         else:  # on the consumer's own thread, waking it: kombu is not shared across threads, and a
             # consumer asleep with its prefetch full must learn at once that it may fetch again
             hub.call_soon(self._complete, callback, outcome, lent)  # type: ignore[no-untyped-call]
+
+    def _runtime_of_loop(self) -> Runtime:
+        """Built at the first task, on the loop's thread (its Redis pool and semaphore belong to it)."""
+        if self._runtime is None:
+            settings: Settings = self.app.conf.routerq_settings
+            self._runtime = build_runtime(self.app, settings, self.app.conf.routerq_slots)
+        return self._runtime
 
     def _complete(self, callback: Callable[..., Any] | None, outcome: tuple[Any, ...], lent: Lent) -> None:
         """Acknowledge (Celery's Request.on_success), stop holding the message, give back its slots."""

@@ -1,4 +1,4 @@
-"""Per-process worker state, built on the process's event loop at its first task and shared by all."""
+"""Per-process worker state, built on the process's event loop at its first task and handed to each."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import httpx2
 import redis.asyncio as aredis
 from celery import Celery
 
@@ -43,31 +44,28 @@ class Runtime:
 
 # Redis connections beyond one per call slot: the delivery counter, a retry's bookkeeping, a sweep.
 REDIS_HEADROOM = 8
-_runtime: Runtime | None = None
 
 
-def runtime(app: Celery) -> Runtime:
-    """One per process; called only from the loop's thread, so no lock is needed."""
-    global _runtime
-    if _runtime is None:
-        settings: Settings = app.conf.routerq_settings
-        concurrency: int = app.conf.routerq_slots
-        client = connect_async(settings.redis_url, max_connections=concurrency + REDIS_HEADROOM)
-        batches = AsyncBatchStore(client, settings.result_ttl)
-        _runtime = Runtime(
-            app=app,
-            settings=settings,
-            redis=client,
-            limiter=SharedLimiter(client, settings),
-            store=AsyncResultStore(client, settings.result_ttl, settings.queue),
-            batches=batches,
-            # a text's claim outlives any call: Celery stops a task at ROUTERQ_JOB_TIME_LIMIT
-            embeddings=AsyncEmbedStore(
-                client, settings.result_ttl, claim_s=settings.job_time_limit + VISIBILITY_SLACK
-            ),
-            openrouter=OpenRouterClient(settings, concurrency),
-            pricing=PhoenixPricing(settings, connect(settings.redis_url)),
-            slots=asyncio.Semaphore(concurrency),
-            slow_lines=SlowLines(settings.trace_slow_s, batches.latency_p99),
-        )
-    return _runtime
+def build_runtime(
+    app: Celery, settings: Settings, concurrency: int, upstream: httpx2.AsyncBaseTransport | None = None
+) -> Runtime:
+    """A process's runtime, built by its pool on the loop's thread and handed to every task (as arq
+    hands `ctx`). `upstream` replaces the HTTP transport to OpenRouter (in-process tests)."""
+    client = connect_async(settings.redis_url, max_connections=concurrency + REDIS_HEADROOM)
+    batches = AsyncBatchStore(client, settings.result_ttl)
+    return Runtime(
+        app=app,
+        settings=settings,
+        redis=client,
+        limiter=SharedLimiter(client, settings),
+        store=AsyncResultStore(client, settings.result_ttl, settings.queue),
+        batches=batches,
+        # a text's claim outlives any call: Celery stops a task at ROUTERQ_JOB_TIME_LIMIT
+        embeddings=AsyncEmbedStore(
+            client, settings.result_ttl, claim_s=settings.job_time_limit + VISIBILITY_SLACK
+        ),
+        openrouter=OpenRouterClient(settings, concurrency, upstream),
+        pricing=PhoenixPricing(settings, connect(settings.redis_url)),
+        slots=asyncio.Semaphore(concurrency),
+        slow_lines=SlowLines(settings.trace_slow_s, batches.latency_p99),
+    )

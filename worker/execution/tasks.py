@@ -39,7 +39,7 @@ from routerq.worker.execution.attempt import (
 )
 from routerq.worker.execution.deliveries import delivery_key, over_delivered, poison_error
 from routerq.worker.execution.pool import DRAINING, Delivery
-from routerq.worker.execution.runtime import Runtime, runtime
+from routerq.worker.execution.runtime import Runtime
 from routerq.worker.signals import Deferred, Halted
 from routerq.worker.tracing.batch_summary import write_summary
 from routerq.worker.tracing.line_trace import LineTrace
@@ -59,13 +59,12 @@ class Skipped(StrEnum):
 
 
 async def run_job(
-    delivery: Delivery, payload: dict[str, Any], tries: dict[str, float] | None = None
+    rt: Runtime, delivery: Delivery, payload: dict[str, Any], tries: dict[str, float] | None = None
 ) -> dict[str, Any]:
     """A single job, in the trace its producer started: `run/routerq.run_job` under the publish span.
     Its trace is kept or not as the producer decided (parent-based), never split."""
     job = Job.model_validate(payload)
     with _consumer_span(delivery, job.project) as span:
-        rt = runtime(delivery.app)
         stored = await rt.store.get(job.id)
         if stored is not None and stored.ok:
             log.info("job %s already has a stored result; not calling upstream again", job.id)
@@ -75,7 +74,9 @@ async def run_job(
             result = failed_without_call(job, poison_error(deliveries), Tries.load(tries).attempt)
         else:
             try:
-                attempt = await attempt_or_retry(rt, delivery, [payload], job, Tries.load(tries))
+                attempt = await attempt_or_retry(
+                    rt, delivery, job=job, tries=Tries.load(tries), args=[payload]
+                )
             except Retrying as retrying:
                 _retrying(span, job, Tries.load(tries), retrying.attempt)
                 return {"job_id": job.id, "status": "retrying"}
@@ -103,6 +104,7 @@ def _end_status(span: trace.Span, result: JobResult) -> None:
 
 
 async def run_lines(
+    rt: Runtime,
     delivery: Delivery,
     batch_id: str,
     indexes: list[int],
@@ -114,7 +116,6 @@ async def run_lines(
     the process's call slots (worker.attempt). The message is acknowledged once every line has an
     outcome, is parked, or was re-published for a retry; a redelivered message runs only the lines
     without an outcome."""
-    rt = runtime(delivery.app)
     if DRAINING.is_set():  # a warm shutdown began before this message started: back on the queue at once
         for _ in indexes:
             delivery.lent.line_ended()
@@ -134,7 +135,7 @@ async def run_lines(
     async def one(index: int, start: LineStart) -> str:
         try:
             return await run_line(
-                delivery, batch_id, index, start, enqueued_at, Tries.load(tries), traceparent
+                rt, delivery, batch_id, index, start, enqueued_at, Tries.load(tries), traceparent
             )
         finally:
             delivery.lent.line_ended()
@@ -151,6 +152,7 @@ async def run_lines(
 
 
 async def run_line(
+    rt: Runtime,
     delivery: Delivery,
     batch_id: str,
     index: int,
@@ -163,13 +165,14 @@ async def run_line(
     with its outcome; every attempt's call is a child of it, whichever process made it."""
     try:
         with LineTrace(sampler(), traceparent, enqueued_at) as line_trace:
-            result = await _run_line(delivery, line_trace, batch_id, index, start, enqueued_at, tries)
+            result = await _run_line(rt, delivery, line_trace, batch_id, index, start, enqueued_at, tries)
     except Retrying:  # re-published with a countdown (or, at shutdown, at once): it goes on elsewhere
         return "retrying"
     return result.value if isinstance(result, Skipped) else result.status
 
 
 async def _run_line(
+    rt: Runtime,
     delivery: Delivery,
     line_trace: LineTrace,
     batch_id: str,
@@ -179,7 +182,6 @@ async def _run_line(
     tries: Tries,
 ) -> JobResult | Skipped:
     """The line's result when it was tried, or why it was not."""
-    rt = runtime(delivery.app)
     store = rt.batches
     line_trace.attributes.update(
         {**chain_kind(), BATCH_ID: batch_id, BATCH_LINE: index, ATTEMPT: tries.attempt}
@@ -213,13 +215,13 @@ async def _run_line(
         attempt = await attempt_or_retry(
             rt,
             delivery,
-            [batch_id, [index], enqueued_at],
-            job,
-            tries,
-            lambda: store.unmark_running(batch_id, index),
-            {"traceparent": line_trace.traceparent},
-            guard,
-            record,
+            job=job,
+            tries=tries,
+            args=[batch_id, [index], enqueued_at],
+            before_retry=lambda: store.unmark_running(batch_id, index),
+            carry={"traceparent": line_trace.traceparent},
+            guard=guard,
+            record=record,
         )
     except Retrying as retrying:
         await trace_the_call(retrying.attempt)
@@ -328,6 +330,7 @@ async def _record(
 
 
 async def run_embed(
+    rt: Runtime,
     delivery: Delivery,
     run_id: str,
     indexes: list[int],
@@ -335,7 +338,6 @@ async def run_embed(
     tries: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """One embeddings request for many texts; vectors are stored as raw float32, never as JSON text."""
-    rt = runtime(delivery.app)
     run = await rt.embeddings.get(run_id)
     if run is None:
         log.warning("embedding run %s has expired; dropping its request", run_id)
@@ -378,7 +380,9 @@ async def _run_embed(
         log.warning("%s", JobFailedError(failed_without_call(job, poison_error(deliveries), tries.attempt)))
         return {"run": run_id, "stored": 0}
     try:
-        attempt = await attempt_or_retry(rt, delivery, [run_id, indexes, enqueued_at], job, tries)
+        attempt = await attempt_or_retry(
+            rt, delivery, job=job, tries=tries, args=[run_id, indexes, enqueued_at]
+        )
     except Retrying as retrying:
         _retrying(span, job, tries, retrying.attempt)
         return {"run": run_id, "stored": 0, "status": "retrying"}
@@ -444,6 +448,6 @@ def _consumer_span(delivery: Delivery, project: str | None) -> Iterator[trace.Sp
 
 
 def register(app: Celery) -> None:
-    """The pool (worker.pool) runs each body as a coroutine: `await body(delivery, *args, **kwargs)`."""
+    """The pool (execution.pool) runs each body as a coroutine: `await body(rt, delivery, *args)`."""
     for name, body in ((TASK_NAME, run_job), (LINE_TASK_NAME, run_lines), (EMBED_TASK_NAME, run_embed)):
         app.task(name=name)(body)

@@ -174,7 +174,10 @@ class UpstreamAnswer:
 class OpenRouterClient:
     """`AsyncOpenAI` on a connection pool as large as the calls this process holds in flight."""
 
-    def __init__(self, settings: Settings, concurrency: int) -> None:
+    def __init__(
+        self, settings: Settings, concurrency: int, upstream: httpx2.AsyncBaseTransport | None = None
+    ) -> None:
+        """`upstream` replaces the HTTP transport to OpenRouter (in-process tests answer from a table)."""
         self._secrets = settings.secrets
         title = settings.openrouter_app_title
         headers = {"X-OpenRouter-Title": title, "X-Title": title}
@@ -191,7 +194,9 @@ class OpenRouterClient:
                 limits=httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
                 timeout=timeout,
                 follow_redirects=False,
-            ),
+            )
+            if upstream is None
+            else httpx2.AsyncClient(transport=OpenRouterTransport(upstream), timeout=timeout),
         )
 
     async def call(self, job: Job) -> UpstreamAnswer:

@@ -1,0 +1,265 @@
+"""Every branch of the batch scripts (routerq/core/lua/batch_*.lua) against a real redis-server: the gate a
+line's call passes right before it starts, recording outcomes, parking and unparking, pausing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+from conftest import run
+
+from routerq.core.batch_store import (
+    AsyncBatchStore,
+    Batch,
+    BatchStatus,
+    BatchStore,
+    Go,
+    Outcome,
+    Recorded,
+    batch_key,
+)
+from routerq.core.jobs import Job, JobKind, JobResult, Usage
+
+TTL = 3600
+DELIVERY = "routerq:delivery:test"
+
+
+def make_batch(client: redis.Redis, total: int = 3, **fields: Any) -> str:
+    batch = Batch(id="batch_t", status=BatchStatus.IN_PROGRESS, total=total, **fields)
+    BatchStore(client, TTL).create(batch)
+    return batch.id
+
+
+def succeeded(cost: float = 0.5) -> JobResult:
+    job = Job(id="j", kind=JobKind.CHAT, body={"model": "m", "messages": []}, enqueued_at=1.0)
+    return JobResult(
+        job_id=job.id, kind=job.kind, status="succeeded", usage=Usage(prompt_tokens=3, completion_tokens=4, cost=cost),
+        started_at=2.0, finished_at=2.5, enqueued_at=1.0,
+    )  # fmt: skip
+
+
+async def gate(url: str, batch_id: str, index: int = 0, delivery: str = DELIVERY) -> int:
+    client = aredis.Redis.from_url(url)
+    try:
+        return await AsyncBatchStore(client, TTL).go(batch_id, index, delivery)
+    finally:
+        await client.aclose()
+
+
+async def record(
+    url: str, batch_id: str, index: int, outcome: Outcome, result: JobResult | None = None
+) -> Recorded:
+    client = aredis.Redis.from_url(url)
+    try:
+        store = AsyncBatchStore(client, TTL)
+        return await store.record(batch_id, index, outcome, {"custom_id": str(index)}, result)
+    finally:
+        await client.aclose()
+
+
+def status(client: redis.Redis, batch_id: str) -> str:
+    return (client.hget(batch_key(batch_id), "status") or b"").decode()
+
+
+# --- the gate (batch_go.lua) ---
+
+
+def test_the_gate_counts_each_delivery_of_a_running_batchs_line(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis)
+    assert run(lambda: gate(redis_url, batch_id)) == 1
+    assert run(lambda: gate(redis_url, batch_id)) == 2
+    assert 0 < sync_redis.ttl(DELIVERY) <= 24 * 3600
+
+
+def test_the_gate_says_missing_for_an_expired_batch(redis_url: str) -> None:
+    assert run(lambda: gate(redis_url, "batch_gone")) == Go.MISSING
+
+
+def test_the_gate_stops_calls_of_a_cancelling_cancelled_or_failed_batch(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis)
+    for stopped in (BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.FAILED):
+        BatchStore(sync_redis, TTL).set_status(batch_id, stopped)
+        assert run(lambda: gate(redis_url, batch_id)) == Go.STOPPED
+    assert not sync_redis.exists(DELIVERY)  # no call, no delivery counted
+
+
+def test_the_gate_parks_a_line_of_a_paused_batch_off_the_running_set(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis)
+    sync_redis.sadd(batch_key(batch_id, "run"), 1)
+    BatchStore(sync_redis, TTL).set_status(batch_id, BatchStatus.PAUSED)
+    assert run(lambda: gate(redis_url, batch_id, 1)) == Go.PARKED
+    assert sync_redis.smembers(batch_key(batch_id, "parked")) == {b"1"}
+    assert sync_redis.smembers(batch_key(batch_id, "run")) == set()
+
+
+def test_with_a_budget_the_first_call_goes_alone_until_one_line_has_a_cost(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis, max_cost=1.0)
+    assert run(lambda: gate(redis_url, batch_id, 0)) == 1  # nobody holds a reservation: go
+    assert run(lambda: gate(redis_url, batch_id, 1, "routerq:delivery:other")) == Go.OVER_BUDGET
+    assert (
+        run(lambda: record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded(cost=0.25)))
+        == Recorded.STORED
+    )
+    assert sync_redis.hlen(batch_key(batch_id, "held")) == 0  # the record gave the reservation back
+    assert run(lambda: gate(redis_url, batch_id, 1, "routerq:delivery:other")) == 1
+
+
+def test_with_a_budget_calls_hold_reservations_of_the_mean_cost_until_the_budget_is_held(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis, total=10, max_cost=1.0)
+    sync_redis.hset(batch_key(batch_id), mapping={"cost": 0.5, "succeeded": 2})  # 0.25 a line
+    assert run(lambda: gate(redis_url, batch_id, 2, "d:2")) == 1
+    assert run(lambda: gate(redis_url, batch_id, 3, "d:3")) == 1  # 0.5 + 0.25 + 0.25 = 1.0 fits
+    assert run(lambda: gate(redis_url, batch_id, 4, "d:4")) == Go.OVER_BUDGET
+    assert float(sync_redis.hget(batch_key(batch_id), "reserved") or 0) == 0.5
+    assert run(lambda: gate(redis_url, batch_id, 2, "d:2")) == 2  # a retry of a holder re-reserves its own
+
+
+def test_with_the_budget_spent_no_call_starts(redis_url: str, sync_redis: redis.Redis) -> None:
+    batch_id = make_batch(sync_redis, max_cost=1.0)
+    sync_redis.hset(batch_key(batch_id), mapping={"cost": 1.0, "succeeded": 4})
+    assert run(lambda: gate(redis_url, batch_id)) == Go.OVER_BUDGET
+
+
+# --- recording outcomes (batch_record.lua) ---
+
+
+def test_recording_counts_usage_latency_and_ends_the_batch_with_its_last_line(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis, total=2)
+    sync_redis.sadd(batch_key(batch_id, "run"), 0, 1)
+    assert run(lambda: record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded())) == Recorded.STORED
+    assert run(lambda: record(redis_url, batch_id, 1, Outcome.FAILED)) == Recorded.ENDED_BATCH
+    batch = BatchStore(sync_redis, TTL).get(batch_id)
+    assert batch is not None
+    assert (batch.status, batch.succeeded, batch.failed, batch.running) == (BatchStatus.COMPLETED, 1, 1, 0)
+    assert (batch.prompt_tokens, batch.completion_tokens, batch.cost) == (3, 4, 0.5)
+    assert BatchStore(sync_redis, TTL).stats(batch_id).lines == 1
+
+
+def test_a_redelivered_outcome_is_recorded_once_and_a_success_is_never_overwritten(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis, total=3)
+    assert run(lambda: record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded())) == Recorded.STORED
+    assert run(lambda: record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded())) == Recorded.ALREADY
+    assert run(lambda: record(redis_url, batch_id, 0, Outcome.FAILED)) == Recorded.ALREADY
+    batch = BatchStore(sync_redis, TTL).get(batch_id)
+    assert batch is not None and (batch.succeeded, batch.failed, batch.cost) == (1, 0, 0.5)
+
+
+def test_a_failed_line_that_later_succeeds_moves_from_failed_to_succeeded(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis, total=3)
+    run(lambda: record(redis_url, batch_id, 0, Outcome.FAILED))
+    assert run(lambda: record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded())) == Recorded.STORED
+    batch = BatchStore(sync_redis, TTL).get(batch_id)
+    assert batch is not None and (batch.succeeded, batch.failed) == (1, 0)
+
+
+def test_recording_into_an_expired_batch_stores_nothing(redis_url: str, sync_redis: redis.Redis) -> None:
+    assert run(lambda: record(redis_url, "batch_gone", 0, Outcome.FAILED)) == Recorded.NO_BATCH
+    assert not sync_redis.exists(batch_key("batch_gone", "out"))
+
+
+def test_the_spend_reaching_the_budget_pauses_the_batch(redis_url: str, sync_redis: redis.Redis) -> None:
+    batch_id = make_batch(sync_redis, total=5, max_cost=0.5)
+    run(lambda: record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded(cost=0.5)))
+    assert status(sync_redis, batch_id) == "paused"
+    assert b"budget" in (sync_redis.hget(batch_key(batch_id), "reason") or b"")
+
+
+def test_the_last_outcome_of_a_cancelling_batch_makes_it_cancelled(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis, total=1)
+    BatchStore(sync_redis, TTL).set_status(batch_id, BatchStatus.CANCELLING)
+    assert run(lambda: record(redis_url, batch_id, 0, Outcome.CANCELLED)) == Recorded.ENDED_BATCH
+    assert status(sync_redis, batch_id) == "cancelled"
+    assert sync_redis.hget(batch_key(batch_id), "cancelled_at")
+
+
+# --- park, unpark, pause, unmark ---
+
+
+def test_a_line_is_parked_only_while_its_batch_is_paused(redis_url: str, sync_redis: redis.Redis) -> None:
+    batch_id = make_batch(sync_redis)
+
+    async def park(index: int) -> bool:
+        client = aredis.Redis.from_url(redis_url)
+        try:
+            return await AsyncBatchStore(client, TTL).park(batch_id, index)
+        finally:
+            await client.aclose()
+
+    assert run(lambda: park(0)) is False  # running again: the line runs
+    BatchStore(sync_redis, TTL).set_status(batch_id, BatchStatus.PAUSED)
+    assert run(lambda: park(0)) is True
+    assert BatchStore(sync_redis, TTL).unpark(batch_id, BatchStatus.IN_PROGRESS) == [0]
+    assert status(sync_redis, batch_id) == "in_progress"
+    assert not sync_redis.exists(batch_key(batch_id, "parked"))
+
+
+def test_unparking_a_batch_that_is_not_paused_changes_nothing(sync_redis: redis.Redis) -> None:
+    batch_id = make_batch(sync_redis)
+    assert BatchStore(sync_redis, TTL).unpark(batch_id, BatchStatus.CANCELLED, cancelled_at=5.0) is None
+    assert status(sync_redis, batch_id) == "in_progress"
+
+
+def test_unparking_to_cancel_stamps_the_field_and_drops_the_reason(sync_redis: redis.Redis) -> None:
+    batch_id = make_batch(sync_redis)
+    sync_redis.hset(batch_key(batch_id), mapping={"status": "paused", "reason": "no credits"})
+    sync_redis.sadd(batch_key(batch_id, "parked"), 2, 1)
+    assert BatchStore(sync_redis, TTL).unpark(batch_id, BatchStatus.CANCELLING, cancelled_at=5.0) == [1, 2]
+    fields = sync_redis.hgetall(batch_key(batch_id))
+    assert (fields[b"status"], fields[b"cancelled_at"], b"reason" in fields) == (b"cancelling", b"5.0", False)
+
+
+def test_only_a_running_batch_is_paused_and_the_first_reason_is_kept(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis)
+
+    async def pause(reason: str) -> bool:
+        client = aredis.Redis.from_url(redis_url)
+        try:
+            return await AsyncBatchStore(client, TTL).pause(batch_id, reason)
+        finally:
+            await client.aclose()
+
+    assert run(lambda: pause("key revoked")) is True
+    assert run(lambda: pause("no credits")) is False
+    assert sync_redis.hget(batch_key(batch_id), "reason") == b"key revoked"
+
+
+def test_unmarking_a_line_takes_it_off_the_running_set_and_gives_back_its_reservation(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis, max_cost=1.0)
+    sync_redis.sadd(batch_key(batch_id, "run"), 0)
+    assert run(lambda: gate(redis_url, batch_id, 0)) == 1
+    assert sync_redis.hlen(batch_key(batch_id, "held")) == 1
+
+    async def unmark() -> None:
+        client = aredis.Redis.from_url(redis_url)
+        try:
+            await AsyncBatchStore(client, TTL).unmark_running(batch_id, 0)
+        finally:
+            await client.aclose()
+
+    run(unmark)
+    assert sync_redis.scard(batch_key(batch_id, "run")) == 0
+    assert sync_redis.hlen(batch_key(batch_id, "held")) == 0
+    assert sync_redis.hget(batch_key(batch_id), "reserved") is None
