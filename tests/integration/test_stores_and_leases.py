@@ -1,0 +1,251 @@
+"""The other scripts against a real redis-server: embedding claims, single-job results, staged release,
+the shared limiter, and the lease sweep that puts back a dead worker's messages."""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import redis
+import redis.asyncio as aredis
+from conftest import run, settings_for
+
+from routerq.core.embed_store import AsyncEmbedStore, embed_key
+from routerq.core.jobs import JobKind, JobResult
+from routerq.core.result_store import PENDING_KEY, RESULT_KEY, AsyncResultStore
+from routerq.core.staged_enqueue import StagedEnqueue
+from routerq.worker.execution.holdings import Holdings
+from routerq.worker.upkeep.leases import UNACKED_INDEX_KEY, UNACKED_KEY, LeaseKeeper
+from routerq.worker.upstream.limiter import SharedLimiter
+
+TTL = 3600
+
+
+# --- embedding claims (embed_claim.lua) ---
+
+
+async def claim(url: str, indexes: list[int], owner: str, claim_s: float = 60) -> list[int]:
+    client = aredis.Redis.from_url(url)
+    try:
+        return await AsyncEmbedStore(client, TTL, claim_s=claim_s).claim("run1", indexes, owner)
+    finally:
+        await client.aclose()
+
+
+def test_a_text_with_a_vector_is_never_claimed(redis_url: str, sync_redis: redis.Redis) -> None:
+    sync_redis.hset(embed_key("run1", "vec"), "1", b"\0\0\0\0")
+    assert run(lambda: claim(redis_url, [0, 1, 2], "req-a")) == [0, 2]
+
+
+def test_a_text_held_by_a_live_claim_of_another_request_is_not_taken(redis_url: str) -> None:
+    assert run(lambda: claim(redis_url, [0, 1], "req-a")) == [0, 1]
+    assert run(lambda: claim(redis_url, [0, 1, 2], "req-b")) == [2]
+
+
+def test_the_request_holding_a_claim_may_take_it_again(redis_url: str) -> None:
+    assert run(lambda: claim(redis_url, [0, 1], "req-a")) == [0, 1]
+    assert run(lambda: claim(redis_url, [0, 1], "req-a")) == [0, 1]  # its retry, or its redelivery
+
+
+def test_an_expired_claim_is_taken_by_another_request(redis_url: str, sync_redis: redis.Redis) -> None:
+    past = int(time.time()) - 1
+    sync_redis.hset(embed_key("run1", "claim"), "0", f"{past} req-dead")
+    assert run(lambda: claim(redis_url, [0], "req-b")) == [0]
+
+
+def test_a_failed_request_lets_go_of_its_texts(redis_url: str, sync_redis: redis.Redis) -> None:
+    async def fail_then_claim() -> list[int]:
+        client = aredis.Redis.from_url(redis_url)
+        try:
+            store = AsyncEmbedStore(client, TTL, claim_s=60)
+            await store.claim("run1", [0, 1], "req-a")
+            await store.record_failure("run1", [0, 1])
+            return await store.claim("run1", [0, 1], "req-b")
+        finally:
+            await client.aclose()
+
+    assert run(fail_then_claim) == [0, 1]
+    assert sync_redis.hget(embed_key("run1"), "failed") == b"2"
+
+
+# --- single-job results (result_put.lua) ---
+
+
+def result(status: str) -> JobResult:
+    return JobResult(
+        job_id="job1", kind=JobKind.CHAT, status=status, enqueued_at=1.0, started_at=2.0, finished_at=3.0  # type: ignore[arg-type]
+    )
+
+
+async def put(url: str, outcome: JobResult) -> bool:
+    client = aredis.Redis.from_url(url)
+    try:
+        return await AsyncResultStore(client, TTL, "routerq").put(outcome)
+    finally:
+        await client.aclose()
+
+
+def test_a_stored_result_ends_the_pending_job_and_wakes_its_waiter(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    pending = PENDING_KEY.format(queue="routerq")
+    sync_redis.zadd(pending, {"job1": 1.0})
+    assert run(lambda: put(redis_url, result("succeeded"))) is True
+    assert json.loads(sync_redis.get(RESULT_KEY.format(job_id="job1")) or b"{}")["status"] == "succeeded"
+    assert sync_redis.zscore(pending, "job1") is None
+    assert sync_redis.blpop(["routerq:job:job1:done"], timeout=1) is not None
+
+
+def test_a_later_failure_never_overwrites_a_success(redis_url: str, sync_redis: redis.Redis) -> None:
+    assert run(lambda: put(redis_url, result("succeeded"))) is True
+    assert run(lambda: put(redis_url, result("failed"))) is False
+    assert json.loads(sync_redis.get(RESULT_KEY.format(job_id="job1")) or b"{}")["status"] == "succeeded"
+
+
+def test_a_success_replaces_an_earlier_failure(redis_url: str, sync_redis: redis.Redis) -> None:
+    assert run(lambda: put(redis_url, result("failed"))) is True
+    assert run(lambda: put(redis_url, result("succeeded"))) is True
+    assert json.loads(sync_redis.get(RESULT_KEY.format(job_id="job1")) or b"{}")["status"] == "succeeded"
+
+
+# --- staged enqueue (staged_release.lua) ---
+
+
+def test_staged_messages_reach_the_queue_together_in_order_with_the_owner_in_progress(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    settings = settings_for(redis_url)
+    staged = StagedEnqueue(sync_redis, settings, "routerq:batch:b1")
+    for i in range(3):
+        staged.add("routerq.run_line", ["b1", [i], 1.0])
+    assert sync_redis.llen(settings.queue) == 0  # nothing is visible before the release
+    assert staged.release(watch=("routerq:active:routerq", "b1")) == 3
+    bodies = [json.loads(m)["headers"]["argsrepr"] for m in sync_redis.lrange(settings.queue, 0, -1)]
+    assert len(bodies) == 3
+    assert sync_redis.hget("routerq:batch:b1", "status") == b"in_progress"
+    assert sync_redis.smembers("routerq:active:routerq") == {b"b1"}
+    assert not sync_redis.exists("routerq:batch:b1:staging")
+
+
+def test_a_release_without_start_leaves_the_owner_as_it_was(redis_url: str, sync_redis: redis.Redis) -> None:
+    staged = StagedEnqueue(sync_redis, settings_for(redis_url), "routerq:embed:e1")
+    staged.add("routerq.run_embed", ["e1", [0], 1.0])
+    assert staged.release(start=False) == 1
+    assert sync_redis.hget("routerq:embed:e1", "status") is None
+
+
+# --- the shared limiter (limiter_*.lua) ---
+
+
+def test_the_limiter_grants_up_to_the_rpm_then_says_how_long_to_wait(redis_url: str) -> None:
+    settings = settings_for(redis_url, ROUTERQ_RATE_LIMIT_REQUESTS="2")
+
+    async def three() -> list[float]:
+        client = aredis.Redis.from_url(redis_url)
+        try:
+            limiter = SharedLimiter(client, settings)
+            waits = []
+            for _ in range(3):
+                lease, wait = await limiter.try_acquire("m", 10)
+                waits.append(wait if lease is None else 0.0)
+            return waits
+        finally:
+            await client.aclose()
+
+    first, second, third = run(three)
+    assert (first, second) == (0.0, 0.0)
+    assert 50 < third <= settings.rate_limit_window + 1
+
+
+def test_a_429_halves_the_shared_rate_and_sets_a_cooldown_every_worker_sees(redis_url: str) -> None:
+    settings = settings_for(redis_url, ROUTERQ_RATE_LIMIT_REQUESTS="600")
+
+    async def penalized() -> tuple[float, float]:
+        a, b = aredis.Redis.from_url(redis_url), aredis.Redis.from_url(redis_url)
+        try:
+            await SharedLimiter(a, settings).penalize("m", 2.0)
+            lease, wait = await SharedLimiter(b, settings).try_acquire("m", 10)  # another worker
+            factor = float(await a.hget("routerq:limit:{*}:state", "factor") or 0)
+            return (wait if lease is None else 0.0), factor
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    wait, factor = run(penalized)
+    assert 1.0 < wait <= 2.0
+    assert factor == 0.5
+
+
+def test_a_release_corrects_the_token_estimate_and_frees_the_call_in_flight(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    settings = settings_for(redis_url, ROUTERQ_MAX_IN_FLIGHT="1")
+
+    async def release_then_acquire() -> tuple[float, float]:
+        client = aredis.Redis.from_url(redis_url)
+        try:
+            limiter = SharedLimiter(client, settings)
+            lease, _ = await limiter.try_acquire("m", 100)
+            assert lease is not None
+            _, blocked = await limiter.try_acquire("m", 100)
+            await limiter.release(lease, 7)
+            again, wait = await limiter.try_acquire("m", 100)
+            return blocked, (0.0 if again is not None else wait)
+        finally:
+            await client.aclose()
+
+    blocked, after = run(release_then_acquire)
+    assert blocked > 0 and after == 0.0
+    members = sync_redis.zrange("routerq:limit:{*}:tok", 0, -1)
+    assert any(m.endswith(b":7") for m in members)
+
+
+# --- leases (lease_restore.lua) ---
+
+
+def unacked(client: redis.Redis, tag: str, queue: str, age_s: float) -> None:
+    payload = {"body": "e30=", "headers": {}, "properties": {"delivery_tag": tag}}
+    client.hset(UNACKED_KEY, tag, json.dumps([payload, "", queue]))
+    client.zadd(UNACKED_INDEX_KEY, {tag: time.time() - age_s})
+
+
+def test_a_message_no_live_lease_holds_goes_back_to_the_head_of_its_queue(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    settings = settings_for(redis_url)
+    sync_redis.rpush(settings.queue, "older")
+    unacked(sync_redis, "orphan", settings.queue, age_s=60)
+    keeper = LeaseKeeper(settings, sync_redis, Holdings())
+    keeper.renew()
+    assert keeper.restore_orphans() == ["orphan"]
+    assert not sync_redis.hexists(UNACKED_KEY, "orphan")
+    head = json.loads(sync_redis.lindex(settings.queue, -1) or b"{}")  # consumers BRPOP the right end
+    assert head["headers"]["redelivered"] is True
+
+
+def test_a_message_a_live_lease_holds_young_or_of_another_queue_stays(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    settings = settings_for(redis_url)
+    holdings = Holdings()
+    holdings.received(SimpleNamespace(message=SimpleNamespace(delivery_tag="held")))  # as task_received does
+    unacked(sync_redis, "held", settings.queue, age_s=60)
+    unacked(sync_redis, "young", settings.queue, age_s=1)
+    unacked(sync_redis, "theirs", "other-queue", age_s=60)
+    keeper = LeaseKeeper(settings, sync_redis, holdings)
+    keeper.renew()
+    assert keeper.restore_orphans() == []
+    assert sync_redis.hlen(UNACKED_KEY) == 3
+
+
+def test_only_one_worker_of_a_queue_sweeps_per_tick(redis_url: str, sync_redis: redis.Redis) -> None:
+    settings = settings_for(redis_url)
+    unacked(sync_redis, "orphan", settings.queue, age_s=60)
+    first, second = (
+        LeaseKeeper(settings, sync_redis, Holdings()),
+        LeaseKeeper(settings, sync_redis, Holdings()),
+    )
+    assert second.restore_orphans() == ["orphan"]
+    unacked(sync_redis, "orphan2", settings.queue, age_s=60)
+    assert first.restore_orphans() == []  # the tick's lock is taken
