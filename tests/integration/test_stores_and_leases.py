@@ -74,7 +74,12 @@ def test_a_failed_request_lets_go_of_its_texts(redis_url: str, sync_redis: redis
 
 def result(status: str) -> JobResult:
     return JobResult(
-        job_id="job1", kind=JobKind.CHAT, status=status, enqueued_at=1.0, started_at=2.0, finished_at=3.0  # type: ignore[arg-type]
+        job_id="job1",
+        kind=JobKind.CHAT,
+        status=status,
+        enqueued_at=1.0,
+        started_at=2.0,
+        finished_at=3.0,  # type: ignore[arg-type]
     )
 
 
