@@ -121,15 +121,31 @@ def test_a_replayed_span_is_redated_to_the_real_call_and_its_events_move_with_it
     assert [e.timestamp for e in call.events] == [101_500_000_000]
 
 
-def test_a_replay_that_fails_never_fails_the_line() -> None:
-    queue = SpanQueue(Collector())
+def test_a_replay_that_fails_never_fails_the_line(caplog: pytest.LogCaptureFixture) -> None:
+    """The line goes on: the replay returns, the failure is logged, and the line's trace is still kept
+    and sent, without that call's span."""
+    collector = Collector()
+    queue = SpanQueue(collector)
     nowhere = redis.Redis(port=1, socket_connect_timeout=0.1)
     sampler = TailSampler(queue, TraceBudget(nowhere, None, lambda: queue.counts, 60), "p")
     line = LineTrace(sampler, None, enqueued_at=0.0)
+    earlier = ReadableSpan(
+        name="earlier attempt",
+        context=SpanContext(line.trace_id, 3, False, TraceFlags(TraceFlags.SAMPLED)),
+        start_time=10,
+        end_time=20,
+    )
 
     async def broken() -> None:
         raise RuntimeError("a bug in the instrumentation")
 
     with line:
+        sampler.on_end(earlier)
         asyncio.run(line.replay(Recording(status=200), broken))
+        kept = line.decide(True, unwritten_calls=1)
+        traced = line.finish(output="the answer", ok=True, kept=kept, project="p")
+    assert queue.force_flush(5_000)
     sampler.shutdown()
+    assert traced is True
+    assert "replaying a call for its trace failed" in caplog.text
+    assert [s.name for s in collector.spans] == ["earlier attempt"]  # sent; no span of the broken call
