@@ -7,7 +7,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aredis
-from conftest import run
+from harness import run
 
 from routerq.core.batch_store import (
     AsyncBatchStore,

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import redis
 import redis.asyncio as aredis
-from conftest import run, settings_for
+from harness import run, settings_for
 
 from routerq.core.embed_store import AsyncEmbedStore, embed_key
 from routerq.core.jobs import JobKind, JobResult

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis
-from conftest import Answer, TableUpstream, chat_answer, error_answer, run, settings_for
+from harness import Answer, TableUpstream, chat_answer, error_answer, run, settings_for
 
 from routerq.core.batch_format import BatchLine
 from routerq.core.batch_store import Batch, BatchStatus, BatchStore, batch_key
