@@ -142,7 +142,9 @@ def find_phoenix() -> str:
     candidates = [
         os.environ.get("ROUTERQ_PHOENIX_BIN"),
         str(Path.cwd() / PHOENIX_VENV / "bin" / "phoenix"),
-        str(Path(__file__).resolve().parent.parent / PHOENIX_VENV / "bin" / "phoenix"),
+        str(
+            Path(__file__).resolve().parents[2] / PHOENIX_VENV / "bin" / "phoenix"
+        ),  # <checkout>/routerq/devstack
         shutil.which("phoenix"),
     ]
     for candidate in candidates:
