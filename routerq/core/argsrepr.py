@@ -87,7 +87,7 @@ def _stream(stack: deque[Iterator[Any]], maxlevels: int) -> Iterator[tuple[Any, 
             elif isinstance(value, str):
                 yield _Quoted(value), it
             elif isinstance(value, dict | list | tuple):
-                start, end = _BRACKETS[type(value)] if type(value) in _BRACKETS else ("[", "]")
+                start, end = _BRACKETS.get(type(value), ("[", "]"))
                 if isinstance(value, tuple) and len(value) == 1:
                     end = ",)"
                 if maxlevels and level >= maxlevels:

@@ -16,6 +16,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from routerq.core.argsrepr import safe_repr
+
 
 def headers(task: str, task_id: str, args: list[Any]) -> dict[str, Any]:
     """The headers Celery's `as_task_v2` gives a task published with `ignore_result=True` (outcomes live
@@ -33,7 +35,7 @@ def headers(task: str, task_id: str, args: list[Any]) -> dict[str, Any]:
         "timelimit": [None, None],
         "root_id": task_id,
         "parent_id": None,
-        "argsrepr": repr(args),
+        "argsrepr": safe_repr(args),  # as Celery: bounded, never a second copy of every prompt
         "kwargsrepr": "{}",
         "origin": f"gen{os.getpid()}@{socket.gethostname()}",  # Celery's anon_nodename()
         "ignore_result": True,

@@ -147,7 +147,7 @@ def _run_examples(settings: Settings) -> int:
 
 def _run_example_files(settings: Settings) -> int:
     """The sample batch file and embedding input from examples/, as a user would run them."""
-    examples = Path(str(files("devstack") / "examples"))
+    examples = Path(str(files("routerq.devstack") / "examples"))
     batches = BatchClient(settings)
     batch = batches.submit(examples / "batch.jsonl", name="demo batch").batch
     batch = batches.wait(batch.id, lambda _: None)

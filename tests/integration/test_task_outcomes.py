@@ -21,7 +21,7 @@ from routerq.core.embed_store import EmbedRun, EmbedStore, embed_key
 from routerq.core.jobs import Job, JobKind
 from routerq.core.result_store import RESULT_KEY
 from routerq.worker.execution.app import create_app
-from routerq.worker.execution.pool import Delivery
+from routerq.worker.execution.pool import DRAINING, Delivery
 from routerq.worker.execution.runtime import Runtime, build_runtime
 from routerq.worker.execution.tasks import run_embed, run_job, run_lines
 
@@ -281,3 +281,32 @@ def test_a_failed_embedding_request_counts_its_texts_failed_and_lets_them_go(
     )  # fmt: skip
     assert sync_redis.hget(embed_key(run_id), "failed") == b"1"
     assert not sync_redis.hexists(embed_key(run_id, "claim"), "0")
+
+
+def test_lines_a_warm_shutdown_stops_before_their_calls_go_back_to_the_front_of_the_queue(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis, ["line stopped", "line waiting"])
+    sync_redis.lpush("routerq", "a message of the backlog")  # producers LPUSH; consumers take the right end
+    DRAINING.set()
+    try:
+        _, upstream = on_runtime(
+            redis_url, {"line": [chat_answer()]},
+            lambda rt, _: run_lines(rt, delivery(rt, LINE_TASK_NAME), batch_id, [0, 1], 1.0),
+        )  # fmt: skip
+    finally:
+        DRAINING.clear()
+    assert upstream.requests == []
+    taken_next = json.loads(sync_redis.lindex("routerq", -1) or b"{}")
+    assert json.loads(base64.b64decode(taken_next["body"]))[0] == [batch_id, [0, 1], 1.0]
+
+
+def test_a_retried_line_is_taken_before_the_backlog(redis_url: str, sync_redis: redis.Redis) -> None:
+    batch_id = make_batch(sync_redis, ["line again"])
+    sync_redis.lpush("routerq", "a message of the backlog")
+    on_runtime(
+        redis_url, {"line again": [error_answer(503, "try later")]},
+        lambda rt, _: run_lines(rt, delivery(rt, LINE_TASK_NAME), batch_id, [0], 1.0),
+    )  # fmt: skip
+    taken_next = json.loads(sync_redis.lindex("routerq", -1) or b"{}")
+    assert taken_next["headers"]["retries"] == 1 and taken_next["headers"]["eta"] is not None

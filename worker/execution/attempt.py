@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,11 +21,10 @@ from typing import Any, Protocol
 from openinference.instrumentation import using_attributes
 from opentelemetry import trace
 
-from routerq.core import envelope
-from routerq.core.broker import LINE_TASK_NAME
 from routerq.core.jobs import Job, JobError, JobResult
 from routerq.core.spans import DECISION, ERROR_CLASS, worker_attributes
 from routerq.worker.execution.pool import DRAINING, Delivery
+from routerq.worker.execution.republish import republish
 from routerq.worker.execution.runtime import Runtime
 from routerq.worker.signals import Deferred, NotStarted, Republished
 from routerq.worker.upstream.call_record import Recording, untraced
@@ -237,41 +235,7 @@ async def _republish(
 ) -> None:
     if before_retry is not None:
         await before_retry()
-    kwargs = {**(carry or {}), "tries": tries.dump()}
-    if delivery.task == LINE_TASK_NAME:
-        await rt.redis.rpush(rt.settings.queue, _front_of_queue(rt, delivery, args, kwargs, delay))
-        return
-    rt.app.send_task(
-        delivery.task,
-        args=args,
-        kwargs=kwargs,
-        task_id=delivery.id,
-        retries=delivery.retries + 1,
-        countdown=delay,
-        queue=rt.settings.queue,
-        ignore_result=True,
-    )
-
-
-def _front_of_queue(
-    rt: Runtime, delivery: Delivery, args: list[Any], kwargs: dict[str, Any], delay: float
-) -> str:
-    """Batch lines coming back (a retry, a deferral, a shutdown) go to the consumers' end of the queue,
-    where they are taken next and run when their countdown is due. kombu would put them behind the
-    batch's whole backlog: a 100,000-line batch's retried lines would all wait for its end, then run
-    (and send their traces to Phoenix) in one burst. Single jobs keep Celery's publish (and its span)."""
-    message = rt.app.amqp.as_task_v2(
-        delivery.id,
-        delivery.task,
-        args=args,
-        kwargs=kwargs,
-        countdown=delay or None,
-        retries=delivery.retries + 1,
-        ignore_result=True,
-    )
-    return envelope.build(
-        delivery.id, dict(message.headers), args, rt.settings.queue, kwargs, delivery_tag=uuid.uuid4().hex
-    )
+    await republish(rt, delivery, args, {**(carry or {}), "tries": tries.dump()}, delay)
 
 
 def failed_without_call(job: Job, error: JobError, attempt: int) -> JobResult:

@@ -39,6 +39,7 @@ from routerq.worker.execution.attempt import (
 )
 from routerq.worker.execution.deliveries import delivery_key, over_delivered, poison_error
 from routerq.worker.execution.pool import DRAINING, Delivery
+from routerq.worker.execution.republish import republish
 from routerq.worker.execution.runtime import Runtime
 from routerq.worker.signals import Deferred, Halted
 from routerq.worker.tracing.batch_summary import write_summary
@@ -119,13 +120,8 @@ async def run_lines(
     if DRAINING.is_set():  # a warm shutdown began before this message started: back on the queue at once
         for _ in indexes:
             delivery.lent.line_ended()
-        rt.app.send_task(
-            LINE_TASK_NAME,
-            args=[batch_id, indexes, enqueued_at],
-            kwargs={"tries": tries, "traceparent": traceparent},
-            queue=rt.settings.queue,
-            ignore_result=True,
-        )
+        kwargs = {"tries": tries, "traceparent": traceparent}
+        await republish(rt, delivery, [batch_id, indexes, enqueued_at], kwargs)
         log.info(
             "batch %s: %d line(s) not started before shutdown returned to the queue", batch_id, len(indexes)
         )
