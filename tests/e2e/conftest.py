@@ -8,6 +8,7 @@ import secrets
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -177,6 +178,16 @@ def wait_for(check: Callable[[], object], what: str, timeout: float = 60, poll: 
         if time.monotonic() >= deadline:
             raise AssertionError(f"waited {timeout:g} s for {what}")
         time.sleep(poll)
+
+
+def queue_drained_behind(stack: Stack, client: BatchClient, tmp_path: Path) -> None:
+    """Instead of sleeping before "nothing more was called": a one-line batch submitted now is taken
+    after every message queued before it (one queue, taken in order), so once it is done the worker
+    has started whatever was queued earlier."""
+    marker = uuid.uuid4().hex[:8]
+    source = write_jsonl(tmp_path / f"barrier-{marker}.jsonl", [line("barrier", "chat", f"{marker} barrier")])
+    batch = client.submit(source).batch
+    assert wait_final(client, batch.id).succeeded == 1
 
 
 def wait_final(client: BatchClient, batch_id: str, timeout: float = 180) -> Batch:

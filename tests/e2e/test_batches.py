@@ -11,7 +11,16 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Stack, calls_with, line, routerq, wait_final, wait_for, write_jsonl
+from conftest import (
+    Stack,
+    calls_with,
+    line,
+    queue_drained_behind,
+    routerq,
+    wait_final,
+    wait_for,
+    write_jsonl,
+)
 from phoenix_queries import trace_spans
 
 from routerq.core import telemetry
@@ -145,8 +154,11 @@ def test_failed_lines_are_reported_like_openai_errors(
     ]
 
 
-def test_a_file_with_bad_lines_is_refused_whole_and_nothing_is_sent(stack: Stack, tmp_path: Path) -> None:
+def test_a_file_with_bad_lines_is_refused_whole_and_nothing_is_sent(
+    stack: Stack, client: BatchClient, tmp_path: Path
+) -> None:
     marker = uuid.uuid4().hex[:8]
+    batches_before = {b.id for b in client.recent(1000)}
     good = line("ok-1", "chat", f"{marker} fine")
     rows: list[dict[str, Any] | str] = [
         good,
@@ -172,7 +184,8 @@ def test_a_file_with_bad_lines_is_refused_whole_and_nothing_is_sent(stack: Stack
         f"{source}:6: invalid_method: method must be POST, got 'GET'",
     ]
     assert "5 bad line(s); nothing was enqueued" in done.stderr
-    time.sleep(1)
+    assert {b.id for b in client.recent(1000)} == batches_before  # no batch stored
+    queue_drained_behind(stack, client, tmp_path)
     assert calls_with(stack, marker) == []
 
 
@@ -210,7 +223,7 @@ def test_cancel_stops_sending_queued_lines_upstream(
     assert done.returncode == 0, done.stderr
     final = wait_final(client, batch.id)
     sent = len(calls_with(stack, marker))
-    time.sleep(1.5)
+    queue_drained_behind(stack, client, tmp_path)
     assert len(calls_with(stack, marker)) == sent
     assert final.status is BatchStatus.CANCELLED
     assert final.cancelled > 0 and sent < 80
@@ -228,7 +241,7 @@ def test_one_idempotency_key_makes_one_batch(stack: Stack, client: BatchClient, 
     assert second.returncode == 0, second.stderr
     assert second.stdout.strip() == first.stdout.strip()
     assert "exists already" in second.stderr
-    time.sleep(1)
+    queue_drained_behind(stack, client, tmp_path)
     assert len(calls_with(stack, marker)) == 5
 
     other = write_jsonl(tmp_path / "other.jsonl", [line("z", "chat", f"{marker} other")])

@@ -57,9 +57,15 @@ def fake_rules(stack: Stack) -> Iterator[None]:
 
 
 def settle_paused(client: BatchClient, batch_id: str) -> Batch:
-    """Wait for the pause, then a moment more for lines already running to land."""
+    """Wait for the pause, then for every line without an outcome to be set aside (parked): none running,
+    none left on the queue."""
     wait_for(lambda: client.get(batch_id).status is BatchStatus.PAUSED, f"batch {batch_id} to pause", 30)
-    time.sleep(1)
+
+    def settled() -> bool:
+        batch = client.get(batch_id)
+        return batch.running == 0 and batch.queued == 0
+
+    wait_for(settled, f"batch {batch_id}'s lines to land or be parked", 30)
     return client.get(batch_id)
 
 
@@ -448,10 +454,11 @@ def test_a_hanging_upstream_times_out_and_retries_while_the_worker_stays_respons
     configure_fake(stack, rules=[{"match": marker, "hang_first": 1, "hang_s": 60}])
     queue = f"hang-{marker}"
     env = {"OPENROUTER_TIMEOUT": "2", "ROUTERQ_JOB_TIME_LIMIT": "10"}
-    with extra_worker(stack, queue, concurrency=4, **env) as (_, settings):
+    # one process: three of its four call slots hang, the fourth must still serve the probe
+    with extra_worker(stack, queue, concurrency=4, processes=1, **env) as (_, settings):
         client = BatchClient(settings)
         batch = submit(client, tmp_path, marker, 3)
-        time.sleep(0.5)
+        wait_for(lambda: len(calls_with(stack, marker)) >= 3, "the 3 lines' first calls to hang at the fake")
         probe = Producer(settings).run(
             Job(
                 kind=JobKind.CHAT,
@@ -459,7 +466,16 @@ def test_a_hanging_upstream_times_out_and_retries_while_the_worker_stays_respons
             ),
             timeout=10,
         )
-        assert probe.ok and probe.finished_at - probe.started_at < 1.5
+        # served while the three calls hung: it reached the fake before any of them timed out and
+        # was tried again
+        assert probe.ok
+        (probe_call,) = [
+            c
+            for c in calls_with(stack, "still there?")
+            if c["body"]["messages"][0]["content"] == "still there?"
+        ][-1:]
+        retried = [c for c in calls_with(stack, marker) if c["attempt"] == 2]
+        assert all(probe_call["t"] < c["t"] for c in retried), (probe_call, retried)
         final = wait_final(client, batch.id, timeout=60)
     assert (final.succeeded, final.failed) == (3, 0)
     calls = calls_with(stack, marker)
@@ -594,9 +610,11 @@ def test_a_pickle_message_in_the_queue_is_refused_and_never_executed(stack: Stac
             serializer="pickle",
             headers={"task": TASK_NAME, "id": "pickle-job", "lang": "py", "argsrepr": "", "kwargsrepr": ""},
         )
-    time.sleep(3)
+    wait_for(
+        lambda: "untrusted content" in stack.worker.log().lower(), "the worker to refuse the pickle message"
+    )
     assert not target.exists()
-    assert "pickle" in stack.worker.log() and "untrusted content" in stack.worker.log().lower()
+    assert "pickle" in stack.worker.log()
     assert redis.Redis.from_url(stack.env["REDIS_URL"]).get("routerq:result:pickle-job") is None
 
 
