@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,6 +14,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from routerq.core import envelope, telemetry
 from routerq.core.broker import TASK_NAME
 from routerq.core.errors import JobFailedError
+from routerq.core.job_chain import waiting_note
 from routerq.core.jobs import Job, JobKind, JobResult
 from routerq.core.redis_client import connect
 from routerq.core.result_store import ResultStore
@@ -86,12 +87,23 @@ class Producer:
             return self.store.get(job_id)
         return self.store.wait(job_id, timeout)
 
-    def run(self, job: Job, timeout: float | None = None) -> JobResult:
-        """Queue and wait inside one span, whose output is the answer (reads well in Sessions)."""
+    def run(
+        self, job: Job, timeout: float | None = None, on_wait: Callable[[str], None] | None = None
+    ) -> JobResult:
+        """Queue and wait inside one span, whose output is the answer (reads well in Sessions).
+        `on_wait` hears why the job waits (a rate limit, a retry's countdown) each time that changes."""
         job.project = job.project or telemetry.traced_project(self.settings)
+        heard: list[str] = []
+
+        def report() -> None:
+            note = waiting_note(self.redis, job.id)
+            if on_wait is not None and note and note not in heard[-1:]:
+                heard.append(note)
+                on_wait(note)
+
         with self._job_span("routerq.job", job) as span:
             self._publish(job)
-            result = self.store.wait(job.id, timeout)
+            result = self.store.wait(job.id, timeout, report)
             if result.ok:
                 span.set_attribute(SpanAttributes.OUTPUT_VALUE, output_attribute(result.text))
             else:

@@ -8,13 +8,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from routerq.core.batch_store import Batch, BatchStats, BatchStatus
 from routerq.core.child_process import python_module
@@ -192,13 +193,26 @@ def enqueue(
             print(producer.submit(job).id)
             return
         try:
-            result = producer.run(job, timeout=timeout)
+            result = producer.run(job, timeout=timeout, on_wait=_waiting(job.id, settings, timeout))
         except TimeoutError as exc:
             err.print(f"[red]{exc}[/red]")
             raise typer.Exit(1) from None
         _print_result(result)
     finally:
         producer.close()
+
+
+def _waiting(job_id: str, settings: Settings, timeout: float) -> Callable[[str], None]:
+    """Says on stderr why a waited-on job has no answer yet, and how long each side keeps at it."""
+
+    def say(note: str) -> None:
+        err.print(
+            f"[yellow]job {job_id} waits: {escape(note)}. Workers keep retrying rate limits for up to "
+            f"{settings.max_retry_time:g} s (ROUTERQ_MAX_RETRY_TIME); this command waits {timeout:g} s "
+            "(--timeout), and stopping it does not stop the job.[/yellow]"
+        )
+
+    return say
 
 
 def _print_result(result: JobResult) -> None:

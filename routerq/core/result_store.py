@@ -9,6 +9,7 @@ Keys:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import redis
 import redis.asyncio as aredis
@@ -55,8 +56,11 @@ class ResultStore:
         raw = self._redis.get(RESULT_KEY.format(job_id=job_id))
         return JobResult.model_validate_json(raw) if raw else None
 
-    def wait(self, job_id: str, timeout: float | None) -> JobResult:
-        """Block on the job's done signal (BLPOP), so the result is read the moment it is stored."""
+    def wait(
+        self, job_id: str, timeout: float | None, every_slice: Callable[[], None] | None = None
+    ) -> JobResult:
+        """Block on the job's done signal (BLPOP), so the result is read the moment it is stored.
+        `every_slice` runs about every WAIT_SLICE_S while there is none (a waiter's progress report)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             result = self.get(job_id)
@@ -66,6 +70,8 @@ class ResultStore:
             if left <= 0:
                 raise ResultTimeoutError(f"job {job_id} has no result after {timeout} s")
             self._redis.blpop([DONE_KEY.format(job_id=job_id)], timeout=max(left, 0.01))
+            if every_slice is not None:
+                every_slice()
 
 
 class AsyncResultStore:

@@ -310,3 +310,87 @@ def test_a_retried_line_is_taken_before_the_backlog(redis_url: str, sync_redis: 
     )  # fmt: skip
     taken_next = json.loads(sync_redis.lindex("routerq", -1) or b"{}")
     assert taken_next["headers"]["retries"] == 1 and taken_next["headers"]["eta"] is not None
+
+
+# --- one live message and one call at a time per job (routerq/core/lua/job_go.lua) ---
+
+
+def message_kwargs(message: dict[str, Any]) -> dict[str, Any]:
+    return dict(json.loads(base64.b64decode(message["body"]))[1])
+
+
+def test_a_job_reported_failed_is_never_called_again(redis_url: str, sync_redis: redis.Redis) -> None:
+    job = chat_job("failed once")
+
+    async def twice(rt: Runtime, _: TableUpstream) -> str:
+        await run_job(rt, delivery(rt, TASK_NAME), job.model_dump(mode="json"))  # a 400: failed for good
+        again = await run_job(rt, delivery(rt, TASK_NAME), job.model_dump(mode="json"))  # a copy
+        return str(again["status"])
+
+    status, upstream = on_runtime(
+        redis_url, {"failed once": [error_answer(400, "bad"), chat_answer()]}, twice
+    )
+    assert status == "failed" and upstream.calls_for("failed once") == 1
+
+
+def test_a_stale_copy_of_a_retried_jobs_message_ends_without_a_call(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    job = chat_job("copied")
+
+    async def retry_then_copy(rt: Runtime, _: TableUpstream) -> str:
+        await run_job(rt, delivery(rt, TASK_NAME, task_id=job.id), job.model_dump(mode="json"))  # 429: retry
+        # the first message again (put back while its holder lived): the job has moved on
+        copy = await run_job(rt, delivery(rt, TASK_NAME, task_id=job.id), job.model_dump(mode="json"))
+        return str(copy["status"])
+
+    status, upstream = on_runtime(
+        redis_url, {"copied": [error_answer(429, "slow down", retry_after="30")]}, retry_then_copy
+    )
+    assert status == "stale_copy"
+    assert upstream.calls_for("copied") == 1
+    (retry,) = queued(sync_redis)  # only the retry's message: the copy re-published nothing
+    assert message_kwargs(retry)["gen"]
+
+
+def test_the_retry_message_run_before_its_countdown_waits_instead_of_calling(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    job = chat_job("too early")
+
+    async def early(rt: Runtime, _: TableUpstream) -> str:
+        await run_job(rt, delivery(rt, TASK_NAME, task_id=job.id), job.model_dump(mode="json"))
+        (retry,) = queued(sync_redis)
+        sync_redis.delete("routerq")
+        kwargs = message_kwargs(retry)
+        out = await run_job(
+            rt,
+            delivery(rt, TASK_NAME, 1, job.id),
+            job.model_dump(mode="json"),
+            kwargs["tries"],
+            kwargs["gen"],
+        )
+        return str(out["status"])
+
+    status, upstream = on_runtime(
+        redis_url, {"too early": [error_answer(429, "wait", retry_after="30")]}, early
+    )
+    assert status == "retrying"
+    assert upstream.calls_for("too early") == 1  # Retry-After 30 s: the second call did not happen
+    assert sync_redis.hget(f"routerq:job:{job.id}:chain", "note") == b"wait; next try in 30 s"  # still why
+
+
+def test_a_copy_arriving_while_another_run_calls_waits_for_it(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    job = chat_job("in flight")
+
+    async def while_held(rt: Runtime, _: TableUpstream) -> str:
+        assert await rt.chains.go(job.id, "", "another-run", 60) == 0  # another run of the message calls
+        out = await run_job(rt, delivery(rt, TASK_NAME, task_id=job.id), job.model_dump(mode="json"))
+        return str(out["status"])
+
+    status, upstream = on_runtime(redis_url, {"in flight": [chat_answer()]}, while_held)
+    assert status == "retrying" and upstream.calls_for("in flight") == 0
+    (later,) = queued(sync_redis)
+    assert later["headers"]["eta"] is not None

@@ -195,14 +195,14 @@ async def attempt_or_retry(
     job: Job,
     tries: Tries,
     args: list[Any],
-    before_retry: Callable[[], Awaitable[None]] | None = None,
+    before_retry: Callable[[float, str], Awaitable[None]] | None = None,
     carry: dict[str, Any] | None = None,
     guard: Guard | None = None,
     record: bool = False,
 ) -> Attempt:
     """An attempt whose outcome is final or a pause. A retry (or a long limiter wait, or a `guard`
     that defers) re-publishes the task, with `args`, the next tries and `carry`, after
-    `before_retry`; then raises Retrying. An attempt a warm shutdown stopped before its call goes
+    `before_retry(delay, why)`; then raises Retrying. An attempt a warm shutdown stopped before its call goes
     back to the queue at once, as it came. Halted (from the guard) goes to the caller."""
     unstarted = tries
     tries = tries.started(time.time())
@@ -210,7 +210,7 @@ async def attempt_or_retry(
         attempt = await attempt_job(rt, job, tries, guard, record)
         decision = attempt.decision
     except NotStarted as exc:
-        await _republish(rt, delivery, args, unstarted, 0.0, carry, before_retry)
+        await _republish(rt, delivery, args, unstarted, 0.0, carry, before_retry, str(exc))
         error = JobError(code=SHUTDOWN_REQUEUE, message=f"{exc}: back on the queue before its call")
         raise Retrying(Attempt(failed_without_call(job, error, tries.attempt), None)) from None
     except Deferred as deferred:
@@ -219,7 +219,8 @@ async def attempt_or_retry(
         error = JobError(code="rate_limit_exceeded", message=f"{deferred.what}: {reason}")
         attempt = Attempt(failed_without_call(job, error, tries.attempt), decision, limited=True)
     if decision is not None and decision.action is Action.RETRY:
-        await _republish(rt, delivery, args, tries.after(decision), decision.delay, carry, before_retry)
+        why = attempt.result.error.message if attempt.result.error else "retry"
+        await _republish(rt, delivery, args, tries.after(decision), decision.delay, carry, before_retry, why)
         raise Retrying(attempt)
     return attempt
 
@@ -231,10 +232,13 @@ async def _republish(
     tries: Tries,
     delay: float,
     carry: dict[str, Any] | None,
-    before_retry: Callable[[], Awaitable[None]] | None,
+    before_retry: Callable[[float, str], Awaitable[None]] | None,
+    why: str,
 ) -> None:
+    """`before_retry` learns when the work comes back and why, before it is re-published (and may
+    add to `carry`)."""
     if before_retry is not None:
-        await before_retry()
+        await before_retry(delay, why)
     await republish(rt, delivery, args, {**(carry or {}), "tries": tries.dump()}, delay)
 
 

@@ -12,6 +12,7 @@ from celery import Celery
 
 from routerq.core.batch_store import AsyncBatchStore
 from routerq.core.embed_store import AsyncEmbedStore
+from routerq.core.job_chain import AsyncJobChain
 from routerq.core.redis_client import connect, connect_async
 from routerq.core.result_store import AsyncResultStore
 from routerq.core.settings import VISIBILITY_SLACK, Settings
@@ -28,6 +29,7 @@ class Runtime:
     redis: aredis.Redis
     limiter: SharedLimiter
     store: AsyncResultStore
+    chains: AsyncJobChain
     batches: AsyncBatchStore
     embeddings: AsyncEmbedStore
     openrouter: OpenRouterClient
@@ -59,6 +61,7 @@ def build_runtime(
         redis=client,
         limiter=SharedLimiter(client, settings),
         store=AsyncResultStore(client, settings.result_ttl, settings.queue),
+        chains=AsyncJobChain(client, settings.result_ttl),
         batches=batches,
         # a text's claim outlives any call: Celery stops a task at ROUTERQ_JOB_TIME_LIMIT
         embeddings=AsyncEmbedStore(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -26,7 +27,9 @@ from routerq.core.batch_store import Batch, BatchStatus, Go, LineStart, Outcome,
 from routerq.core.broker import EMBED_TASK_NAME, LINE_TASK_NAME, TASK_NAME
 from routerq.core.embed_store import EmbedRun
 from routerq.core.errors import JobFailedError
+from routerq.core.job_chain import JobGo
 from routerq.core.jobs import Job, JobError, JobKind, JobResult
+from routerq.core.settings import VISIBILITY_SLACK
 from routerq.core.spans import ATTEMPT, BATCH_ID, BATCH_LINE, chain_attributes, chain_kind
 from routerq.worker.execution.attempt import (
     BUDGET_WAIT_S,
@@ -60,27 +63,36 @@ class Skipped(StrEnum):
 
 
 async def run_job(
-    rt: Runtime, delivery: Delivery, payload: dict[str, Any], tries: dict[str, float] | None = None
+    rt: Runtime,
+    delivery: Delivery,
+    payload: dict[str, Any],
+    tries: dict[str, float] | None = None,
+    gen: str = "",
 ) -> dict[str, Any]:
     """A single job, in the trace its producer started: `run/routerq.run_job` under the publish span.
-    Its trace is kept or not as the producer decided (parent-based), never split."""
+    Its trace is kept or not as the producer decided (parent-based), never split. `gen` names the
+    job's message generation (routerq.core.job_chain): only the current one may call."""
     job = Job.model_validate(payload)
     with _consumer_span(delivery, job.project) as span:
         stored = await rt.store.get(job.id)
-        if stored is not None and stored.ok:
-            log.info("job %s already has a stored result; not calling upstream again", job.id)
+        if stored is not None:
+            log.info("job %s already has its outcome (%s); not calling upstream again", job.id, stored.status)
             return {"job_id": job.id, "status": stored.status}
         deliveries = await over_delivered(rt, delivery, job.id)
         if deliveries:
             result = failed_without_call(job, poison_error(deliveries), Tries.load(tries).attempt)
         else:
+            guard = _JobGuard(rt, job.id, gen)
             try:
                 attempt = await attempt_or_retry(
-                    rt, delivery, job=job, tries=Tries.load(tries), args=[payload]
-                )
+                    rt, delivery, job=job, tries=Tries.load(tries), args=[payload],
+                    guard=guard, before_retry=guard.next_message, carry=guard.carry,
+                )  # fmt: skip
             except Retrying as retrying:
                 _retrying(span, job, Tries.load(tries), retrying.attempt)
                 return {"job_id": job.id, "status": "retrying"}
+            except Halted as halted:
+                return await _halted_job(rt, job, halted)
             result = attempt.result
             span.set_attributes(attempt_attributes(job, Tries.load(tries), attempt))
         _end_status(span, result)
@@ -88,6 +100,42 @@ async def run_job(
         if not result.ok:
             log.warning("%s", JobFailedError(result))
         return {"job_id": job.id, "status": result.status}
+
+
+class _JobGuard:
+    """A single job's call guard (execution.attempt.Guard): one live message, one call at a time, no
+    call once the job has its outcome (routerq.core.job_chain)."""
+
+    def __init__(self, rt: Runtime, job_id: str, generation: str) -> None:
+        self._rt, self._job_id, self._generation = rt, job_id, generation
+        self._owner = uuid.uuid4().hex
+        self._early = False  # this run came before the job's countdown was over: it waits, it says nothing
+        self.carry: dict[str, Any] = {}  # the next message's kwargs: its generation
+
+    async def before_call(self) -> None:
+        hold_s = self._rt.settings.job_time_limit + VISIBILITY_SLACK
+        verdict = await self._rt.chains.go(self._job_id, self._generation, self._owner, hold_s)
+        if verdict > 0:
+            self._early = True
+            raise Deferred(verdict / 1000, "the job's countdown, or another run of it calling")
+        if verdict < 0:
+            raise Halted(verdict)
+
+    async def pause(self, reason: str) -> None:
+        """A single job has no batch to pause: its failure says why (a revoked key, no credits)."""
+
+    async def next_message(self, delay: float, why: str) -> None:
+        note = "" if self._early else f"{why}; next try in {delay:.0f} s"
+        self.carry["gen"] = await self._rt.chains.advance(self._job_id, delay, note)
+
+
+async def _halted_job(rt: Runtime, job: Job, halted: Halted) -> dict[str, Any]:
+    """A run that must not call: the job has its outcome, or this message is a stale copy."""
+    if halted.verdict == JobGo.FINAL:
+        stored = await rt.store.get(job.id)
+        return {"job_id": job.id, "status": stored.status if stored else "unknown"}
+    log.info("job %s: a stale copy of its message ended without a call", job.id)
+    return {"job_id": job.id, "status": "stale_copy"}
 
 
 def _retrying(span: trace.Span, job: Job, tries: Tries, attempt: Attempt) -> None:
@@ -214,7 +262,7 @@ async def _run_line(
             job=job,
             tries=tries,
             args=[batch_id, [index], enqueued_at],
-            before_retry=lambda: store.unmark_running(batch_id, index),
+            before_retry=lambda _delay, _why: store.unmark_running(batch_id, index),
             carry={"traceparent": line_trace.traceparent},
             guard=guard,
             record=record,

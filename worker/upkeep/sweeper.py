@@ -29,6 +29,7 @@ from celery import Celery
 from routerq.core import envelope
 from routerq.core.batch_store import Batch, BatchStatus, BatchStore, active_key
 from routerq.core.broker import LINE_TASK_NAME, TASK_NAME
+from routerq.core.job_chain import current_generation
 from routerq.core.redis_client import as_text
 from routerq.core.result_store import ResultStore
 from routerq.core.settings import Settings
@@ -111,6 +112,7 @@ class LostMessageSweeper:
                 continue
             self._app.send_task(
                 TASK_NAME, args=[job.model_dump(mode="json")], task_id=job.id, queue=self._settings.queue,
+                kwargs={"gen": current_generation(self._redis, job.id)},  # the job's one live message
                 ignore_result=True,
             )  # fmt: skip
             log.warning(
