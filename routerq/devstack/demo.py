@@ -84,6 +84,8 @@ def run_demo(keep: bool) -> int:
             "REDIS_URL": redis_service.url,
             "PHOENIX_COLLECTOR_ENDPOINT": phoenix.url,
             "PHOENIX_PROJECT_NAME": os.environ.get("PHOENIX_PROJECT_NAME", "routerq-demo"),
+            # A demo is for looking at traces: every line of its small batches goes to Phoenix.
+            "ROUTERQ_TRACE_BUDGET": os.environ.get("ROUTERQ_TRACE_BUDGET", "all"),
         }
         if not os.environ.get("OPENROUTER_API_KEY"):
             fake = start_fake_openrouter(_port(8765), logs, keys=[LOCAL_KEY], latency_ms=150)
@@ -101,6 +103,8 @@ def run_demo(keep: bool) -> int:
         if keep and sys.stdin.isatty():
             console.print("The stack keeps running for you to look around; Ctrl-C stops it.")
             console.print("To use it from another terminal:")
+            routerq_bin = Path(sys.executable).parent
+            console.print(f"export PATH={routerq_bin}:$PATH", markup=False)  # `routerq` itself
             console.print(export_lines(env), markup=False)
             while all(s.alive() for s in services):
                 time.sleep(1)

@@ -3,6 +3,7 @@ time, each after the Retry-After, no copy of it calling, and a waiting `enqueue 
 
 from __future__ import annotations
 
+import itertools
 import uuid
 
 from conftest import Stack, calls_with, extra_worker, routerq
@@ -37,4 +38,6 @@ def test_enqueue_wait_on_a_rate_limited_job_says_why_it_waits_and_calls_once_per
     assert "ROUTERQ_MAX_RETRY_TIME" in done.stderr and "does not stop the job" in done.stderr
     starts = sorted(c["t"] for c in calls_with(stack, marker))
     assert len(starts) == 4  # three 429s and the success: no copy called
-    assert all(later - earlier >= 1.9 for earlier, later in zip(starts, starts[1:])), starts  # Retry-After: 2
+    assert all(later - earlier >= 1.9 for earlier, later in itertools.pairwise(starts)), (
+        starts
+    )  # Retry-After: 2
