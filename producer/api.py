@@ -78,6 +78,7 @@ class Producer:
                 SpanAttributes.OUTPUT_VALUE, json.dumps({"job_id": job.id, "status": "queued"})
             )
             span.set_attribute(SpanAttributes.OUTPUT_MIME_TYPE, "application/json")
+            span.set_status(Status(StatusCode.OK))  # queued: the job's own outcome is its worker span's
         return JobHandle(job, self.store)
 
     def result(self, job_id: str, timeout: float | None = None) -> JobResult | None:
@@ -106,6 +107,7 @@ class Producer:
             result = self.store.wait(job.id, timeout, report)
             if result.ok:
                 span.set_attribute(SpanAttributes.OUTPUT_VALUE, output_attribute(result.text))
+                span.set_status(Status(StatusCode.OK))
             else:
                 failure = JobFailedError(result)
                 span.set_attribute(SpanAttributes.OUTPUT_VALUE, output_attribute(str(failure)))

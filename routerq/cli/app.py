@@ -121,6 +121,8 @@ def worker(
     if processes > 1 and not supervise:
         raise _fail("routerq worker: --processes above 1 needs the supervisor (drop --no-supervise)", 2)
     settings = _settings()
+    _require_redis(settings)  # a worker that cannot reach Redis at start says so at once; once running,
+    # it rides out an outage
     if supervise and not os.environ.get(SUPERVISED_ENV):
         try:
             check_api_key(settings)
@@ -225,7 +227,8 @@ def _print_result(result: JobResult) -> None:
     print(result.text)
 
 
-NO_RESULT_EXIT_CODE = 4  # `routerq result` on a job that has no result (yet, or any more)
+NO_RESULT_EXIT_CODE = 4  # `routerq result` on a job that has no result yet
+NO_SUCH_JOB_EXIT_CODE = 5  # `routerq result` on an id this Redis does not know (or no longer)
 
 
 @app.command()
@@ -234,21 +237,24 @@ def result(
     wait: Annotated[bool, flag("--wait", help="wait for the result if the job is still running")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait with --wait")] = 300.0,
 ) -> None:
-    """Print a queued job's answer (exit 1 if it failed, 4 if it has no result)."""
+    """Print a queued job's answer (exit 1 if it failed, 4 if it has no result yet, 5 if no such job)."""
     from routerq.producer import Producer
 
     settings = _settings()
     _require_redis(settings)
     producer = Producer(settings, tracing=False)
+    if not producer.store.known(job_id):
+        raise _fail(
+            f"no such job: {job_id} (never queued on this Redis, or older than ROUTERQ_RESULT_TTL)",
+            NO_SUCH_JOB_EXIT_CODE,
+        )
     try:
         found = producer.result(job_id, timeout=timeout if wait else None)
     except TimeoutError as exc:
         raise _fail(str(exc), NO_RESULT_EXIT_CODE) from None
     if found is None:
         raise _fail(
-            f"job {job_id} has no result: still queued or running (use --wait), or older than "
-            "ROUTERQ_RESULT_TTL",
-            NO_RESULT_EXIT_CODE,
+            f"job {job_id} has no result yet: still queued or running (use --wait)", NO_RESULT_EXIT_CODE
         )
     _print_result(found)
 

@@ -56,6 +56,10 @@ class ResultStore:
         raw = self._redis.get(RESULT_KEY.format(job_id=job_id))
         return JobResult.model_validate_json(raw) if raw else None
 
+    def known(self, job_id: str) -> bool:
+        """Whether this Redis has the job: its result, or its pending record (kept while it runs)."""
+        return bool(self._redis.exists(RESULT_KEY.format(job_id=job_id), INPUT_KEY.format(job_id=job_id)))
+
     def wait(
         self, job_id: str, timeout: float | None, every_slice: Callable[[], None] | None = None
     ) -> JobResult:

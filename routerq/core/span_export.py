@@ -74,13 +74,17 @@ class SpanQueue(SpanProcessor):
         hold_until: Callable[[], float] = lambda: 0.0,
         listening: Listening | None = None,
         every_s: float = SCHEDULE_S,
+        drop_unheard: bool = False,
     ) -> None:
-        """`listening`, when given, is asked before each export: with nothing there the spans are
-        counted as refused at once (a producer's queue; a worker's waits out a Phoenix restart).
-        Spans are sent every `every_s` seconds, or as soon as a full request's worth is queued."""
+        """`listening` tells a Phoenix that is not there from one that refuses. With `drop_unheard`
+        (a producer, about to exit) it is asked before each export, and with nothing there the spans
+        are counted as refused at once; otherwise (a worker) it is asked when an export fails, to say
+        so in one line while the spans wait out the outage. Spans are sent every `every_s` seconds, or
+        as soon as a full request's worth is queued."""
         self._exporter = exporter
         self._every_s = every_s
         self._listening = listening
+        self._drop_unheard = drop_unheard
         self._said_not_listening = False
         self._max_queue = max_queue
         self._max_retry_s = max_retry_s
@@ -139,14 +143,9 @@ class SpanQueue(SpanProcessor):
                 return
 
     def _send(self, batch: Sequence[ReadableSpan]) -> None:
-        if self._listening is not None and not self._listening():
+        if self._drop_unheard and self._not_listening():
             self.counts.refused += len(batch)
-            if not self._said_not_listening:
-                self._said_not_listening = True
-                log.warning(
-                    "routerq: nothing listens at %s (PHOENIX_COLLECTOR_ENDPOINT): %d span(s) not sent",
-                    self._listening.where, len(batch),
-                )  # fmt: skip
+            self._say_not_listening(f"{len(batch)} span(s) not sent")
             return
         started = time.monotonic()
         delay = self._first_backoff
@@ -157,6 +156,7 @@ class SpanQueue(SpanProcessor):
                 ok = False
             if ok:
                 self.counts.sent += len(batch)
+                self._said_not_listening = False  # a later outage is said again
                 return
             if delay == self._first_backoff:
                 self.counts.retried += len(batch)
@@ -168,7 +168,21 @@ class SpanQueue(SpanProcessor):
             self._stopping.wait(delay)
             delay = min(MAX_BACKOFF_S, delay * 2)
 
+    def _not_listening(self) -> bool:
+        return self._listening is not None and not self._listening()
+
+    def _say_not_listening(self, what: str) -> None:
+        """Once per outage: nothing at the address is no Phoenix, not a Phoenix refusing spans."""
+        if not self._said_not_listening and self._listening is not None:
+            self._said_not_listening = True
+            log.warning(
+                "routerq: nothing listens at %s (PHOENIX_COLLECTOR_ENDPOINT): %s", self._listening.where, what
+            )
+
     def _report(self) -> None:
+        if self._not_listening():
+            self._say_not_listening("spans wait here and are sent when it answers; jobs are unaffected")
+            return
         now = time.monotonic()
         if now - self._reported_at < REPORT_EVERY_S:
             return

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRACER_NAME = "routerq"
+EXPORT_RETRY_LOGGERS = ("opentelemetry.exporter.otlp.proto.http.trace_exporter", "urllib3.connectionpool")
 _provider: TracerProvider | None = None
 _queue: SpanQueue | None = None
 _pid: int | None = None
@@ -98,9 +99,14 @@ def setup_tracing(
         phoenix_otel.HTTPSpanExporter(endpoint=endpoint, headers=headers, timeout=export_timeout),
         max_retry_s=retry_for,
         hold_until=lambda: _hold_until,
-        listening=Listening(endpoint) if exits_soon else None,
+        listening=Listening(endpoint),
         every_s=SCHEDULE_S if exits_soon else LONG_LIVED_EXPORT_EVERY_S,
+        drop_unheard=exits_soon,
     )
+    # The exporter and urllib3 log each failed attempt ("Transient error ...", "Retrying ..."): the
+    # queue says what is wrong in one line of its own (span_export), so theirs are only noise.
+    for noisy in EXPORT_RETRY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     provider.add_span_processor(wrap(queue) if wrap else queue)  # replaces Phoenix's default processor
     for instrumentor in instrumentors:
         if instrumentor.is_instrumented_by_opentelemetry:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from pathlib import Path
 
 from conftest import Stack, line, routerq, write_jsonl
@@ -86,14 +87,23 @@ def test_result_fetches_an_enqueued_jobs_answer_later_by_its_id(stack: Stack) ->
     assert done.stdout.strip() == fake_answer("meta-llama/llama-3.1-8b-instruct", "fetch me later")
 
 
-def test_result_of_an_unknown_job_says_so_and_exits_4(stack: Stack) -> None:
-    done = routerq(stack, "result", "job_doesnotexist")
-    assert done.returncode == 4 and "has no result" in done.stderr
+def test_result_of_an_unknown_job_says_no_such_job_and_exits_5_even_with_wait(stack: Stack) -> None:
+    for wait in ([], ["--wait"]):  # --wait used to wait out its whole timeout for an id nobody queued
+        done = routerq(stack, "result", "job_doesnotexist", *wait, timeout=30)
+        assert done.returncode == 5 and "no such job: job_doesnotexist" in done.stderr, done.stderr
+
+
+def test_result_of_a_job_still_queued_exits_4(stack: Stack) -> None:
+    queue = {"ROUTERQ_QUEUE": f"nobody-consumes-{uuid.uuid4().hex[:8]}"}
+    queued = routerq(stack, "enqueue", "nobody takes me", env=queue)
+    done = routerq(stack, "result", queued.stdout.strip(), env=queue)
+    assert done.returncode == 4 and "has no result yet" in done.stderr, done.stderr
 
 
 def test_a_wrong_redis_url_fails_at_once_with_one_line_naming_it(stack: Stack) -> None:
     closed = "redis://:hunter2@127.0.0.1:9/0"  # the discard port: nothing listens
-    for command in (["status", "batch_x"], ["batches"], ["enqueue", "hello"], ["result", "job_x"]):
+    commands = (["status", "batch_x"], ["batches"], ["enqueue", "hello"], ["result", "job_x"], ["worker"])
+    for command in commands:
         done = routerq(stack, *command, env={"REDIS_URL": closed}, timeout=15)  # not ~45 s of retries
         assert done.returncode == 1, (command, done.stderr)
         assert "cannot reach Redis at redis://127.0.0.1:9/0 (REDIS_URL)" in done.stderr

@@ -77,7 +77,8 @@ def test_each_kind_returns_its_answer_with_one_full_trace_in_phoenix(
     assert run["parent_id"] == root["context"]["span_id"]  # the context travelled in the message
     assert llm["parent_id"] == run["context"]["span_id"]
 
-    assert root["span_kind"] == "CHAIN"
+    assert root["span_kind"] == run["span_kind"] == "CHAIN"  # never "unknown" in Phoenix
+    assert root["status_code"] == run["status_code"] == llm["status_code"] == "OK"  # success is OK everywhere
     assert root["attributes"]["input.value"] == job.prompt_text
     assert root["attributes"]["output.value"] == result.text
     assert llm["span_kind"] == llm_kind

@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import Sequence
 
+import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanContext, TraceFlags
@@ -111,13 +112,35 @@ def test_a_producer_gives_up_at_once_on_spans_for_a_phoenix_that_is_not_running(
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]  # bound, never listening: connections are refused
         collector = Collector()
-        queue = SpanQueue(collector, listening=Listening(f"http://user:pw@127.0.0.1:{port}/v1/traces"))
+        listening = Listening(f"http://user:pw@127.0.0.1:{port}/v1/traces")
+        queue = SpanQueue(collector, listening=listening, drop_unheard=True)
         for n in range(5):
             queue.on_end(_span(n))
         assert queue.force_flush(5_000)
         queue.shutdown()
     assert collector.requests == 0
     assert (queue.counts.sent, queue.counts.refused, queue.counts.retried) == (0, 5, 0)
+
+
+def test_a_worker_says_once_that_nothing_listens_and_keeps_its_spans_for_when_phoenix_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        collector = Collector(refuse=4)  # what the exporter answers while nothing listens
+        listening = Listening(f"http://127.0.0.1:{port}/v1/traces")
+        queue = SpanQueue(collector, listening=listening, first_backoff_s=0.01)
+        for n in range(3):
+            queue.on_end(_span(n))
+        assert queue.force_flush(5_000)
+        queue.shutdown()
+    said = [r.getMessage() for r in caplog.records if "routerq" in r.getMessage()]
+    assert said == [
+        f"routerq: nothing listens at http://127.0.0.1:{port} (PHOENIX_COLLECTOR_ENDPOINT): spans wait "
+        "here and are sent when it answers; jobs are unaffected"
+    ], said  # one line, and never "Phoenix is refusing spans"
+    assert (queue.counts.sent, queue.counts.refused) == (3, 0)
 
 
 def test_a_listening_phoenix_is_exported_to_and_its_address_shown_without_credentials() -> None:

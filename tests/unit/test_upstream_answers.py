@@ -73,9 +73,11 @@ def test_a_200_is_an_answer_only_when_it_has_one(path: str, body: object, reason
 def test_a_connection_the_server_dropped_is_a_read_error_not_a_timeout() -> None:
     """The aiohttp adapter maps every lost connection to a connect timeout; routerq says what it was."""
     request = httpx2.Request("POST", "https://openrouter.ai/api/v1/chat/completions")
-    dropped = httpx2.ConnectTimeout("Server disconnected", request=request)
+    # as the adapter raises it on "Server disconnected": no request attached (exc.request raises)
+    dropped = httpx2.ConnectTimeout("Server disconnected")
     dropped.__cause__ = aiohttp.ServerDisconnectedError()
-    assert isinstance(lost_connection_as_read_error(dropped), httpx2.ReadError)
+    read_error = lost_connection_as_read_error(dropped, request)
+    assert isinstance(read_error, httpx2.ReadError) and read_error.request is request
     slow = httpx2.ReadTimeout("Timeout on reading data from socket", request=request)
     slow.__cause__ = aiohttp.SocketTimeoutError()
-    assert lost_connection_as_read_error(slow) is slow
+    assert lost_connection_as_read_error(slow, request) is slow

@@ -477,6 +477,7 @@ def _consumer_span(delivery: Delivery, project: str | None) -> Iterator[trace.Sp
             context=propagate.extract(delivery.headers),
             kind=SpanKind.CONSUMER,
             attributes={
+                **chain_kind(),  # Phoenix shows a span without an OpenInference kind as "unknown"
                 "celery.action": "run",
                 "celery.task_name": delivery.task,
                 "messaging.message.id": delivery.id,

@@ -118,7 +118,7 @@ class OpenRouterTransport(httpx2.AsyncBaseTransport):
             response = await self._inner.handle_async_request(request)
             await response.aread()
         except httpx2.TimeoutException as exc:
-            raise lost_connection_as_read_error(exc) from exc.__cause__
+            raise lost_connection_as_read_error(exc, request) from exc.__cause__
         return response
 
     @staticmethod
@@ -141,12 +141,15 @@ class OpenRouterTransport(httpx2.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def lost_connection_as_read_error(exc: httpx2.TimeoutException) -> httpx2.TransportError:
+def lost_connection_as_read_error(
+    exc: httpx2.TimeoutException, request: httpx2.Request
+) -> httpx2.TransportError:
     """The aiohttp adapter reports every lost connection as a connect timeout; a connection the server
-    dropped or broke is a read error (OpenRouter went away), not "did not answer in time"."""
+    dropped or broke is a read error (OpenRouter went away), not "did not answer in time". The request
+    is the caller's: the adapter's exception may not carry one (`exc.request` then raises)."""
     cause = exc.__cause__
     if isinstance(cause, aiohttp.ClientError) and not isinstance(cause, asyncio.TimeoutError):
-        return httpx2.ReadError(str(cause) or type(cause).__name__, request=exc.request)
+        return httpx2.ReadError(str(cause) or type(cause).__name__, request=request)
     return exc
 
 
