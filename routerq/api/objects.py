@@ -47,6 +47,7 @@ def batch_object(batch: Batch) -> dict[str, Any]:
             "reason": batch.reason,
             "cost": batch.cost,
             "running": batch.running,
+            "held": batch.held,
             "parked": batch.parked,
         },
     }

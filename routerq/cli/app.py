@@ -433,7 +433,9 @@ def _describe(batch: Batch, stats: BatchStats, export: "ExportCounts") -> str:
     lines = [
         f"batch      {batch.id}" + (f" ({batch.name})" if batch.name else ""),
         f"status     {batch.status.value}" + (f": {batch.reason}" if batch.reason else ""),
-        f"lines      {batch.total} total: {batch.queued} queued, {batch.running} running, "
+        f"lines      {batch.total} total: {batch.queued} queued, "
+        + (f"{batch.held} held by workers, " if batch.held else "")
+        + f"{batch.running} running, "
         f"{batch.succeeded} succeeded, {batch.failed} failed, {batch.cancelled} cancelled"
         + (f", {batch.parked} parked" if batch.parked else ""),
         f"tokens     {batch.prompt_tokens} in, {batch.completion_tokens} out",

@@ -133,15 +133,22 @@ def validate(path: Path, default_model: str | None = None, keep: int = 20) -> Va
 
 def output_line(custom_id: str, result: JobResult) -> dict[str, Any]:
     """One line of OpenAI's batch output format."""
-    line_id = f"batch_req_{uuid.uuid4().hex[:24]}"
     if result.ok:
         response = {"status_code": 200, "request_id": result.generation_id or "", "body": result.response}
-        return {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
+        return {"id": _line_id(), "custom_id": custom_id, "response": response, "error": None}
     error = result.error
-    code, message = (error.code, error.message) if error else ("server_error", "failed")
+    return error_line(custom_id, *((error.code, error.message) if error else ("server_error", "failed")))
+
+
+def error_line(custom_id: str, code: str, message: str) -> dict[str, Any]:
+    """A line that failed, or never ran (a cancelled batch's): one shape for every error line."""
     return {
-        "id": line_id,
+        "id": _line_id(),
         "custom_id": custom_id,
         "response": None,
         "error": {"code": code, "message": message},
     }
+
+
+def _line_id() -> str:
+    return f"batch_req_{uuid.uuid4().hex[:24]}"

@@ -86,7 +86,8 @@ class Batch(BaseModel):
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0
-    running: int = 0
+    running: int = 0  # lines calling upstream now
+    held: int = 0  # lines a worker has taken, waiting in its messages for a call slot
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float = 0.0
@@ -115,7 +116,7 @@ class Batch(BaseModel):
 
     @property
     def queued(self) -> int:
-        return max(0, self.total - self.done - self.running - self.parked)
+        return max(0, self.total - self.done - self.running - self.held - self.parked)
 
     def openai_object(self) -> dict[str, Any]:
         """The batch as OpenAI's batch object, with routerq's finer counts beside OpenAI's three."""
@@ -130,6 +131,7 @@ class Batch(BaseModel):
                 "failed": self.failed,
                 "queued": self.queued,
                 "running": self.running,
+                "held": self.held,
                 "parked": self.parked,
                 "succeeded": self.succeeded,
                 "cancelled": self.cancelled,
@@ -186,14 +188,15 @@ _NUMBERS = {"total", "succeeded", "failed", "cancelled", "prompt_tokens", "compl
 _STATS_QUANTILES = (0.5, 0.95, 0.99)
 
 
-def _batch(raw: dict[Any, Any], running: int, parked: int) -> Batch | None:
+def _batch(raw: dict[Any, Any], taken: int, parked: int, calling: int) -> Batch | None:
+    """`taken`: lines a worker has (calling, or waiting in its messages for a call slot)."""
     if not raw:
         return None
     data: dict[str, Any] = {as_text(k): as_text(v) for k, v in raw.items()}
     for name in _JSON_FIELDS:
         if name in data:
             data[name] = json.loads(data[name])
-    data["running"], data["parked"] = running, parked
+    data["running"], data["held"], data["parked"] = calling, max(0, taken - calling), parked
     return Batch.model_validate(data)
 
 
@@ -228,10 +231,12 @@ _Pipe = TypeVar("_Pipe", redis.client.Pipeline, aredis.client.Pipeline)
 
 
 def _queue_batch_read(pipe: _Pipe, batch_id: str) -> _Pipe:
-    """The record, running and parked counts, queued on a pipeline: its reply is `_batch`'s arguments."""
+    """The record, taken, parked and calling counts, queued on a pipeline: its reply is `_batch`'s
+    arguments."""
     pipe.hgetall(batch_key(batch_id))
     pipe.scard(batch_key(batch_id, "run"))
     pipe.scard(batch_key(batch_id, "parked"))
+    pipe.scard(batch_key(batch_id, "calling"))
     return pipe
 
 
@@ -346,7 +351,7 @@ class AsyncBatchStore:
         pipe.hmget(self.key(batch_id, "in"), fields)
         pipe.hmget(self.key(batch_id, "out"), fields)
         _, _, raw, lines, outcomes = await pipe.execute()
-        batch = _batch(raw, 0, 0)
+        batch = _batch(raw, 0, 0, 0)
         return [
             LineStart(batch, json.loads(line) if line else None, _outcome(outcome) if outcome else None)
             for line, outcome in zip(lines, outcomes, strict=True)
@@ -364,7 +369,12 @@ class AsyncBatchStore:
         return stats.lines, stats.latency_ms.get(0.99)
 
     async def unmark_running(self, batch_id: str, index: int) -> None:
-        keys = [self.key(batch_id), self.key(batch_id, "run"), self.key(batch_id, "held")]
+        keys = [
+            self.key(batch_id),
+            self.key(batch_id, "run"),
+            self.key(batch_id, "held"),
+            self.key(batch_id, "calling"),
+        ]
         await self._unmark(keys=keys, args=[index])
 
     async def go(self, batch_id: str, index: int, delivery_key: str) -> int:
@@ -375,6 +385,7 @@ class AsyncBatchStore:
             self.key(batch_id, "parked"),
             self.key(batch_id, "run"),
             delivery_key,
+            self.key(batch_id, "calling"),
         ]
         return int(await self._go(keys=keys, args=[index, self._ttl, DELIVERY_KEY_TTL_S]))
 
@@ -384,6 +395,7 @@ class AsyncBatchStore:
             self.key(batch_id, "parked"),
             self.key(batch_id, "run"),
             self.key(batch_id, "held"),
+            self.key(batch_id, "calling"),
         ]
         return bool(await self._park(keys=keys, args=[index, self._ttl]))
 
@@ -411,6 +423,7 @@ class AsyncBatchStore:
             self.key(batch_id, "run"),
             self.key(batch_id, "stats"),
             self.key(batch_id, "held"),
+            self.key(batch_id, "calling"),
         ]
         args = [
             index,

@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from routerq.core.export_counts import ExportCounts
+from routerq.core.span_size import MAX_REQUEST_BYTES, bounded, size_of
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class SpanQueue(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         if not span.context.trace_flags.sampled:
             return
+        span = bounded(span)
         with self._lock:
             if len(self._queue) >= self._max_queue:
                 self._queue.popleft()
@@ -117,8 +119,15 @@ class SpanQueue(SpanProcessor):
             self._wake.set()
 
     def _take(self) -> list[ReadableSpan]:
+        """The next request: up to MAX_BATCH spans and MAX_REQUEST_BYTES (at least one span)."""
         with self._lock:
-            batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+            batch: list[ReadableSpan] = []
+            weight = 0
+            while self._queue and len(batch) < MAX_BATCH:
+                weight += size_of(self._queue[0])
+                if batch and weight > MAX_REQUEST_BYTES:
+                    break
+                batch.append(self._queue.popleft())
             self._in_flight = len(batch)
             return batch
 

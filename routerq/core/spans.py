@@ -25,6 +25,7 @@ JOB_KIND = "routerq.job.kind"
 QUEUE_WAIT_MS = "routerq.queue_wait_ms"
 ATTEMPT = "routerq.attempt"
 ERROR_CLASS = "routerq.error.class"
+OUTCOME = "routerq.outcome"  # a line that never ran: "cancelled"
 DECISION = "routerq.decision"  # what the retry policy made of a failed attempt
 BATCH_ID = "routerq.batch.id"
 BATCH_LINE = "routerq.batch.line"

@@ -185,3 +185,32 @@ def test_requests_carry_attribution_headers_and_unchanged_openrouter_fields(
     assert call["title"] == "routerq"
     assert call["referer"] == "https://example.test/routerq"
     assert call["body"] == body  # what reached OpenRouter is exactly what the producer enqueued
+
+
+def test_a_30_mib_prompt_is_traced_with_its_head_and_does_not_stall_the_workers_later_spans(
+    stack: Stack, producer: Producer
+) -> None:
+    """Its spans were one 188 MB export request, refused (OTLP's 64 MiB) and re-sent for minutes with
+    the worker's later spans queued behind it. Now each long attribute keeps its head and says how
+    much was cut, and the next job's trace follows at once."""
+    prompt = "tell me about this " + "x" * (30 * 1024 * 1024)
+    big = producer.run(
+        Job(kind=JobKind.CHAT, body={"model": CHAT, "messages": [{"role": "user", "content": prompt}]}),
+        timeout=120,
+    )
+    small = producer.run(
+        Job(
+            kind=JobKind.CHAT,
+            body={"model": CHAT, "messages": [{"role": "user", "content": "after the big one"}]},
+        ),
+        timeout=60,
+    )
+    telemetry.flush()
+    assert big.ok and small.ok and big.trace_id and small.trace_id
+    trace_spans(stack.phoenix.url, stack.project, small.trace_id, expect=3, timeout=30)
+    spans = trace_spans(stack.phoenix.url, stack.project, big.trace_id, expect=3, timeout=30)
+    root_input = by_name(spans, "routerq.job")["attributes"]["input.value"]
+    assert root_input.startswith("tell me about this xxx") and len(root_input) < 200_000
+    assert root_input.endswith(f"of {len(prompt):,} characters]")
+    llm = by_name(spans, "ChatCompletion")
+    assert "routerq cut" in str(llm["attributes"]) and len(str(llm["attributes"])) < 1_000_000

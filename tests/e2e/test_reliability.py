@@ -63,7 +63,7 @@ def settle_paused(client: BatchClient, batch_id: str) -> Batch:
 
     def settled() -> bool:
         batch = client.get(batch_id)
-        return batch.running == 0 and batch.queued == 0
+        return batch.running == batch.held == batch.queued == 0
 
     wait_for(settled, f"batch {batch_id}'s lines to land or be parked", 30)
     return client.get(batch_id)

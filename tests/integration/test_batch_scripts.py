@@ -263,3 +263,17 @@ def test_unmarking_a_line_takes_it_off_the_running_set_and_gives_back_its_reserv
     assert sync_redis.scard(batch_key(batch_id, "run")) == 0
     assert sync_redis.hlen(batch_key(batch_id, "held")) == 0
     assert sync_redis.hget(batch_key(batch_id), "reserved") is None
+
+
+def test_running_counts_lines_calling_upstream_and_held_the_lines_a_worker_took_but_has_not_called(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    """A message of 16 lines is taken at once; `status` said "88 running" at --concurrency 8."""
+    batch_id = make_batch(sync_redis, total=4)
+    sync_redis.sadd(batch_key(batch_id, "run"), 0, 1, 2, 3)  # a worker took a message of four lines
+    assert run(lambda: gate(redis_url, batch_id, 0, "d:0")) == 1  # one of them got a call slot
+    batch = BatchStore(sync_redis, TTL).get(batch_id)
+    assert batch is not None and (batch.running, batch.held, batch.queued) == (1, 3, 0)
+    run(lambda: record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded()))
+    batch = BatchStore(sync_redis, TTL).get(batch_id)
+    assert batch is not None and (batch.running, batch.held, batch.succeeded) == (0, 3, 1)

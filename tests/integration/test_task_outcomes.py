@@ -207,9 +207,17 @@ def test_lines_of_a_cancelled_batch_are_cancelled_without_a_call(
         redis_url, {"line late": [chat_answer()]},
         lambda rt, _: run_lines(rt, delivery(rt, LINE_TASK_NAME), batch_id, [0], 1.0),
     )  # fmt: skip
-    assert outcomes(sync_redis, batch_id)[0][0] == "C"
-    assert upstream.calls_for("line late") == 0
-    assert BatchStore(sync_redis, 3600).get(batch_id).status is BatchStatus.CANCELLED  # type: ignore[union-attr]
+    outcome, line = outcomes(sync_redis, batch_id)[0]
+    assert outcome == "C" and upstream.calls_for("line late") == 0
+    # one error shape for every error line (OpenAI's), never an "id": null or extra keys
+    assert set(line) == {"id", "custom_id", "response", "error"} and line["id"].startswith("batch_req_")
+    assert line["error"] == {
+        "code": "batch_cancelled",
+        "message": "batch is cancelling; line not sent upstream",
+    }
+    batch = BatchStore(sync_redis, 3600).get(batch_id)
+    assert batch is not None and batch.status is BatchStatus.CANCELLED
+    assert (batch.cancelled, batch.traced, batch.sampled_out) == (1, 0, 0)  # not counted as a sampled success
 
 
 def test_a_line_that_already_succeeded_is_not_sent_again(redis_url: str, sync_redis: redis.Redis) -> None:

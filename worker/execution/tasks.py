@@ -22,7 +22,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from routerq.core import telemetry
-from routerq.core.batch_format import output_line
+from routerq.core.batch_format import error_line, output_line
 from routerq.core.batch_store import Batch, BatchStatus, Go, LineStart, Outcome, Recorded
 from routerq.core.broker import EMBED_TASK_NAME, LINE_TASK_NAME, TASK_NAME
 from routerq.core.embed_store import EmbedRun
@@ -30,7 +30,15 @@ from routerq.core.errors import JobFailedError
 from routerq.core.job_chain import JobGo
 from routerq.core.jobs import Job, JobError, JobKind, JobResult
 from routerq.core.settings import VISIBILITY_SLACK
-from routerq.core.spans import ATTEMPT, BATCH_ID, BATCH_LINE, chain_attributes, chain_kind
+from routerq.core.spans import (
+    ATTEMPT,
+    BATCH_ID,
+    BATCH_LINE,
+    OUTCOME,
+    chain_attributes,
+    chain_kind,
+    context_attributes,
+)
 from routerq.worker.execution.attempt import (
     BUDGET_WAIT_S,
     Attempt,
@@ -240,7 +248,9 @@ async def _run_line(
         line_trace.finish(output="already succeeded: not sent again", ok=True, always=False, project=project)
         return Skipped.SUCCEEDED
     if batch.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.FAILED):
-        return await _cancelled(rt, line_trace, batch, index, line, batch.status.value)
+        return await _cancelled(
+            rt, line_trace, batch, index, line_job(batch, index, line, enqueued_at), batch.status.value
+        )
     if batch.status is BatchStatus.PAUSED and await store.park(batch_id, index):
         line_trace.finish(output=f"parked: batch paused ({batch.reason})", always=True, project=project)
         return Skipped.PARKED
@@ -274,7 +284,7 @@ async def _run_line(
         if halted.verdict == Go.MISSING:
             return await _missing(rt, line_trace, batch_id, index)
         if halted.verdict == Go.STOPPED:
-            return await _cancelled(rt, line_trace, batch, index, line, "cancelled")
+            return await _cancelled(rt, line_trace, batch, index, job, "cancelled")
         if halted.verdict == Go.PARKED:
             line_trace.finish(output="parked: batch paused", always=True, project=project)
             return Skipped.PARKED
@@ -340,13 +350,23 @@ async def _missing(rt: Runtime, line_trace: LineTrace, batch_id: str, index: int
 
 
 async def _cancelled(
-    rt: Runtime, line_trace: LineTrace, batch: Batch, index: int, line: dict[str, Any], status: str
+    rt: Runtime, line_trace: LineTrace, batch: Batch, index: int, job: Job, status: str
 ) -> Skipped:
-    """A line of a cancelled (or failed) batch is recorded as cancelled without a call."""
-    error = JobError(code="batch_cancelled", message=f"batch is {status}; line not sent upstream")
-    line_out = {"id": None, "custom_id": line["custom_id"], "response": None, "error": error.model_dump()}
-    traced = line_trace.finish(output=error.message, always=False, project=batch.project)
-    await _record(rt, batch.id, index, Outcome.CANCELLED, line_out, None, line_trace, traced, 0)
+    """A line of a cancelled (or failed) batch is recorded as cancelled without a call. Its trace, when
+    the budget keeps it, is in the batch's session with its input, says it was cancelled, and is
+    neither OK nor an error (UNSET): it never ran. It counts as neither traced nor sampled out."""
+    message = f"batch is {status}; line not sent upstream"
+    line_out = error_line(job.custom_id or "", "batch_cancelled", message)
+    line_trace.attributes.update(
+        {
+            **chain_attributes(job.prompt_text),
+            **context_attributes(job),
+            OUTCOME: Outcome.CANCELLED.name.lower(),
+        }
+    )
+    line_trace.finish(output=message, always=False, project=batch.project)
+    await rt.batches.record(batch.id, index, Outcome.CANCELLED, line_out, None)
+    await _summary_if_ended(rt, batch.id, Recorded.STORED)
     return Skipped.CANCELLED
 
 
@@ -366,6 +386,10 @@ async def _record(
     recorded = await rt.batches.record(
         batch_id, index, outcome, line_out, result, traced=traced if tracing else None, retries=retries
     )
+    await _summary_if_ended(rt, batch_id, recorded)
+
+
+async def _summary_if_ended(rt: Runtime, batch_id: str, recorded: Recorded) -> None:
     current = sampler()
     if recorded is Recorded.ENDED_BATCH and current is not None:
         batch = await rt.batches.get(batch_id)

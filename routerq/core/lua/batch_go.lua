@@ -6,13 +6,14 @@
 -- while spent + reserved + its estimate fits, or when no other call holds a reservation, so the spend
 -- passes the budget by at most about one call. The estimate is the batch's mean cost per success;
 -- before any line succeeded it is unknown, and calls go one at a time until one has.
--- KEYS: meta, held, parked, run, deliveries; ARGV: index, ttl, deliveries ttl
+-- The line joins the set of lines calling upstream (what `status` shows as running).
+-- KEYS: meta, held, parked, run, deliveries, calling; ARGV: index, ttl, deliveries ttl
 local meta, held, index = KEYS[1], KEYS[2], ARGV[1]
 local f = redis.call('HMGET', meta, 'status', 'max_cost', 'cost', 'reserved', 'succeeded')
 if not f[1] then return -1 end
 if f[1] == 'cancelling' or f[1] == 'cancelled' or f[1] == 'failed' then return -2 end
 if f[1] == 'paused' then
-  release(meta, held, index)
+  release(meta, held, index, KEYS[6])
   redis.call('SADD', KEYS[3], index)
   redis.call('SREM', KEYS[4], index)
   redis.call('EXPIRE', KEYS[3], ARGV[2])
@@ -20,7 +21,7 @@ if f[1] == 'paused' then
 end
 local budget = tonumber(f[2] or '')
 if budget then
-  release(meta, held, index)
+  release(meta, held, index, KEYS[6])
   local spent, succeeded = tonumber(f[3] or '0'), tonumber(f[5] or '0')
   local reserved = tonumber(redis.call('HGET', meta, 'reserved') or '0')
   if spent >= budget then return -4 end
@@ -33,6 +34,8 @@ if budget then
   redis.call('HINCRBYFLOAT', meta, 'reserved', tostring(estimate))
   redis.call('EXPIRE', held, ARGV[2])
 end
+redis.call('SADD', KEYS[6], index)
+redis.call('EXPIRE', KEYS[6], ARGV[2])
 local n = redis.call('INCR', KEYS[5])
 redis.call('EXPIRE', KEYS[5], ARGV[3])
 return n

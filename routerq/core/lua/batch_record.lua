@@ -3,7 +3,7 @@
 local meta, out, run = KEYS[1], KEYS[2], KEYS[3]
 local index, outcome, value = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('EXISTS', meta) == 0 then return -1 end
-release(meta, KEYS[5], index)
+release(meta, KEYS[5], index, KEYS[6])
 local names = {S = 'succeeded', F = 'failed', C = 'cancelled'}
 local prev = redis.call('HGET', out, index)
 if prev then

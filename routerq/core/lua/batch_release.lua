@@ -1,5 +1,7 @@
--- Give back a line's reserved cost (see _GO): every path that ends a line's call runs this.
-local function release(meta, held, index)
+-- A line's call is over (or never started): it leaves the set of lines calling upstream, and gives
+-- back its reserved cost (see batch_go.lua). Every path that ends a line's call runs this.
+local function release(meta, held, index, calling)
+  redis.call('SREM', calling, index)
   local est = redis.call('HGET', held, index)
   if not est then return end
   redis.call('HDEL', held, index)
