@@ -39,7 +39,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
-    redis_url: Annotated[str, Field(alias="REDIS_URL")] = "redis://localhost:6379/0"
+    # repr=False: the URL may hold a password (its own, or REDIS_PASSWORD put in below); never shown
+    redis_url: Annotated[str, Field(alias="REDIS_URL", repr=False)] = "redis://localhost:6379/0"
     redis_password: Annotated[SecretStr | None, Field(alias="REDIS_PASSWORD")] = None
     queue: Annotated[str, Field(alias="ROUTERQ_QUEUE", min_length=1)] = "routerq"
     result_ttl: Annotated[int, Field(alias="ROUTERQ_RESULT_TTL", gt=0)] = 7 * 24 * 3600
