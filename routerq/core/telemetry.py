@@ -88,7 +88,10 @@ def setup_tracing(
         project_name=settings.phoenix_project_name,
         endpoint=endpoint,
         protocol="http/protobuf",
-        batch=True,
+        # register's own processor is only a default: phoenix.otel's TracerProvider.add_span_processor
+        # replaces it (documented), and routerq adds its queue below. batch=False: the default that is
+        # replaced never starts an export thread.
+        batch=False,
         api_key=api_key,
         set_global_tracer_provider=True,
         verbose=False,
@@ -107,7 +110,7 @@ def setup_tracing(
     # queue says what is wrong in one line of its own (span_export), so theirs are only noise.
     for noisy in EXPORT_RETRY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    provider.add_span_processor(wrap(queue) if wrap else queue)  # replaces Phoenix's default processor
+    provider.add_span_processor(wrap(queue) if wrap else queue)
     for instrumentor in instrumentors:
         if instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.uninstrument()
