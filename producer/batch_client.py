@@ -25,6 +25,7 @@ from routerq.core.batch_store import (
     BatchStatus,
     BatchStore,
     Outcome,
+    Via,
     active_key,
     new_batch_id,
 )
@@ -32,6 +33,7 @@ from routerq.core.errors import BatchError, BatchFileError, StagingFailed
 from routerq.core.settings import Settings
 from routerq.core.spans import BATCH_ID, chain_attributes
 from routerq.core.staged_enqueue import StagedEnqueue
+from routerq.core.upstream_batch import Chunker, refusal
 from routerq.producer.batch_reader import BatchReader
 
 
@@ -63,9 +65,11 @@ class BatchClient(BatchReader):
         max_cost: float | None = None,
         origin: BatchOrigin | None = None,
         parent: otel_context.Context | None = None,
+        via: Via = Via.LIVE,
     ) -> Submitted:
         """Validate, store and enqueue a batch file. `parent` continues a caller's trace (the Batch API's
-        `traceparent`); the submit span is otherwise a trace of its own."""
+        `traceparent`); the submit span is otherwise a trace of its own. `via` batch sends the lines as
+        OpenRouter batches (about half the price; routerq.core.upstream_batch)."""
         tracer = telemetry.tracer()
         with tracer.start_as_current_span("routerq.submit", context=parent or otel_context.Context()) as span:
             span.set_attributes(chain_attributes(str(path)))
@@ -87,6 +91,7 @@ class BatchClient(BatchReader):
                 max_cost=max_cost,
                 project=telemetry.traced_project(self.settings),
                 origin=origin,
+                via=via,
             )
             if idempotency_key:
                 earlier = self._claim(idempotency_key, batch)
@@ -118,7 +123,34 @@ class BatchClient(BatchReader):
 
     def _enqueue(self, batch: Batch, lines: Iterable[BatchLine | Any]) -> None:
         indexed = ((index, line) for index, line in enumerate(lines) if isinstance(line, BatchLine))
-        self._stage_and_release(batch, indexed)
+        if batch.via is Via.BATCH:
+            self._stage_upstream_batches(batch, indexed)
+        else:
+            self._stage_and_release(batch, indexed)
+
+    def _stage_upstream_batches(self, batch: Batch, lines: Iterable[tuple[int, BatchLine]]) -> None:
+        """Lines OpenRouter's batches take go as upstream batches, the rest as live lines; all are
+        released at once, as live batches are."""
+        staged = StagedEnqueue(self.redis, self.settings, self.store.key(batch.id))
+        chunker = Chunker(self.settings.upstream_batch_max_requests, self.settings.upstream_batch_max_bytes)
+        live: list[int] = []
+        now = time.time()
+        try:
+            for index, line in lines:
+                stored = line.stored()
+                staged.add_inputs(batch.id, {str(index): stored})
+                if refusal(line) is not None:
+                    live.append(index)
+                    continue
+                for full in chunker.add(index, line, len(stored)):
+                    staged.add_upstream_batch(batch.id, full, now)
+            for rest in chunker.rest():
+                staged.add_upstream_batch(batch.id, rest, now)
+            staged.add_lines(batch.id, ((index, None) for index in live), now)
+            staged.flush()
+        except redis.RedisError as exc:
+            raise StagingFailed(f"Redis failed while staging lines of {batch.id}: {exc}") from exc
+        staged.release(watch=(active_key(self.settings.queue), batch.id))
 
     def _stage_and_release(
         self, batch: Batch, lines: Iterable[tuple[int, BatchLine | dict[str, Any]]], start: bool = True

@@ -14,6 +14,7 @@ from routerq.core.errors import BatchError
 from routerq.core.export_counts import ExportCounts
 from routerq.core.redis_client import connect
 from routerq.core.settings import Settings
+from routerq.core.upstream_batch import upstream_batches
 
 
 @dataclass
@@ -34,6 +35,10 @@ class BatchReader:
         if batch is None:
             raise BatchError(f"no batch {batch_id!r} (wrong id, or older than ROUTERQ_RESULT_TTL)")
         return batch
+
+    def upstream_batches(self, batch_id: str) -> dict[str, int]:
+        """A `--via batch` batch's OpenRouter batches, counted by their last known status."""
+        return upstream_batches(self.redis, batch_id)
 
     def stats(self, batch_id: str) -> BatchStats:
         """Latency and queue-wait percentiles of the lines run so far."""

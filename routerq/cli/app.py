@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from routerq.core.batch_store import Batch, BatchStats, BatchStatus
+from routerq.core.batch_store import Batch, BatchStats, BatchStatus, Via
 from routerq.core.child_process import python_module
 from routerq.core.errors import SettingsError
 from routerq.core.jobs import Job, JobKind, JobResult
@@ -341,6 +341,12 @@ def submit(
     user: Annotated[str | None, typer.Option(help="user id for every line")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="same key + same file = same batch")] = None,
     max_cost: Annotated[float | None, typer.Option(help="pause the batch when its spend reaches USD")] = None,
+    via: Annotated[
+        Via,
+        typer.Option(
+            help="live: each line a live call; batch: OpenRouter's Batch API, ~half price, within 24 h"
+        ),
+    ] = Via.LIVE,
     wait: Annotated[
         bool,
         typer.Option("--wait", help="show progress until the batch ends (exit 1: lines failed; 3: paused)"),
@@ -360,6 +366,7 @@ def submit(
             user_id=user,
             idempotency_key=idempotency_key,
             max_cost=max_cost,
+            via=via,
         )
     except BatchFileError as exc:
         for report_line in exc.validation.report(str(file)):
@@ -423,7 +430,7 @@ def _traces(batch: Batch, export: "ExportCounts") -> str:
     return line
 
 
-def _describe(batch: Batch, stats: BatchStats, export: "ExportCounts") -> str:
+def _describe(batch: Batch, stats: BatchStats, export: "ExportCounts", upstream: dict[str, int]) -> str:
     now = time.time()
     started = batch.in_progress_at or batch.created_at
     elapsed = (batch.completed_at or batch.cancelled_at or now) - started
@@ -445,6 +452,9 @@ def _describe(batch: Batch, stats: BatchStats, export: "ExportCounts") -> str:
         f"retries    {batch.retries}",
         f"traces     {_traces(batch, export)}",
     ]
+    if batch.via is Via.BATCH:
+        states = ", ".join(f"{n} {status}" for status, n in sorted(upstream.items())) or "none yet"
+        lines.insert(2, f"via batch  {sum(upstream.values())} upstream batches: {states}")
     return "\n".join(lines)
 
 
@@ -462,7 +472,13 @@ def status(
         if watch and not as_json:
             _progress_until_done(client, batch_id)
         batch = client.get(batch_id)
-        described = "" if as_json else _describe(batch, client.stats(batch_id), client.span_export())
+        described = (
+            ""
+            if as_json
+            else _describe(
+                batch, client.stats(batch_id), client.span_export(), client.upstream_batches(batch_id)
+            )
+        )
     print(json.dumps(batch.openai_object(), indent=2) if as_json else described)
     if watch:
         _say_if_paused(batch)

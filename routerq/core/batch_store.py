@@ -60,6 +60,13 @@ class BatchStatus(StrEnum):
         return self in (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.CANCELLED)
 
 
+class Via(StrEnum):
+    """How a batch's lines reach OpenRouter (routerq.core.upstream_batch)."""
+
+    LIVE = "live"  # each line is a live call, at the live price
+    BATCH = "batch"  # lines go as OpenRouter batches, at about half the price, within 24 h
+
+
 class Outcome(StrEnum):
     SUCCEEDED = "S"
     FAILED = "F"
@@ -101,6 +108,7 @@ class Batch(BaseModel):
     max_cost: float | None = None
     project: str | None = None  # the submitter's Phoenix project: every line's trace goes there
     origin: BatchOrigin | None = None
+    via: Via = Via.LIVE
     parked: int = 0
     retries: int = 0  # attempts beyond each line's first, and waits for rate limits
     traced: int = 0  # lines whose whole trace went to Phoenix
@@ -339,18 +347,20 @@ class AsyncBatchStore:
         self._unmark = client.register_script(_UNMARK)
         self._pause = client.register_script(_PAUSE)
 
-    async def begin(self, batch_id: str, indexes: list[int]) -> list[LineStart]:
+    async def begin(self, batch_id: str, indexes: list[int], mark: bool = True) -> list[LineStart]:
         """What a worker needs before it may run lines of one message, in one round trip: the batch,
-        each line, its outcome so far. The lines are marked running at once; every path that does
-        not run one records, parks or unmarks it."""
+        each line, its outcome so far. With `mark` the lines are marked running at once; every path
+        that does not run one records, parks or unmarks it. An upstream batch's lines are not marked:
+        OpenRouter holds them, not a worker."""
         fields = [str(i) for i in indexes]
         pipe = self._redis.pipeline(transaction=False)
-        pipe.sadd(self.key(batch_id, "run"), *indexes)
-        pipe.expire(self.key(batch_id, "run"), self._ttl)
+        if mark:
+            pipe.sadd(self.key(batch_id, "run"), *indexes)
+            pipe.expire(self.key(batch_id, "run"), self._ttl)
         pipe.hgetall(self.key(batch_id))
         pipe.hmget(self.key(batch_id, "in"), fields)
         pipe.hmget(self.key(batch_id, "out"), fields)
-        _, _, raw, lines, outcomes = await pipe.execute()
+        raw, lines, outcomes = (await pipe.execute())[-3:]
         batch = _batch(raw, 0, 0, 0)
         return [
             LineStart(batch, json.loads(line) if line else None, _outcome(outcome) if outcome else None)
@@ -398,6 +408,14 @@ class AsyncBatchStore:
             self.key(batch_id, "calling"),
         ]
         return bool(await self._park(keys=keys, args=[index, self._ttl]))
+
+    async def add_cost(self, batch_id: str, cost: float) -> None:
+        """Spend that answered no line: an upstream batch finishing after its routerq batch was
+        cancelled (OpenRouter's batches cannot be cancelled)."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hincrbyfloat(self.key(batch_id), "cost", cost)
+        pipe.hincrbyfloat(self.key(batch_id), "cost_after_cancel", cost)
+        await pipe.execute()
 
     async def pause(self, batch_id: str, reason: str) -> bool:
         return bool(await self._pause(keys=[self.key(batch_id)], args=[reason]))

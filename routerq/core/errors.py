@@ -76,3 +76,15 @@ class PhoenixError(RouterqError, RuntimeError):
 
 class StackError(RouterqError, RuntimeError):
     """A service of the local stack (demo, tests, bench) did not start."""
+
+
+class UpstreamBatchError(RouterqError, RuntimeError):
+    """OpenRouter's Batch API refused or failed a submission or a poll (its message, redacted)."""
+
+    def __init__(self, status_code: int | None, message: str, retry_after: float | None = None) -> None:
+        super().__init__(
+            f"OpenRouter's Batch API: {message}" + (f" (HTTP {status_code})" if status_code else "")
+        )
+        self.status_code = status_code
+        self.message = message
+        self.retry_after = retry_after

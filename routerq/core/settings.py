@@ -67,6 +67,17 @@ class Settings(BaseSettings):
     openrouter_http_referer: Annotated[str | None, Field(alias="OPENROUTER_HTTP_REFERER")] = None
     openrouter_app_title: Annotated[str, Field(alias="OPENROUTER_APP_TITLE")] = "routerq"
     openrouter_timeout: Annotated[float, Field(alias="OPENROUTER_TIMEOUT", gt=0)] = 120.0
+    # OpenRouter's Batch API (`submit --via batch`). Its quickstart says /api/beta/batches, some pages
+    # /api/v1/batches: unset, it is OPENROUTER_BASE_URL's /v1 replaced by /beta/batches.
+    openrouter_batches_url: Annotated[str | None, Field(alias="OPENROUTER_BATCHES_URL")] = None
+    # Requests and request bytes per upstream batch: OpenRouter takes at most 5,000 requests a batch;
+    # the bytes bound one submission's body (and its memory in the worker).
+    upstream_batch_max_requests: Annotated[
+        int, Field(alias="ROUTERQ_UPSTREAM_BATCH_MAX_REQUESTS", ge=1, le=5000)
+    ] = 5000
+    upstream_batch_max_bytes: Annotated[int, Field(alias="ROUTERQ_UPSTREAM_BATCH_MAX_BYTES", ge=1)] = (
+        50_000_000
+    )
 
     tracing: Annotated[bool, Field(alias="ROUTERQ_TRACING")] = True
     phoenix_collector_endpoint: Annotated[str, Field(alias="PHOENIX_COLLECTOR_ENDPOINT")] = (
@@ -150,6 +161,12 @@ class Settings(BaseSettings):
     @property
     def api_key(self) -> str:
         return self.openrouter_api_key.get_secret_value() if self.openrouter_api_key else ""
+
+    @property
+    def batches_url(self) -> str:
+        if self.openrouter_batches_url:
+            return self.openrouter_batches_url.rstrip("/")
+        return self.openrouter_base_url.rstrip("/").removesuffix("/v1") + "/beta/batches"
 
     @property
     def api_tokens(self) -> list[str]:

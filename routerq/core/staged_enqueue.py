@@ -18,9 +18,10 @@ from opentelemetry import propagate, trace
 
 from routerq.core import envelope, telemetry
 from routerq.core.batch_store import batch_key
-from routerq.core.broker import LINE_TASK_NAME, LINES_PER_MESSAGE
+from routerq.core.broker import LINE_TASK_NAME, LINES_PER_MESSAGE, UPSTREAM_BATCH_TASK_NAME
 from routerq.core.lua import lua_script
 from routerq.core.settings import Settings
+from routerq.core.upstream_batch import new_chunk_id
 
 # Work items (lines, embedding requests) per pipelined round trip while staging: large enough to
 # amortize the round trip, small enough that a pipeline (messages plus the lines' inputs) stays a
@@ -88,6 +89,25 @@ class StagedEnqueue:
             self.add(LINE_TASK_NAME, args, also=store if inputs else None, items=len(chunk))
             count += len(chunk)
         return count
+
+    def add_inputs(self, batch_id: str, inputs: dict[str, str]) -> None:
+        """Store lines' inputs with the next flush, without a message (they travel in chunks, below)."""
+        if not inputs:
+            return
+        inputs_key, ttl = batch_key(batch_id, "in"), self._ttl
+
+        def store(pipe: Any) -> None:
+            pipe.hset(inputs_key, mapping=inputs)
+            pipe.expire(inputs_key, ttl)
+
+        self._extra.append(store)
+        self._items += len(inputs)
+        if self._items >= STAGE_CHUNK:
+            self.flush()
+
+    def add_upstream_batch(self, batch_id: str, indexes: list[int], enqueued_at: float) -> None:
+        """One upstream batch's lines (routerq.core.upstream_batch), as one message."""
+        self.add(UPSTREAM_BATCH_TASK_NAME, [batch_id, new_chunk_id(), indexes, enqueued_at])
 
     def flush(self) -> None:
         if not self._pending:

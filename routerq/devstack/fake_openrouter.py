@@ -10,23 +10,17 @@ Directives inside a prompt trigger faults for that request:
 `POST /_fake/config` sets latency, accepted keys and fault rules: each rule applies to prompts containing
 its `match` and, deterministically per prompt and attempt, answers 429 (with Retry-After), 502 or
 200-with-error at the given rates, or hangs the first `hang_first` calls of a prompt for `hang_s`.
-`GET /_fake/calls` and `POST /_fake/reset` expose the call log.
+`GET /_fake/calls` and `POST /_fake/reset` expose the call log. OpenRouter's Batch API is served too
+(routerq.devstack.fake_batches).
 """
 
 from __future__ import annotations
 
 import argparse
-import array
 import asyncio
-import base64
-import hashlib
-import itertools
 import json
 import random
-import re
-import struct
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
@@ -34,96 +28,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-PRICES: dict[str, tuple[str, str]] = {
-    "meta-llama/llama-3.1-8b-instruct": ("0.00000002", "0.00000005"),
-    "mistralai/mistral-7b-instruct": ("0.000000028", "0.000000054"),
-    "openai/gpt-4o-mini": ("0.00000015", "0.0000006"),
-    "deepseek/deepseek-chat-v3.1": ("0.0000002", "0.0000008"),
-    "openai/text-embedding-3-small": ("0.00000002", "0"),
-    "meta-llama/llama-3.3-70b-instruct:free": ("0", "0"),
-}
-EMBEDDING_DIMS = {"openai/text-embedding-3-small": 1536}
-UPSTREAMS = ("DeepInfra", "Together", "Lambda", "Novita")
-DIRECTIVE = re.compile(r"\[\[([a-z0-9-]+)(?::([^\]]+))?\]\]")
+from routerq.devstack.fake_batches import batch_routes
+from routerq.devstack.fake_upstream import (
+    DIRECTIVE,
+    PRICES,
+    FakeState,
+    cost_of,
+    embedding_answer,
+    error,
+    fake_answer,
+    fake_embedding,
+    prompt_of,
+    provider_for,
+    rule_fault,
+    text_answer,
+)
 
-
-def fake_answer(model: str, prompt: str) -> str:
-    """What the fake says to a prompt: short, deterministic, and visibly fake."""
-    words = DIRECTIVE.sub("", prompt).split()
-    digest = hashlib.sha256(f"{model}\n{prompt}".encode()).hexdigest()[:8]
-    return f"({model}) heard {len(words)} words, ending with {' '.join(words[-3:])!r} #{digest}"
-
-
-def fake_embedding(text: str, dims: int) -> list[float]:
-    """A unit vector derived from the text, already rounded to float32 as OpenAI's wire format is."""
-    rng = random.Random(hashlib.sha256(text.encode()).digest())
-    raw = [rng.uniform(-1.0, 1.0) for _ in range(dims)]
-    norm = sum(x * x for x in raw) ** 0.5 or 1.0
-    return list(array.array("f", (x / norm for x in raw)))
-
-
-def count_tokens(text: str) -> int:
-    return max(1, len(text.split()))
-
-
-def provider_for(model: str) -> str:
-    return UPSTREAMS[int(hashlib.md5(model.encode()).hexdigest(), 16) % len(UPSTREAMS)]
-
-
-def cost_of(model: str, prompt_tokens: int, completion_tokens: int) -> float:
-    prompt, completion = PRICES[model]
-    return prompt_tokens * float(prompt) + completion_tokens * float(completion)
-
-
-@dataclass
-class FakeState:
-    keys: set[str]
-    latency_ms: float = 0.0
-    jitter: float = 0.0
-    calls: list[dict[str, Any]] = field(default_factory=list)
-    ids: itertools.count[int] = field(default_factory=itertools.count)
-    generations: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seen: dict[str, int] = field(default_factory=dict)
-    rules: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _roll(seed: str, prompt: str, attempt: int) -> float:
-    """A uniform number fixed by prompt and attempt: faults do not depend on call order."""
-    digest = hashlib.sha256(f"{seed}\n{prompt}\n{attempt}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def _rule_fault(rule: dict[str, Any], prompt: str, attempt: int) -> Response | None:
-    roll = _roll(str(rule.get("seed", "")), prompt, attempt)
-    edge = float(rule.get("rate_429", 0))
-    if roll < edge:
-        retry_after = str(rule.get("retry_after", 1))
-        return _error(429, "Rate limit exceeded: fake", {"Retry-After": retry_after}, provider_code=429)
-    edge += float(rule.get("rate_502", 0))
-    if roll < edge:
-        return _error(502, "fake provider returned an invalid response")
-    edge += float(rule.get("rate_200_error", 0))
-    if roll < edge:
-        return JSONResponse({"id": "gen-fault", "error": {"code": 502, "message": "fake error after start"}})
-    return None
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None, **metadata: Any) -> JSONResponse:
-    body: dict[str, Any] = {"error": {"code": status, "message": message}}
-    if metadata:
-        body["error"]["metadata"] = metadata
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _prompt_of(kind: str, body: dict[str, Any]) -> str:
-    if kind == "chat":
-        parts = []
-        for message in body.get("messages") or []:
-            content = message.get("content") if isinstance(message, dict) else None
-            parts.append(content if isinstance(content, str) else json.dumps(content))
-        return "\n".join(parts)
-    value = body.get("prompt" if kind == "completion" else "input")
-    return value if isinstance(value, str) else json.dumps(value)
+__all__ = ["create_app", "fake_answer", "fake_embedding", "main"]  # tests compute answers from here
 
 
 def create_app(state: FakeState) -> Starlette:
@@ -142,12 +63,12 @@ def create_app(state: FakeState) -> Starlette:
         try:
             body = json.loads(await request.body())
         except ValueError:
-            return _error(400, "Invalid JSON in request body")
+            return error(400, "Invalid JSON in request body")
         model = body.get("model") or (body.get("models") or [None])[0]
         call["model"] = model
         if kind != "embedding":  # what the worker sent, for tests of pass-through (inputs can be large)
             call["body"] = body
-        prompt = _prompt_of(kind, body)
+        prompt = prompt_of(kind, body)
         call["prompt"] = prompt[:200]
         if kind == "embedding":
             texts = body.get("input") if isinstance(body.get("input"), list) else [body.get("input")]
@@ -155,7 +76,7 @@ def create_app(state: FakeState) -> Starlette:
             call["texts"] = texts  # which texts were sent (and paid for), for tests of re-sending
         key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not key or (state.keys and key not in state.keys):
-            return _error(401, "No auth credentials found" if not key else "User not found.")
+            return error(401, "No auth credentials found" if not key else "User not found.")
         directives = {m.group(1): m.group(2) for m in DIRECTIVE.finditer(prompt)}
         state.seen[prompt] = attempt = state.seen.get(prompt, 0) + 1
         call["attempt"] = attempt
@@ -167,30 +88,30 @@ def create_app(state: FakeState) -> Starlette:
         if delay > 0:
             await asyncio.sleep(delay)
         if model not in PRICES:
-            return _error(400, f"{model} is not a valid model ID")
-        if rule is not None and (fault := _rule_fault(rule, prompt, attempt)) is not None:
+            return error(400, f"{model} is not a valid model ID")
+        if rule is not None and (fault := rule_fault(rule, prompt, attempt)) is not None:
             return fault
         headers = {"Retry-After": directives["retry-after"]} if "retry-after" in directives else None
         if "flaky" in directives:
             times, _, status = (directives["flaky"] or "1").partition(":")
             if attempt <= int(times):
-                return _error(int(status or 500), "fake flaky upstream error", headers)
+                return error(int(status or 500), "fake flaky upstream error", headers)
         if "status" in directives:
             status = int(directives["status"] or 500)
             if status == 403:
-                return _error(status, "Input flagged by moderation", headers, reasons=["harassment"])
-            return _error(status, f"fake upstream error {status}", headers)
+                return error(status, "Input flagged by moderation", headers, reasons=["harassment"])
+            return error(status, f"fake upstream error {status}", headers)
         if "broken" in directives:
             return Response('{"id": "gen-broken", "choi', media_type="application/json")
         generation = f"gen-{int(time.time())}-{next(state.ids):08d}"
         if "200-error" in directives:
-            error = {"code": 502, "message": "Upstream provider crashed mid-generation"}
-            return JSONResponse({"id": generation, "error": error, "choices": []})
+            crashed = {"code": 502, "message": "Upstream provider crashed mid-generation"}
+            return JSONResponse({"id": generation, "error": crashed, "choices": []})
         upstream = provider_for(model)
         if kind == "embedding":
-            answer = _embedding_answer(model, body)
+            answer = embedding_answer(model, body)
         else:
-            answer = _text_answer(kind, model, prompt, directives)
+            answer = text_answer(kind, model, prompt, directives)
         usage = answer["usage"]
         usage["cost"] = cost_of(model, usage["prompt_tokens"], usage.get("completion_tokens", 0))
         usage["is_byok"] = False
@@ -204,38 +125,6 @@ def create_app(state: FakeState) -> Starlette:
         call["ok"] = "empty" not in directives  # a real, billable answer
         return JSONResponse(answer, headers={"X-Generation-Id": generation})
 
-    def _text_answer(kind: str, model: str, prompt: str, directives: dict[str, str | None]) -> dict[str, Any]:
-        text = fake_answer(model, prompt)
-        prompt_tokens, completion_tokens = count_tokens(prompt), count_tokens(text)
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-        if kind == "chat":
-            message = {"role": "assistant", "content": "" if "empty" in directives else text}
-            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "stop"}
-            return {
-                "object": "chat.completion",
-                "choices": [] if "empty" in directives else [choice],
-                "usage": usage,
-            }
-        choices = [] if "empty" in directives else [{"index": 0, "text": text, "finish_reason": "stop"}]
-        return {"object": "text_completion", "choices": choices, "usage": usage}
-
-    def _embedding_answer(model: str, body: dict[str, Any]) -> dict[str, Any]:
-        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        dims = int(body.get("dimensions") or EMBEDDING_DIMS.get(model, 256))
-        data = []
-        for index, text in enumerate(inputs):
-            vector = fake_embedding(str(text), dims)
-            encoded: Any = vector
-            if body.get("encoding_format") == "base64":
-                encoded = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
-            data.append({"object": "embedding", "index": index, "embedding": encoded})
-        tokens = sum(count_tokens(str(t)) for t in inputs)
-        return {"object": "list", "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
     async def models(_: Request) -> Response:
         data = [
             {"id": slug, "name": slug, "context_length": 131072, "pricing": {"prompt": p, "completion": c}}
@@ -245,12 +134,12 @@ def create_app(state: FakeState) -> Starlette:
 
     async def generation(request: Request) -> Response:
         found = state.generations.get(request.query_params.get("id", ""))
-        return JSONResponse({"data": found}) if found else _error(404, "Generation not found")
+        return JSONResponse({"data": found}) if found else error(404, "Generation not found")
 
     async def key_info(request: Request) -> Response:
         key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not key or (state.keys and key not in state.keys):
-            return _error(401, "No auth credentials found" if not key else "User not found.")
+            return error(401, "No auth credentials found" if not key else "User not found.")
         data = {
             "label": "sk-or-v1-...",
             "limit": None,
@@ -275,6 +164,7 @@ def create_app(state: FakeState) -> Starlette:
             state.keys = set(config["keys"])
         if "rules" in config:
             state.rules = list(config["rules"])
+        state.batch_s = float(config.get("batch_s", state.batch_s))
         return JSONResponse({"latency_ms": state.latency_ms, "jitter": state.jitter, "rules": state.rules})
 
     async def health(_: Request) -> Response:
@@ -294,6 +184,7 @@ def create_app(state: FakeState) -> Starlette:
             Route("/api/v1/models", models),
             Route("/api/v1/generation", generation),
             Route("/api/v1/key", key_info),
+            *batch_routes(state),
             Route("/_fake/calls", calls),
             Route("/_fake/reset", reset, methods=["POST"]),
             Route("/_fake/config", configure, methods=["POST"]),

@@ -141,6 +141,17 @@ def extra_worker(
         service.stop()
 
 
+# The stack's worker retries fast for speed; these tests run a worker of their own at the defaults.
+DEFAULT_RETRIES = {
+    alias: str(Settings.model_fields[name].default)
+    for name, alias in [
+        ("max_attempts", "ROUTERQ_MAX_ATTEMPTS"),
+        ("retry_base_delay", "ROUTERQ_RETRY_BASE_DELAY"),
+        ("retry_max_delay", "ROUTERQ_RETRY_MAX_DELAY"),
+    ]
+}
+
+
 # Batch helpers shared by the batch, embedding and reliability tests.
 MODELS = {
     "chat": "meta-llama/llama-3.1-8b-instruct",

@@ -6,20 +6,7 @@ from __future__ import annotations
 import itertools
 import uuid
 
-from conftest import Stack, calls_with, extra_worker, routerq
-
-from routerq.core.settings import Settings
-
-# The stack's worker retries fast for speed; these tests run a worker of their own at the defaults.
-DEFAULT_RETRIES = {
-    alias: str(Settings.model_fields[name].default)
-    for name, alias in [
-        ("max_attempts", "ROUTERQ_MAX_ATTEMPTS"),
-        ("retry_base_delay", "ROUTERQ_RETRY_BASE_DELAY"),
-        ("retry_max_delay", "ROUTERQ_RETRY_MAX_DELAY"),
-        ("openrouter_timeout", "OPENROUTER_TIMEOUT"),
-    ]
-}
+from conftest import DEFAULT_RETRIES, Stack, calls_with, extra_worker, routerq
 
 
 def test_enqueue_wait_on_a_rate_limited_job_says_why_it_waits_and_calls_once_per_retry_after(

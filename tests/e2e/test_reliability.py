@@ -19,7 +19,17 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from conftest import Stack, calls_with, extra_worker, line, routerq, wait_final, wait_for, write_jsonl
+from conftest import (
+    DEFAULT_RETRIES,
+    Stack,
+    calls_with,
+    extra_worker,
+    line,
+    routerq,
+    wait_final,
+    wait_for,
+    write_jsonl,
+)
 
 from routerq.core import envelope
 from routerq.core.batch_store import Batch, BatchStatus
@@ -31,11 +41,6 @@ from routerq.producer.batch_client import BatchClient
 from routerq.worker.execution.app import create_app
 
 CHAT = "meta-llama/llama-3.1-8b-instruct"
-DEFAULT_RETRIES = {  # the session stack shortens retries for speed; these are a user's defaults
-    "ROUTERQ_MAX_ATTEMPTS": "6",
-    "ROUTERQ_RETRY_BASE_DELAY": "1",
-    "ROUTERQ_RETRY_MAX_DELAY": "60",
-}
 FAST_RECOVERY = {  # a worker tuned to get lost lines back within ~30 s
     "ROUTERQ_VISIBILITY_TIMEOUT": "25",
     "ROUTERQ_RESTORE_INTERVAL": "2",

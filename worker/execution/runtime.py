@@ -16,7 +16,9 @@ from routerq.core.job_chain import AsyncJobChain
 from routerq.core.redis_client import connect, connect_async
 from routerq.core.result_store import AsyncResultStore
 from routerq.core.settings import VISIBILITY_SLACK, Settings
+from routerq.core.upstream_batch import AsyncChunkStore
 from routerq.worker.tracing.slow_lines import SlowLines
+from routerq.worker.upstream.batch_api import OpenRouterBatches
 from routerq.worker.upstream.limiter import SharedLimiter
 from routerq.worker.upstream.openrouter import OpenRouterClient
 from routerq.worker.upstream.pricing import PhoenixPricing
@@ -33,6 +35,8 @@ class Runtime:
     batches: AsyncBatchStore
     embeddings: AsyncEmbedStore
     openrouter: OpenRouterClient
+    batch_api: OpenRouterBatches
+    chunks: AsyncChunkStore
     pricing: PhoenixPricing
     slots: asyncio.Semaphore  # upstream calls this process may have in flight: its share of --concurrency
     slow_lines: SlowLines
@@ -68,6 +72,8 @@ def build_runtime(
             client, settings.result_ttl, claim_s=settings.job_time_limit + VISIBILITY_SLACK
         ),
         openrouter=OpenRouterClient(settings, concurrency, upstream),
+        batch_api=OpenRouterBatches(settings, upstream),
+        chunks=AsyncChunkStore(client, settings.result_ttl),
         pricing=PhoenixPricing(settings, connect(settings.redis_url)),
         slots=asyncio.Semaphore(concurrency),
         slow_lines=SlowLines(settings.trace_slow_s, batches.latency_p99),

@@ -1,0 +1,133 @@
+"""Lines sent through OpenRouter's Batch API (`submit --via batch`): which lines it takes, how they are
+grouped into upstream batches, and where each upstream batch's state is kept.
+
+OpenRouter runs one endpoint and one model per batch, text only, up to 5,000 requests. A line it
+cannot take (a completion: no such batch endpoint; an image, audio or file part; an embeddings body
+with a `provider` field) runs live instead, at the live price: that is routerq's choice over failing
+it, and `routerq status` counts such lines.
+
+Keys (beside the batch's own, see routerq.core.batch_store):
+  routerq:batch:{id}:chunk:{chunk}   hash  status, upstream id, submitted_at, polls, endpoint, model
+  routerq:batch:{id}:chunks          hash  chunk id -> its status, for `routerq status`
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+import redis
+
+from routerq.core.batch_format import BatchLine
+from routerq.core.batch_store import batch_key
+from routerq.core.jobs import JobKind
+from routerq.core.redis_client import as_text
+
+if TYPE_CHECKING:  # a reading command (`routerq status`) never imports redis.asyncio
+    import redis.asyncio as aredis
+
+BATCH_ENDPOINTS = {JobKind.CHAT: "/v1/chat/completions", JobKind.EMBEDDING: "/v1/embeddings"}
+
+
+class ChunkStatus(StrEnum):
+    NEW = "new"
+    SUBMITTING = "submitting"  # asked OpenRouter; its batch id not stored yet (the ambiguous window)
+    SUBMITTED = "submitted"  # OpenRouter has it: it is polled until it ends
+    DONE = "done"  # every line has its outcome, or went back to run again
+
+
+def refusal(line: BatchLine) -> str | None:
+    """Why OpenRouter's batches cannot take this line (it runs live), or None."""
+    if line.kind not in BATCH_ENDPOINTS:
+        return f"{line.kind.value} has no batch endpoint"
+    if line.kind is JobKind.EMBEDDING:
+        return "embeddings with a provider field" if "provider" in line.body else None
+    for message in line.body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(
+            not isinstance(part, dict) or part.get("type") != "text" for part in content
+        ):
+            return "images, audio and files are not taken by OpenRouter's batches"
+    return None
+
+
+@dataclass
+class _Group:
+    indexes: list[int] = field(default_factory=list)
+    size: int = 0
+
+
+class Chunker:
+    """Lines grouped by (endpoint, model) into upstream batches of at most `max_requests` requests
+    and `max_bytes` of request bodies; a full group is handed out as soon as it fills."""
+
+    def __init__(self, max_requests: int, max_bytes: int) -> None:
+        self._max_requests, self._max_bytes = max_requests, max_bytes
+        self._groups: dict[tuple[str, str], _Group] = {}
+
+    def add(self, index: int, line: BatchLine, size: int) -> Iterator[list[int]]:
+        key = (BATCH_ENDPOINTS[line.kind], str(line.body.get("model")))
+        group = self._groups.setdefault(key, _Group())
+        if group.indexes and (
+            len(group.indexes) >= self._max_requests or group.size + size > self._max_bytes
+        ):
+            yield group.indexes
+            group = self._groups[key] = _Group()
+        group.indexes.append(index)
+        group.size += size
+
+    def rest(self) -> Iterable[list[int]]:
+        return [g.indexes for g in self._groups.values() if g.indexes]
+
+
+def new_chunk_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def chunk_key(batch_id: str, chunk_id: str) -> str:
+    return batch_key(batch_id, f"chunk:{chunk_id}")
+
+
+def chunks_key(batch_id: str) -> str:
+    return batch_key(batch_id, "chunks")
+
+
+class AsyncChunkStore:
+    """The worker's side: one upstream batch's state, durable across worker deaths."""
+
+    def __init__(self, client: aredis.Redis, ttl: int) -> None:
+        self._redis = client
+        self._ttl = ttl
+
+    async def get(self, batch_id: str, chunk_id: str) -> dict[str, str]:
+        raw = await self._redis.hgetall(chunk_key(batch_id, chunk_id))
+        return {as_text(k): as_text(v) for k, v in raw.items()}
+
+    async def set(self, batch_id: str, chunk_id: str, status: ChunkStatus, **fields: str | float) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        mapping: dict[str, str | float] = {"status": status.value, **fields}
+        pipe.hset(chunk_key(batch_id, chunk_id), mapping=mapping)  # type: ignore[arg-type]
+        pipe.expire(chunk_key(batch_id, chunk_id), self._ttl)
+        pipe.hset(chunks_key(batch_id), chunk_id, str(fields.get("upstream_status") or status.value))
+        pipe.expire(chunks_key(batch_id), self._ttl)
+        await pipe.execute()
+
+    async def polled(self, batch_id: str, chunk_id: str, upstream_status: str) -> int:
+        """Count a poll and note what OpenRouter said; returns the polls so far."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hincrby(chunk_key(batch_id, chunk_id), "polls", 1)
+        pipe.hset(chunk_key(batch_id, chunk_id), "upstream_status", upstream_status)
+        pipe.hset(chunks_key(batch_id), chunk_id, upstream_status)
+        polls, _, _ = await pipe.execute()
+        return int(polls)
+
+
+def upstream_batches(client: redis.Redis, batch_id: str) -> dict[str, int]:
+    """How many upstream batches a batch has, by their last known status (`routerq status`)."""
+    counts: dict[str, int] = {}
+    for status in client.hvals(chunks_key(batch_id)):
+        counts[as_text(status)] = counts.get(as_text(status), 0) + 1
+    return counts

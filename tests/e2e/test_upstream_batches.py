@@ -1,0 +1,171 @@
+"""`routerq submit --via batch`: the lines go as OpenRouter batches (the fake's Batch API), at half the
+live price, and everything downstream is as for a live batch: results in input order, the error
+file, counts and cost, traces in Phoenix. Workers at the default retry settings."""
+
+from __future__ import annotations
+
+import json
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import (
+    DEFAULT_RETRIES,
+    MODELS,
+    Stack,
+    calls_with,
+    extra_worker,
+    line,
+    routerq,
+    wait_final,
+    wait_for,
+    write_jsonl,
+)
+from phoenix.client import Client
+from phoenix_queries import trace_spans
+
+from routerq.core import telemetry
+from routerq.core.batch_store import BatchStatus, Via
+from routerq.core.spans import BATCH_ID, BATCH_LINE
+from routerq.devstack.fake_openrouter import fake_answer
+from routerq.devstack.fake_upstream import cost_of
+from routerq.producer.batch_client import BatchClient
+
+MISTRAL = "mistralai/mistral-7b-instruct"
+
+
+def batch_calls(stack: Stack, marker: str) -> list[dict[str, Any]]:
+    calls = httpx.get(f"{stack.fake_base}/_fake/calls").json()["calls"]
+    return [c for c in calls if c.get("kind") == "batch" and any(marker in t for t in c["texts"])]
+
+
+@pytest.fixture
+def slow_batches(stack: Stack) -> Iterator[None]:
+    """Upstream batches that take 10 s, long enough to kill a worker or cancel while they are pending."""
+    httpx.post(f"{stack.fake_base}/_fake/config", json={"batch_s": 10}).raise_for_status()
+    yield
+    httpx.post(f"{stack.fake_base}/_fake/config", json={"batch_s": 1}).raise_for_status()
+
+
+def test_a_two_model_file_goes_as_one_upstream_batch_per_model_at_half_the_price(
+    stack: Stack, tmp_path: Path
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    rows = [line(f"a{i}", "chat", f"{marker} a {i}") for i in range(5)]
+    rows[1] = line("a1", "chat", f"{marker} a 1 [[status:400]]")  # refused for good: fails
+    rows += [line(f"m{i}", "chat", f"{marker} m {i}", model=MISTRAL) for i in range(3)]
+    rows.append(line("c0", "completion", f"{marker} a completion"))  # no batch endpoint: runs live
+    source = write_jsonl(tmp_path / "two-models.jsonl", rows)
+    queue = {"ROUTERQ_QUEUE": f"via-batch-{marker}"}
+    with extra_worker(stack, queue["ROUTERQ_QUEUE"], **DEFAULT_RETRIES):
+        done = routerq(stack, "submit", str(source), "--via", "batch", "--wait", env=queue, timeout=180)
+    assert done.returncode == 1, done.stderr  # 1: lines failed
+    batch_id = done.stderr.split("batch ")[1].split(":")[0]
+    upstream = batch_calls(stack, marker)
+    assert sorted(c["model"] for c in upstream) == sorted([MODELS["chat"], MISTRAL])
+    assert sorted(len(c["custom_ids"]) for c in upstream) == [3, 5]
+    live = [c for c in calls_with(stack, marker) if c.get("kind") != "batch"]
+    assert [c["kind"] for c in live] == ["completion"]  # no live call but the line batches cannot take
+
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    assert (
+        routerq(stack, "results", batch_id, "-o", str(out), "--errors", str(errors), env=queue).returncode
+        == 0
+    )
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [w["custom_id"] for w in written] == [r["custom_id"] for r in rows if r["custom_id"] != "a1"]
+    first = written[0]["response"]["body"]
+    assert first["choices"][0]["message"]["content"] == fake_answer(MODELS["chat"], f"{marker} a 0")
+    usage = first["usage"]
+    live_price = cost_of(MODELS["chat"], usage["prompt_tokens"], usage["completion_tokens"])
+    assert usage["cost"] == pytest.approx(live_price / 2)  # the batch price
+    (failed,) = [json.loads(x) for x in errors.read_text().splitlines()]
+    assert failed["custom_id"] == "a1" and "fake upstream error 400" in failed["error"]["message"]
+
+    status = routerq(stack, "status", batch_id, env=queue)
+    assert "via batch  2 upstream batches: 2 completed" in status.stdout, status.stdout
+    batch = BatchClient(stack.settings(**queue), tracing=False).get(batch_id)
+    assert (batch.via, batch.succeeded, batch.failed) == (Via.BATCH, 8, 1)
+    assert batch.cost == pytest.approx(sum(w["response"]["body"]["usage"]["cost"] for w in written))
+
+    telemetry.flush()
+    spans = _line_trace(stack, batch_id, 1)  # the failed line: every failure is traced
+    root = next(s for s in spans if s["name"] == "routerq.line")
+    (llm,) = [s for s in spans if s["name"] == "ChatCompletion"]
+    assert root["status_code"] == llm["status_code"] == "ERROR"
+    assert root["attributes"]["routerq.via"] == "batch"
+    assert root["attributes"]["openrouter.batch_id"] in {c["batch_id"] for c in upstream}
+    assert llm["parent_id"] == root["context"]["span_id"]
+
+
+def _line_trace(stack: Stack, batch_id: str, index: int) -> list[dict[str, Any]]:
+    """The spans of one line's trace, found by its root's batch id and line number."""
+    client = Client(base_url=stack.phoenix.url)
+    roots: list[dict[str, Any]] = []
+
+    def found() -> bool:
+        nonlocal roots
+        spans = client.spans.get_spans(project_identifier=stack.project, limit=5000)
+        roots = [
+            s for s in spans
+            if s["name"] == "routerq.line" and s["attributes"].get(BATCH_ID) == batch_id
+            and s["attributes"].get(BATCH_LINE) == index
+        ]  # fmt: skip
+        return bool(roots)
+
+    wait_for(found, f"the trace of line {index} of {batch_id} in Phoenix", timeout=60, poll=1)
+    return trace_spans(stack.phoenix.url, stack.project, roots[0]["context"]["trace_id"], expect=2)
+
+
+def test_a_worker_killed_while_its_upstream_batch_is_pending_finishes_it_after_restart_submitting_it_once(
+    stack: Stack, tmp_path: Path, slow_batches: None
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    source = write_jsonl(
+        tmp_path / "killed.jsonl", [line(f"k{i}", "chat", f"{marker} k {i}") for i in range(6)]
+    )
+    queue = f"via-batch-kill-{marker}"
+    client = BatchClient(stack.settings(ROUTERQ_QUEUE=queue), tracing=False)
+    with extra_worker(stack, queue, **DEFAULT_RETRIES) as (worker, _):
+        batch = client.submit(source, via=Via.BATCH).batch
+        wait_for(lambda: len(batch_calls(stack, marker)) == 1, "the upstream batch to be submitted")
+        worker.stop(signal.SIGKILL)  # while OpenRouter works on it
+    with extra_worker(stack, queue, **DEFAULT_RETRIES):
+        final = wait_final(client, batch.id, timeout=120)
+    assert (final.status, final.succeeded) == (BatchStatus.COMPLETED, 6)
+    assert len(batch_calls(stack, marker)) == 1  # polled by the new worker, never submitted again
+    assert not calls_with(stack, marker) or all(c.get("kind") == "batch" for c in calls_with(stack, marker))
+
+
+def test_an_expired_upstream_batch_runs_its_lines_again(stack: Stack, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex[:8]
+    rows = [line(f"e{i}", "chat", f"{marker} e {i}") for i in range(3)]
+    rows[0] = line("e0", "chat", f"{marker} e 0 [[batch-expire-first]]")
+    queue = f"via-batch-expire-{marker}"
+    client = BatchClient(stack.settings(ROUTERQ_QUEUE=queue), tracing=False)
+    with extra_worker(stack, queue, **DEFAULT_RETRIES):
+        batch = client.submit(write_jsonl(tmp_path / "expire.jsonl", rows), via=Via.BATCH).batch
+        final = wait_final(client, batch.id, timeout=120)
+    assert (final.status, final.succeeded, final.failed) == (BatchStatus.COMPLETED, 3, 0)
+    assert len(batch_calls(stack, marker)) == 2  # the expired one, then the lines again
+
+
+def test_cancel_while_the_upstream_batch_is_pending_ends_the_batch_without_its_answers(
+    stack: Stack, tmp_path: Path, slow_batches: None
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    source = write_jsonl(
+        tmp_path / "cancel.jsonl", [line(f"x{i}", "chat", f"{marker} x {i}") for i in range(4)]
+    )
+    queue = f"via-batch-cancel-{marker}"
+    client = BatchClient(stack.settings(ROUTERQ_QUEUE=queue), tracing=False)
+    with extra_worker(stack, queue, **DEFAULT_RETRIES):
+        batch = client.submit(source, via=Via.BATCH).batch
+        wait_for(lambda: len(batch_calls(stack, marker)) == 1, "the upstream batch to be submitted")
+        client.cancel(batch.id)
+        final = wait_final(client, batch.id, timeout=120)
+    assert (final.status, final.cancelled, final.succeeded) == (BatchStatus.CANCELLED, 4, 0)

@@ -1,0 +1,398 @@
+"""A batch's lines as OpenRouter batches (`submit --via batch`): submit one upstream batch, poll it
+until it ends, and record each result as a live line's outcome would be recorded.
+
+One message carries one upstream batch (a chunk of lines of one endpoint and one model). Its state
+lives in Redis (routerq.core.upstream_batch), so any worker can take over after a death: a message
+put back on the queue finds OpenRouter's batch id and polls instead of submitting again. Polls are
+the message itself, re-published with a countdown (POLL_FIRST_S, doubling up to POLL_MAX_S): a
+waiting batch holds no call slot and costs Redis one message every poll.
+
+The one window where a chunk is ambiguous: a worker killed after OpenRouter's 202 and before the id
+is stored (the chunk says "submitting" with no id). OpenRouter has no idempotency key, so routerq
+cannot ask whether it got it; it submits again and logs a warning. The lines are recorded once (a
+success is final), but OpenRouter may run and bill that chunk twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from celery import Celery
+from openinference.semconv.trace import OpenInferenceSpanKindValues, SpanAttributes
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Status, StatusCode
+
+from routerq.core import telemetry
+from routerq.core.batch_format import error_line, output_line
+from routerq.core.batch_store import Batch, BatchStatus, Outcome
+from routerq.core.broker import UPSTREAM_BATCH_TASK_NAME
+from routerq.core.errors import UpstreamBatchError
+from routerq.core.jobs import Job, JobError, JobKind, JobResult, Usage
+from routerq.core.spans import BATCH_ID, BATCH_LINE, annotate_llm_span, chain_attributes, context_attributes
+from routerq.core.upstream_batch import BATCH_ENDPOINTS, ChunkStatus, new_chunk_id
+from routerq.worker.execution.pool import Delivery
+from routerq.worker.execution.republish import republish
+from routerq.worker.execution.runtime import Runtime
+from routerq.worker.execution.tasks import line_job
+from routerq.worker.tracing.line_trace import LineTrace
+from routerq.worker.tracing.tail_sampler import sampler
+from routerq.worker.upstream.batch_api import TERMINAL
+from routerq.worker.upstream.retry import RETRYABLE_STATUS, Action, Tries, decide
+
+log = logging.getLogger(__name__)
+
+# The first look after a submission: a small batch can be done in seconds. Later looks double, up
+# to POLL_MAX_S: OpenRouter's median batch takes minutes, and a look a minute costs next to nothing.
+POLL_FIRST_S = 2.0
+POLL_MAX_S = 60.0
+UPSTREAM_SPAN = "routerq.upstream_batch"
+_STOPPED = (BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.FAILED)
+
+
+async def run_upstream_batch(
+    rt: Runtime,
+    delivery: Delivery,
+    batch_id: str,
+    chunk_id: str,
+    indexes: list[int],
+    enqueued_at: float,
+    tries: dict[str, float] | None = None,
+    attempt: int = 1,
+) -> dict[str, Any]:
+    """One step of one upstream batch: submit it, or look at it once (and come back later)."""
+    starts = await rt.batches.begin(batch_id, indexes, mark=False)
+    batch = starts[0].batch if starts else None
+    if batch is None:
+        log.warning("batch %s has expired; dropping its upstream batch %s", batch_id, chunk_id)
+        return {"batch_id": batch_id, "chunk": chunk_id, "status": "missing"}
+    todo = {
+        i: s.line for i, s in zip(indexes, starts, strict=True) if s.outcome is None and s.line is not None
+    }
+    state = await rt.chunks.get(batch_id, chunk_id)
+    upstream_id = state.get("upstream_id")
+    args = [batch_id, chunk_id, indexes, enqueued_at]
+    if not upstream_id:
+        if batch.status in _STOPPED or not todo:
+            await _cancel_lines(rt, batch, todo, enqueued_at)
+            await rt.chunks.set(batch_id, chunk_id, ChunkStatus.DONE)
+            return {"batch_id": batch_id, "chunk": chunk_id, "status": "not submitted"}
+        return await _submit(rt, delivery, batch, chunk_id, todo, args, Tries.load(tries), attempt, state)
+    return await _poll(rt, delivery, batch, chunk_id, upstream_id, todo, args, state, enqueued_at, attempt)
+
+
+async def _submit(
+    rt: Runtime,
+    delivery: Delivery,
+    batch: Batch,
+    chunk_id: str,
+    todo: dict[int, dict[str, Any]],
+    args: list[Any],
+    tries: Tries,
+    attempt: int,
+    state: dict[str, str],
+) -> dict[str, Any]:
+    first = next(iter(todo.values()))
+    endpoint, model = BATCH_ENDPOINTS[JobKind(first["kind"])], str(first["body"].get("model"))
+    if state.get("status") == ChunkStatus.SUBMITTING:
+        log.warning(
+            "batch %s: upstream batch %s was being submitted when its worker stopped; OpenRouter may have "
+            "it already (it has no idempotency key): submitting again", batch.id, chunk_id,
+        )  # fmt: skip
+    requests = [{"custom_id": str(index), "body": line["body"]} for index, line in todo.items()]
+    await rt.chunks.set(batch.id, chunk_id, ChunkStatus.SUBMITTING, submitting_at=time.time())
+    try:
+        created = await rt.batch_api.submit(endpoint, model, requests)
+    except UpstreamBatchError as exc:
+        error = JobError(code="upstream_batch_refused", message=exc.message, status_code=exc.status_code)
+        decision = decide(error, exc.retry_after, tries, rt.settings, time.time())
+        if decision.action is Action.RETRY:
+            await rt.chunks.set(batch.id, chunk_id, ChunkStatus.NEW)
+            kwargs = {"tries": tries.after(decision).dump(), "attempt": attempt}
+            await republish(rt, delivery, args, kwargs, decision.delay)
+            return {"batch_id": batch.id, "chunk": chunk_id, "status": "retrying submit"}
+        await _fail_lines(rt, batch, todo, error, float(args[3]), attempt)
+        await rt.chunks.set(batch.id, chunk_id, ChunkStatus.DONE, upstream_status="refused")
+        return {"batch_id": batch.id, "chunk": chunk_id, "status": "refused"}
+    upstream_id = str(created["id"])
+    await rt.chunks.set(
+        batch.id, chunk_id, ChunkStatus.SUBMITTED, upstream_id=upstream_id, submitted_at=time.time(),
+        endpoint=endpoint, model=model, upstream_status=str(created.get("status") or "validating"),
+    )  # fmt: skip
+    log.info("batch %s: %d line(s) sent as OpenRouter batch %s", batch.id, len(requests), upstream_id)
+    await republish(rt, delivery, args, {"attempt": attempt}, POLL_FIRST_S)
+    return {"batch_id": batch.id, "chunk": chunk_id, "status": "submitted", "upstream_id": upstream_id}
+
+
+async def _poll(
+    rt: Runtime,
+    delivery: Delivery,
+    batch: Batch,
+    chunk_id: str,
+    upstream_id: str,
+    todo: dict[int, dict[str, Any]],
+    args: list[Any],
+    state: dict[str, str],
+    enqueued_at: float,
+    attempt: int,
+) -> dict[str, Any]:
+    cancelled = batch.status in _STOPPED
+    if cancelled and todo:  # the routerq batch ends now; what OpenRouter still bills is counted later
+        await _cancel_lines(rt, batch, todo, enqueued_at)
+        todo = {}
+    try:
+        found = await rt.batch_api.get(upstream_id)
+    except UpstreamBatchError as exc:
+        log.warning("batch %s: looking at OpenRouter batch %s failed: %s", batch.id, upstream_id, exc)
+        found = {"status": state.get("upstream_status") or "in_progress"}
+    status = str(found.get("status"))
+    polls = await rt.chunks.polled(batch.id, chunk_id, status)
+    if status not in TERMINAL:
+        delay = min(POLL_MAX_S, POLL_FIRST_S * 2 ** min(polls, 10))
+        await republish(rt, delivery, args, {"attempt": attempt}, delay)
+        return {"batch_id": batch.id, "chunk": chunk_id, "status": status}
+    submitted_at = float(state.get("submitted_at") or time.time())
+    usage = _mapping(found.get("usage"))
+    if cancelled or not todo:
+        if usage.get("cost"):
+            await rt.batches.add_cost(batch.id, float(usage["cost"]))
+        again: list[int] = []
+    elif status == "completed":
+        again = await _record_results(rt, batch, upstream_id, todo, found, submitted_at, enqueued_at, attempt)
+    else:
+        again = list(todo)  # failed, expired, cancelled upstream: every line goes again
+        log.warning(
+            "batch %s: OpenRouter batch %s ended %s; its %d line(s) go again",
+            batch.id,
+            upstream_id,
+            status,
+            len(again),
+        )
+    if again:
+        await _again(rt, batch, again, enqueued_at, attempt)
+    await rt.chunks.set(batch.id, chunk_id, ChunkStatus.DONE, upstream_status=status)
+    _upstream_span(batch, upstream_id, found, submitted_at)
+    return {"batch_id": batch.id, "chunk": chunk_id, "status": status, "again": len(again)}
+
+
+async def _record_results(
+    rt: Runtime,
+    batch: Batch,
+    upstream_id: str,
+    todo: dict[int, dict[str, Any]],
+    found: dict[str, Any],
+    submitted_at: float,
+    enqueued_at: float,
+    attempt: int,
+) -> list[int]:
+    """Each result becomes its line's outcome; the indexes of retryable failures (and of lines
+    without a result) are returned, to go again."""
+    results = {str(r.get("custom_id")): r for r in found.get("results") or [] if isinstance(r, dict)}
+    finished = float(found.get("finalized_at") or time.time())
+    again: list[int] = []
+    for index, line in todo.items():
+        item = results.get(str(index))
+        job = line_job(batch, index, line, enqueued_at)
+        result = _result(job, item, submitted_at, finished, attempt)
+        retryable = result.error is not None and (
+            item is None or (result.error.status_code or 0) in RETRYABLE_STATUS
+        )
+        if retryable and attempt < rt.settings.max_attempts:
+            again.append(index)
+            continue
+        traced = _trace_line(batch, index, job, result, upstream_id)
+        outcome = Outcome.SUCCEEDED if result.ok else Outcome.FAILED
+        await rt.batches.record(
+            batch.id, index, outcome, output_line(job.custom_id or "", result), result,
+            traced=traced, retries=attempt - 1,
+        )  # fmt: skip
+    return again
+
+
+def _result(
+    job: Job, item: dict[str, Any] | None, started: float, finished: float, attempt: int
+) -> JobResult:
+    common: dict[str, Any] = {
+        "job_id": job.id, "kind": job.kind, "attempts": attempt, "enqueued_at": job.enqueued_at,
+        "started_at": started, "finished_at": finished, "batch_id": job.batch_id, "custom_id": job.custom_id,
+        "model": job.models[0],
+    }  # fmt: skip
+    response = (item or {}).get("response")
+    body = response.get("body") if isinstance(response, dict) else None
+    if isinstance(body, dict) and int(response.get("status_code") or 200) < 400:  # type: ignore[union-attr]
+        usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
+        return JobResult(
+            **common, status="succeeded", response=body, provider=body.get("provider"),
+            generation_id=body.get("id"), usage=Usage.model_validate(usage) if usage else None,
+        )  # fmt: skip
+    raw = (item or {}).get("error") or (body or {}).get("error") or {}
+    code = raw.get("code") if isinstance(raw, dict) else None
+    status_code = code if isinstance(code, int) else _mapping(response).get("status_code")
+    message = str(raw.get("message") if isinstance(raw, dict) else raw) or "no result from OpenRouter's batch"
+    if item is None:
+        message, status_code = "OpenRouter's batch returned no result for this line", 502
+    error = JobError(
+        code=f"http_{status_code}" if status_code else "upstream_error",
+        message=message,
+        status_code=status_code,
+    )
+    return JobResult(**common, status="failed", error=error)
+
+
+def _trace_line(batch: Batch, index: int, job: Job, result: JobResult, upstream_id: str) -> bool | None:
+    """The line's trace: its root and an LLM span dated from the upstream batch's timeline. None when
+    this worker does not trace."""
+    current = sampler()
+    if current is None:
+        return None
+    with LineTrace(current, None, job.enqueued_at) as line_trace:
+        line_trace.attributes.update(
+            {**chain_attributes(job.prompt_text), **context_attributes(job), BATCH_ID: batch.id,
+             BATCH_LINE: index, "routerq.via": "batch", "openrouter.batch_id": upstream_id}
+        )  # fmt: skip
+        kind = (
+            OpenInferenceSpanKindValues.EMBEDDING
+            if job.kind is JobKind.EMBEDDING
+            else OpenInferenceSpanKindValues.LLM
+        )
+        usage = result.usage
+        attributes: dict[str, Any] = {
+            SpanAttributes.OPENINFERENCE_SPAN_KIND: kind.value,
+            SpanAttributes.LLM_MODEL_NAME: job.models[0],
+            SpanAttributes.INPUT_VALUE: json.dumps(job.body),
+            SpanAttributes.INPUT_MIME_TYPE: "application/json",
+            **context_attributes(job),
+        }
+        if result.ok:
+            attributes[SpanAttributes.OUTPUT_VALUE] = result.text
+        if usage is not None:
+            attributes[SpanAttributes.LLM_TOKEN_COUNT_PROMPT] = usage.prompt_tokens
+            attributes[SpanAttributes.LLM_TOKEN_COUNT_COMPLETION] = usage.completion_tokens
+            attributes[SpanAttributes.LLM_TOKEN_COUNT_TOTAL] = usage.total_tokens
+        span = telemetry.tracer().start_span(
+            "ChatCompletion" if job.kind is JobKind.CHAT else "CreateEmbeddingResponse",
+            start_time=int(result.started_at * 1e9), attributes=attributes,
+        )  # fmt: skip
+        body = (
+            result.response if result.ok else {"error": (result.error.model_dump() if result.error else {})}
+        )
+        annotate_llm_span(
+            span, 200 if result.ok else (result.error.status_code or 500) if result.error else 500, body
+        )
+        span.set_status(
+            Status(StatusCode.OK)
+            if result.ok
+            else Status(StatusCode.ERROR, result.error.message if result.error else "")
+        )
+        span.end(end_time=int(result.finished_at * 1e9))
+        text = result.text if result.ok else (result.error.message if result.error else "failed")
+        kept = line_trace.decide(not result.ok)
+        return line_trace.finish(
+            output=text, error=None if result.ok else text, ok=result.ok, kept=kept, project=batch.project
+        )
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _upstream_span(batch: Batch, upstream_id: str, found: dict[str, Any], submitted_at: float) -> None:
+    """One span per upstream batch, in the batch's session: its id, counts, usage, how long it took."""
+    current = sampler()
+    if current is None:
+        return
+    counts, usage = _mapping(found.get("request_counts")), _mapping(found.get("usage"))
+    ended = float(found.get("finalized_at") or time.time())
+    attributes: dict[str, Any] = {
+        SpanAttributes.OPENINFERENCE_SPAN_KIND: OpenInferenceSpanKindValues.CHAIN.value,
+        SpanAttributes.SESSION_ID: batch.session_id or batch.id,
+        BATCH_ID: batch.id,
+        "openrouter.batch_id": upstream_id,
+        "openrouter.batch.status": str(found.get("status")),
+        "openrouter.batch.model": str(found.get("model")),
+        "openrouter.batch.waited_s": round(ended - submitted_at, 3),
+        SpanAttributes.INPUT_VALUE: f"{counts.get('total', 0)} requests to {found.get('model')}",
+        SpanAttributes.OUTPUT_VALUE: json.dumps(
+            {"status": found.get("status"), "request_counts": counts, "usage": usage}
+        ),
+        SpanAttributes.OUTPUT_MIME_TYPE: "application/json",
+    }
+    for name in ("total", "completed", "failed"):
+        if isinstance(counts.get(name), int):
+            attributes[f"openrouter.batch.{name}"] = counts[name]
+    if isinstance(usage.get("cost"), int | float):
+        attributes[SpanAttributes.LLM_COST_TOTAL] = float(usage["cost"])
+    span = telemetry.tracer().start_span(
+        UPSTREAM_SPAN,
+        context=otel_context.Context(),
+        start_time=int(submitted_at * 1e9),
+        attributes=attributes,
+    )
+    trace_id = span.get_span_context().trace_id
+    current.hold(trace_id)
+    span.set_status(
+        Status(StatusCode.OK)
+        if found.get("status") == "completed"
+        else Status(StatusCode.ERROR, str(found.get("status")))
+    )
+    span.end(end_time=int(ended * 1e9))
+    current.settle(trace_id, always=True, project=batch.project)
+
+
+async def _again(rt: Runtime, batch: Batch, indexes: list[int], enqueued_at: float, attempt: int) -> None:
+    """Lines that go again, as a new upstream batch, or fail once routerq's attempts are spent."""
+    if attempt >= rt.settings.max_attempts:
+        error = JobError(code="upstream_batch_failed", message=f"gave up after {attempt} upstream batches")
+        lines = await rt.batches.begin(batch.id, indexes, mark=False)
+        todo = {
+            i: s.line for i, s in zip(indexes, lines, strict=True) if s.line is not None and s.outcome is None
+        }
+        await _fail_lines(rt, batch, todo, error, enqueued_at, attempt)
+        return
+    rt.app.send_task(
+        UPSTREAM_BATCH_TASK_NAME, args=[batch.id, new_chunk_id(), indexes, enqueued_at],
+        kwargs={"attempt": attempt + 1}, queue=rt.settings.queue, ignore_result=True,
+    )  # fmt: skip
+
+
+async def _fail_lines(
+    rt: Runtime,
+    batch: Batch,
+    todo: dict[int, dict[str, Any]],
+    error: JobError,
+    enqueued_at: float,
+    attempt: int,
+) -> None:
+    now = time.time()
+    for index, line in todo.items():
+        job = line_job(batch, index, line, enqueued_at)
+        result = JobResult(
+            job_id=job.id, kind=job.kind, status="failed", error=error, attempts=attempt,
+            enqueued_at=enqueued_at, started_at=now, finished_at=now, batch_id=batch.id,
+            custom_id=job.custom_id, model=job.models[0],
+        )  # fmt: skip
+        traced = _trace_line(batch, index, job, result, "")
+        await rt.batches.record(
+            batch.id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result, traced=traced
+        )
+
+
+async def _cancel_lines(
+    rt: Runtime, batch: Batch, todo: dict[int, dict[str, Any]], enqueued_at: float
+) -> None:
+    message = f"batch is {batch.status.value}; line not sent upstream"
+    for index, line in todo.items():
+        job = line_job(batch, index, line, enqueued_at)
+        await rt.batches.record(
+            batch.id,
+            index,
+            Outcome.CANCELLED,
+            error_line(job.custom_id or "", "batch_cancelled", message),
+            None,
+        )
+
+
+def register(app: Celery) -> None:
+    app.task(name=UPSTREAM_BATCH_TASK_NAME)(run_upstream_batch)
