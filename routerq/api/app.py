@@ -37,7 +37,7 @@ from routerq.api.index import TenantIndex
 from routerq.api.metrics import metrics_text
 from routerq.api.objects import batch_object
 from routerq.core.batch_format import URLS, BatchLine, read_lines, validate
-from routerq.core.batch_store import Batch, BatchOrigin, Outcome
+from routerq.core.batch_store import Batch, BatchOrigin, Outcome, Via
 from routerq.core.errors import BatchError
 from routerq.core.redis_client import connect
 from routerq.core.settings import Settings
@@ -69,6 +69,11 @@ class _CountingReceive:
             self.exceeded = True
             raise _TooLarge
         return message
+
+
+# How an OpenAI client asks for OpenRouter's Batch API (half price, within 24 h) instead of live calls:
+# `metadata={"routerq_via": "batch"}`, a field every official client already sends.
+VIA_METADATA_KEY = "routerq_via"
 
 
 def too_large(limit_mb: float) -> ApiError:
@@ -202,7 +207,9 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
             if isinstance(line, BatchLine) and line.kind.url != endpoint
         ]
 
-    def submit(stored: StoredFile, origin: BatchOrigin, metadata: dict[str, str], request: Request) -> Batch:
+    def submit(
+        stored: StoredFile, origin: BatchOrigin, metadata: dict[str, str], request: Request, via: Via
+    ) -> Batch:
         wrong = mismatched_lines(stored, origin.endpoint)
         if wrong:
             shown = "\n".join(wrong[:20]) + (f"\n... and {len(wrong) - 20} more" if len(wrong) > 20 else "")
@@ -215,6 +222,7 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
                 metadata=metadata,
                 origin=origin,
                 parent=propagate.extract(request.headers),
+                via=via,
             )
         except BatchError as exc:
             raise ApiError(400, str(exc)) from None
@@ -247,12 +255,15 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
             raise ApiError(
                 400, "metadata: up to 16 string pairs (keys <= 64, values <= 512 chars)", param="metadata"
             )
+        via = metadata.get(VIA_METADATA_KEY, Via.LIVE.value)
+        if via not in {v.value for v in Via}:
+            raise ApiError(400, f"metadata.{VIA_METADATA_KEY} must be 'live' or 'batch'", param="metadata")
         file_id = str(body.get("input_file_id") or "")
         stored = await run_in_threadpool(files.get, file_id, tenant)
         if stored is None:
             raise not_found("file", file_id)
         origin = BatchOrigin(owner=tenant, input_file_id=file_id, endpoint=endpoint, completion_window=window)
-        batch = await run_in_threadpool(submit, stored, origin, metadata, request)
+        batch = await run_in_threadpool(submit, stored, origin, metadata, request, Via(via))
         return JSONResponse(batch_object(batch))
 
     def get_batch(request: Request) -> Response:

@@ -234,3 +234,31 @@ def test_the_openai_npm_client_round_trips_a_batch_and_its_trace_continues_into_
     by_name = {s["name"]: s for s in spans}
     assert set(by_name) == {"node.submit-batch", "routerq.submit"}, spans
     assert by_name["routerq.submit"]["parent_id"] == by_name["node.submit-batch"]["context"]["span_id"]
+
+
+def test_the_openai_client_asks_for_openrouters_batch_price_with_a_metadata_key(
+    stack: Stack, api: Service, tmp_path: Path
+) -> None:
+    """`metadata={"routerq_via": "batch"}`: the lines go as one OpenRouter batch, and the client reads
+    the results exactly as for a live batch."""
+    marker = uuid.uuid4().hex[:8]
+    oai = client(api)
+    uploaded = oai.files.create(
+        file=write_jsonl(tmp_path / "via.jsonl", chat_rows(marker, 4)).open("rb"), purpose="batch"
+    )
+    batch = oai.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+        metadata={"routerq_via": "batch"},
+    )  # fmt: skip
+    done = wait_batch(oai, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 4
+    out = [json.loads(x) for x in oai.files.content(done.output_file_id).text.splitlines()]
+    assert [o["custom_id"] for o in out] == [f"q{i}" for i in range(4)]
+    assert out[0]["response"]["body"]["id"].startswith("gen-batch-")  # answered by the Batch API
+    calls = httpx.get(f"{stack.fake_base}/_fake/calls").json()["calls"]
+    assert [c["kind"] for c in calls if marker in json.dumps(c)] == ["batch"]  # no live call
+    with pytest.raises(openai.BadRequestError, match="routerq_via"):
+        oai.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+            metadata={"routerq_via": "cheap"},
+        )  # fmt: skip
