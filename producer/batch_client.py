@@ -7,7 +7,7 @@ trip) and moved onto the queue by one Lua script, so workers see every line of a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.trace import Status, StatusCode
 
 from routerq.core import telemetry
-from routerq.core.batch_format import BatchLine, read_lines, validate
+from routerq.core.batch_format import BatchLine, LineError, read_lines, validate
 from routerq.core.batch_store import (
     Batch,
     BatchOrigin,
@@ -66,10 +66,12 @@ class BatchClient(BatchReader):
         origin: BatchOrigin | None = None,
         parent: otel_context.Context | None = None,
         via: Via = Via.LIVE,
+        tier: str | None = None,
     ) -> Submitted:
         """Validate, store and enqueue a batch file. `parent` continues a caller's trace (the Batch API's
         `traceparent`); the submit span is otherwise a trace of its own. `via` batch sends the lines as
-        OpenRouter batches (about half the price; routerq.core.upstream_batch)."""
+        OpenRouter batches (about half the price; routerq.core.upstream_batch). `tier` sets OpenRouter's
+        `service_tier` (e.g. "flex") on every line that has none of its own."""
         tracer = telemetry.tracer()
         with tracer.start_as_current_span("routerq.submit", context=parent or otel_context.Context()) as span:
             span.set_attributes(chain_attributes(str(path)))
@@ -103,7 +105,7 @@ class BatchClient(BatchReader):
             span.set_attribute(SpanAttributes.SESSION_ID, session_id or batch.id)
             self.store.create(batch)
             try:
-                self._enqueue(batch, read_lines(path, model))
+                self._enqueue(batch, with_tier(read_lines(path, model), tier))
             except Exception as exc:
                 raise self._enqueue_failed(batch, exc) from exc
             span.set_attribute(SpanAttributes.OUTPUT_VALUE, batch.id)
@@ -121,7 +123,7 @@ class BatchClient(BatchReader):
             raise BatchError(f"idempotency key {key!r} was used for batch {earlier.id} with a different file")
         return earlier
 
-    def _enqueue(self, batch: Batch, lines: Iterable[BatchLine | Any]) -> None:
+    def _enqueue(self, batch: Batch, lines: Iterable[BatchLine | LineError]) -> None:
         indexed = ((index, line) for index, line in enumerate(lines) if isinstance(line, BatchLine))
         if batch.via is Via.BATCH:
             self._stage_upstream_batches(batch, indexed)
@@ -249,3 +251,11 @@ class BatchClient(BatchReader):
         pipe.hdel(self.store.key(batch_id), "completed_at")
         pipe.execute()
         return self._stage_and_release(batch, lines)
+
+
+def with_tier(lines: Iterable[BatchLine | LineError], tier: str | None) -> Iterator[BatchLine | LineError]:
+    """Lines with OpenRouter's `service_tier` set, unless a line chose its own."""
+    for line in lines:
+        if tier and isinstance(line, BatchLine):
+            line.body.setdefault("service_tier", tier)
+        yield line

@@ -154,6 +154,10 @@ def enqueue(
     metadata: Annotated[list[str] | None, typer.Option(help="key=value, repeatable")] = None,
     tag: Annotated[list[str] | None, typer.Option(help="tag, repeatable")] = None,
     body: Annotated[str | None, typer.Option(help="extra JSON merged into the request body")] = None,
+    tier: Annotated[
+        str | None,
+        typer.Option(help="OpenRouter's service tier, e.g. flex: about half price, slower (service_tier)"),
+    ] = None,
     wait: Annotated[bool, flag("--wait", help="wait and print the answer")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait with --wait")] = 300.0,
 ) -> None:
@@ -169,6 +173,8 @@ def enqueue(
         request["messages"] = [{"role": "user", "content": prompt}]
     else:
         request["prompt" if kind is JobKind.COMPLETION else "input"] = prompt
+    if tier:
+        request["service_tier"] = tier
     if body:
         try:
             request.update(json.loads(body))
@@ -341,6 +347,10 @@ def submit(
     user: Annotated[str | None, typer.Option(help="user id for every line")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="same key + same file = same batch")] = None,
     max_cost: Annotated[float | None, typer.Option(help="pause the batch when its spend reaches USD")] = None,
+    tier: Annotated[
+        str | None,
+        typer.Option(help="OpenRouter's service tier, e.g. flex: about half price, slower (service_tier)"),
+    ] = None,
     via: Annotated[
         Via,
         typer.Option(
@@ -367,6 +377,7 @@ def submit(
             idempotency_key=idempotency_key,
             max_cost=max_cost,
             via=via,
+            tier=tier,
         )
     except BatchFileError as exc:
         for report_line in exc.validation.report(str(file)):

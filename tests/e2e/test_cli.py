@@ -6,7 +6,7 @@ import re
 import uuid
 from pathlib import Path
 
-from conftest import Stack, line, routerq, write_jsonl
+from conftest import Stack, calls_with, line, routerq, write_jsonl
 
 from routerq.devstack.fake_openrouter import fake_answer
 
@@ -191,3 +191,21 @@ def test_enqueue_traces_without_importing_celery_openai_or_grpc(stack: Stack) ->
     assert "phoenix.otel" in modules, "the import log was not captured, or enqueue did not trace"
     needless = sorted(m for m in modules if m.startswith(NOT_FOR_SENDING))
     assert not needless, f"`routerq enqueue` imported {len(needless)} needless modules: {needless[:8]}"
+
+
+def test_tier_flex_asks_openrouter_for_its_flex_tier_on_jobs_and_batch_lines(
+    stack: Stack, tmp_path: Path
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    done = routerq(stack, "enqueue", "--tier", "flex", "--wait", f"{marker} job")
+    assert done.returncode == 0, done.stderr
+    rows = [line("own", "chat", f"{marker} own tier"), line("flex", "chat", f"{marker} file line")]
+    rows[0]["body"]["service_tier"] = "priority"  # a line's own choice stands
+    submitted = routerq(
+        stack, "submit", str(write_jsonl(tmp_path / "tier.jsonl", rows)), "--tier", "flex", "--wait"
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    tiers = {
+        c["prompt"].split(marker)[1].strip(): c["body"].get("service_tier") for c in calls_with(stack, marker)
+    }
+    assert tiers == {"job": "flex", "own tier": "priority", "file line": "flex"}
