@@ -172,7 +172,7 @@ async def _poll(
         )
     if again:
         await _again(rt, batch, again, enqueued_at, attempt)
-    await rt.chunks.set(batch.id, chunk_id, ChunkStatus.DONE, upstream_status=status)
+    await rt.chunks.set(batch.id, chunk_id, ChunkStatus.DONE, upstream_status=status, done_at=time.time())
     _upstream_span(batch, upstream_id, found, submitted_at)
     return {"batch_id": batch.id, "chunk": chunk_id, "status": status, "again": len(again)}
 
