@@ -169,3 +169,26 @@ def test_cancel_while_the_upstream_batch_is_pending_ends_the_batch_without_its_a
         client.cancel(batch.id)
         final = wait_final(client, batch.id, timeout=120)
     assert (final.status, final.cancelled, final.succeeded) == (BatchStatus.CANCELLED, 4, 0)
+
+
+def test_the_stand_ins_batch_api_refuses_what_openrouters_refuses(stack: Stack) -> None:
+    """routerq's client writes endpoint and model first; the stand-in holds it to OpenRouter's rules."""
+    url = f"{stack.fake_base}/api/beta/batches"
+    auth = {"Authorization": f"Bearer {stack.api_key}", "Content-Type": "application/json"}
+    request = {"custom_id": "0", "body": {"messages": [{"role": "user", "content": "hi"}]}}
+    requests_first = json.dumps(
+        {"requests": [request], "endpoint": "/v1/chat/completions", "model": MODELS["chat"]}
+    )
+    refused = httpx.post(url, content=requests_first, headers=auth)
+    assert refused.status_code == 400 and "before requests" in refused.json()["error"]["message"]
+    other_model = {**request, "body": {**request["body"], "model": MISTRAL}}
+    mismatch = json.dumps(
+        {"endpoint": "/v1/chat/completions", "model": MODELS["chat"], "requests": [other_model]}
+    )
+    assert httpx.post(url, content=mismatch, headers=auth).status_code == 400
+    too_many = [{**request, "custom_id": str(i)} for i in range(5001)]
+    big = json.dumps({"endpoint": "/v1/chat/completions", "model": MODELS["chat"], "requests": too_many})
+    assert httpx.post(url, content=big, headers=auth).status_code == 400
+    good = json.dumps({"endpoint": "/v1/chat/completions", "model": MODELS["chat"], "requests": [request]})
+    accepted = httpx.post(url, content=good, headers=auth)
+    assert accepted.status_code == 202 and accepted.json()["status"] == "validating"
