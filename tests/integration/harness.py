@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx2
+import redis.asyncio as aredis
 
 from routerq.core.settings import Settings
 
@@ -21,6 +22,19 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
     async def main() -> T:
         return await coro_fn()
+
+    return asyncio.run(main())
+
+
+def on_redis(url: str, use: Callable[[aredis.Redis], Awaitable[T]]) -> T:
+    """`use` with a redis.asyncio client of the test Redis, on a fresh loop; the client is closed after."""
+
+    async def main() -> T:
+        client = aredis.Redis.from_url(url)
+        try:
+            return await use(client)
+        finally:
+            await client.aclose()
 
     return asyncio.run(main())
 

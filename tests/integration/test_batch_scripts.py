@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis
-import redis.asyncio as aredis
-from harness import run
+from harness import on_redis
 
 from routerq.core.batch_store import (
     AsyncBatchStore,
@@ -39,23 +38,17 @@ def succeeded(cost: float = 0.5) -> JobResult:
     )  # fmt: skip
 
 
-async def gate(url: str, batch_id: str, index: int = 0, delivery: str = DELIVERY) -> int:
-    client = aredis.Redis.from_url(url)
-    try:
-        return await AsyncBatchStore(client, TTL).go(batch_id, index, delivery)
-    finally:
-        await client.aclose()
+def gate(url: str, batch_id: str, index: int = 0, delivery: str = DELIVERY) -> int:
+    return on_redis(url, lambda client: AsyncBatchStore(client, TTL).go(batch_id, index, delivery))
 
 
-async def record(
+def record(
     url: str, batch_id: str, index: int, outcome: Outcome, result: JobResult | None = None
 ) -> Recorded:
-    client = aredis.Redis.from_url(url)
-    try:
-        store = AsyncBatchStore(client, TTL)
-        return await store.record(batch_id, index, outcome, {"custom_id": str(index)}, result)
-    finally:
-        await client.aclose()
+    line = {"custom_id": str(index)}
+    return on_redis(
+        url, lambda client: AsyncBatchStore(client, TTL).record(batch_id, index, outcome, line, result)
+    )
 
 
 def status(client: redis.Redis, batch_id: str) -> str:
@@ -69,13 +62,13 @@ def test_the_gate_counts_each_delivery_of_a_running_batchs_line(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
     batch_id = make_batch(sync_redis)
-    assert run(lambda: gate(redis_url, batch_id)) == 1
-    assert run(lambda: gate(redis_url, batch_id)) == 2
+    assert (gate(redis_url, batch_id)) == 1
+    assert (gate(redis_url, batch_id)) == 2
     assert 0 < sync_redis.ttl(DELIVERY) <= 24 * 3600
 
 
 def test_the_gate_says_missing_for_an_expired_batch(redis_url: str) -> None:
-    assert run(lambda: gate(redis_url, "batch_gone")) == Go.MISSING
+    assert (gate(redis_url, "batch_gone")) == Go.MISSING
 
 
 def test_the_gate_stops_calls_of_a_cancelling_cancelled_or_failed_batch(
@@ -84,7 +77,7 @@ def test_the_gate_stops_calls_of_a_cancelling_cancelled_or_failed_batch(
     batch_id = make_batch(sync_redis)
     for stopped in (BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.FAILED):
         BatchStore(sync_redis, TTL).set_status(batch_id, stopped)
-        assert run(lambda: gate(redis_url, batch_id)) == Go.STOPPED
+        assert (gate(redis_url, batch_id)) == Go.STOPPED
     assert not sync_redis.exists(DELIVERY)  # no call, no delivery counted
 
 
@@ -94,7 +87,7 @@ def test_the_gate_parks_a_line_of_a_paused_batch_off_the_running_set(
     batch_id = make_batch(sync_redis)
     sync_redis.sadd(batch_key(batch_id, "run"), 1)
     BatchStore(sync_redis, TTL).set_status(batch_id, BatchStatus.PAUSED)
-    assert run(lambda: gate(redis_url, batch_id, 1)) == Go.PARKED
+    assert (gate(redis_url, batch_id, 1)) == Go.PARKED
     assert sync_redis.smembers(batch_key(batch_id, "parked")) == {b"1"}
     assert sync_redis.smembers(batch_key(batch_id, "run")) == set()
 
@@ -103,14 +96,11 @@ def test_with_a_budget_the_first_call_goes_alone_until_one_line_has_a_cost(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
     batch_id = make_batch(sync_redis, max_cost=1.0)
-    assert run(lambda: gate(redis_url, batch_id, 0)) == 1  # nobody holds a reservation: go
-    assert run(lambda: gate(redis_url, batch_id, 1, "routerq:delivery:other")) == Go.OVER_BUDGET
-    assert (
-        run(lambda: record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded(cost=0.25)))
-        == Recorded.STORED
-    )
+    assert (gate(redis_url, batch_id, 0)) == 1  # nobody holds a reservation: go
+    assert (gate(redis_url, batch_id, 1, "routerq:delivery:other")) == Go.OVER_BUDGET
+    assert (record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded(cost=0.25))) == Recorded.STORED
     assert sync_redis.hlen(batch_key(batch_id, "held")) == 0  # the record gave the reservation back
-    assert run(lambda: gate(redis_url, batch_id, 1, "routerq:delivery:other")) == 1
+    assert (gate(redis_url, batch_id, 1, "routerq:delivery:other")) == 1
 
 
 def test_with_a_budget_calls_hold_reservations_of_the_mean_cost_until_the_budget_is_held(
@@ -118,17 +108,17 @@ def test_with_a_budget_calls_hold_reservations_of_the_mean_cost_until_the_budget
 ) -> None:
     batch_id = make_batch(sync_redis, total=10, max_cost=1.0)
     sync_redis.hset(batch_key(batch_id), mapping={"cost": 0.5, "succeeded": 2})  # 0.25 a line
-    assert run(lambda: gate(redis_url, batch_id, 2, "d:2")) == 1
-    assert run(lambda: gate(redis_url, batch_id, 3, "d:3")) == 1  # 0.5 + 0.25 + 0.25 = 1.0 fits
-    assert run(lambda: gate(redis_url, batch_id, 4, "d:4")) == Go.OVER_BUDGET
+    assert (gate(redis_url, batch_id, 2, "d:2")) == 1
+    assert (gate(redis_url, batch_id, 3, "d:3")) == 1  # 0.5 + 0.25 + 0.25 = 1.0 fits
+    assert (gate(redis_url, batch_id, 4, "d:4")) == Go.OVER_BUDGET
     assert float(sync_redis.hget(batch_key(batch_id), "reserved") or 0) == 0.5
-    assert run(lambda: gate(redis_url, batch_id, 2, "d:2")) == 2  # a retry of a holder re-reserves its own
+    assert (gate(redis_url, batch_id, 2, "d:2")) == 2  # a retry of a holder re-reserves its own
 
 
 def test_with_the_budget_spent_no_call_starts(redis_url: str, sync_redis: redis.Redis) -> None:
     batch_id = make_batch(sync_redis, max_cost=1.0)
     sync_redis.hset(batch_key(batch_id), mapping={"cost": 1.0, "succeeded": 4})
-    assert run(lambda: gate(redis_url, batch_id)) == Go.OVER_BUDGET
+    assert (gate(redis_url, batch_id)) == Go.OVER_BUDGET
 
 
 # --- recording outcomes (batch_record.lua) ---
@@ -139,8 +129,8 @@ def test_recording_counts_usage_latency_and_ends_the_batch_with_its_last_line(
 ) -> None:
     batch_id = make_batch(sync_redis, total=2)
     sync_redis.sadd(batch_key(batch_id, "run"), 0, 1)
-    assert run(lambda: record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded())) == Recorded.STORED
-    assert run(lambda: record(redis_url, batch_id, 1, Outcome.FAILED)) == Recorded.ENDED_BATCH
+    assert (record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded())) == Recorded.STORED
+    assert (record(redis_url, batch_id, 1, Outcome.FAILED)) == Recorded.ENDED_BATCH
     batch = BatchStore(sync_redis, TTL).get(batch_id)
     assert batch is not None
     assert (batch.status, batch.succeeded, batch.failed, batch.running) == (BatchStatus.COMPLETED, 1, 1, 0)
@@ -152,9 +142,9 @@ def test_a_redelivered_outcome_is_recorded_once_and_a_success_is_never_overwritt
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
     batch_id = make_batch(sync_redis, total=3)
-    assert run(lambda: record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded())) == Recorded.STORED
-    assert run(lambda: record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded())) == Recorded.ALREADY
-    assert run(lambda: record(redis_url, batch_id, 0, Outcome.FAILED)) == Recorded.ALREADY
+    assert (record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded())) == Recorded.STORED
+    assert (record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded())) == Recorded.ALREADY
+    assert (record(redis_url, batch_id, 0, Outcome.FAILED)) == Recorded.ALREADY
     batch = BatchStore(sync_redis, TTL).get(batch_id)
     assert batch is not None and (batch.succeeded, batch.failed, batch.cost) == (1, 0, 0.5)
 
@@ -163,20 +153,20 @@ def test_a_failed_line_that_later_succeeds_moves_from_failed_to_succeeded(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
     batch_id = make_batch(sync_redis, total=3)
-    run(lambda: record(redis_url, batch_id, 0, Outcome.FAILED))
-    assert run(lambda: record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded())) == Recorded.STORED
+    (record(redis_url, batch_id, 0, Outcome.FAILED))
+    assert (record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded())) == Recorded.STORED
     batch = BatchStore(sync_redis, TTL).get(batch_id)
     assert batch is not None and (batch.succeeded, batch.failed) == (1, 0)
 
 
 def test_recording_into_an_expired_batch_stores_nothing(redis_url: str, sync_redis: redis.Redis) -> None:
-    assert run(lambda: record(redis_url, "batch_gone", 0, Outcome.FAILED)) == Recorded.NO_BATCH
+    assert (record(redis_url, "batch_gone", 0, Outcome.FAILED)) == Recorded.NO_BATCH
     assert not sync_redis.exists(batch_key("batch_gone", "out"))
 
 
 def test_the_spend_reaching_the_budget_pauses_the_batch(redis_url: str, sync_redis: redis.Redis) -> None:
     batch_id = make_batch(sync_redis, total=5, max_cost=0.5)
-    run(lambda: record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded(cost=0.5)))
+    (record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded(cost=0.5)))
     assert status(sync_redis, batch_id) == "paused"
     assert b"budget" in (sync_redis.hget(batch_key(batch_id), "reason") or b"")
 
@@ -186,7 +176,7 @@ def test_the_last_outcome_of_a_cancelling_batch_makes_it_cancelled(
 ) -> None:
     batch_id = make_batch(sync_redis, total=1)
     BatchStore(sync_redis, TTL).set_status(batch_id, BatchStatus.CANCELLING)
-    assert run(lambda: record(redis_url, batch_id, 0, Outcome.CANCELLED)) == Recorded.ENDED_BATCH
+    assert (record(redis_url, batch_id, 0, Outcome.CANCELLED)) == Recorded.ENDED_BATCH
     assert status(sync_redis, batch_id) == "cancelled"
     assert sync_redis.hget(batch_key(batch_id), "cancelled_at")
 
@@ -197,16 +187,12 @@ def test_the_last_outcome_of_a_cancelling_batch_makes_it_cancelled(
 def test_a_line_is_parked_only_while_its_batch_is_paused(redis_url: str, sync_redis: redis.Redis) -> None:
     batch_id = make_batch(sync_redis)
 
-    async def park(index: int) -> bool:
-        client = aredis.Redis.from_url(redis_url)
-        try:
-            return await AsyncBatchStore(client, TTL).park(batch_id, index)
-        finally:
-            await client.aclose()
+    def park(index: int) -> bool:
+        return on_redis(redis_url, lambda client: AsyncBatchStore(client, TTL).park(batch_id, index))
 
-    assert run(lambda: park(0)) is False  # running again: the line runs
+    assert park(0) is False  # running again: the line runs
     BatchStore(sync_redis, TTL).set_status(batch_id, BatchStatus.PAUSED)
-    assert run(lambda: park(0)) is True
+    assert park(0) is True
     assert BatchStore(sync_redis, TTL).unpark(batch_id, BatchStatus.IN_PROGRESS) == [0]
     assert status(sync_redis, batch_id) == "in_progress"
     assert not sync_redis.exists(batch_key(batch_id, "parked"))
@@ -232,15 +218,11 @@ def test_only_a_running_batch_is_paused_and_the_first_reason_is_kept(
 ) -> None:
     batch_id = make_batch(sync_redis)
 
-    async def pause(reason: str) -> bool:
-        client = aredis.Redis.from_url(redis_url)
-        try:
-            return await AsyncBatchStore(client, TTL).pause(batch_id, reason)
-        finally:
-            await client.aclose()
+    def pause(reason: str) -> bool:
+        return on_redis(redis_url, lambda client: AsyncBatchStore(client, TTL).pause(batch_id, reason))
 
-    assert run(lambda: pause("key revoked")) is True
-    assert run(lambda: pause("no credits")) is False
+    assert pause("key revoked") is True
+    assert pause("no credits") is False
     assert sync_redis.hget(batch_key(batch_id), "reason") == b"key revoked"
 
 
@@ -249,17 +231,10 @@ def test_unmarking_a_line_takes_it_off_the_running_set_and_gives_back_its_reserv
 ) -> None:
     batch_id = make_batch(sync_redis, max_cost=1.0)
     sync_redis.sadd(batch_key(batch_id, "run"), 0)
-    assert run(lambda: gate(redis_url, batch_id, 0)) == 1
+    assert (gate(redis_url, batch_id, 0)) == 1
     assert sync_redis.hlen(batch_key(batch_id, "held")) == 1
 
-    async def unmark() -> None:
-        client = aredis.Redis.from_url(redis_url)
-        try:
-            await AsyncBatchStore(client, TTL).unmark_running(batch_id, 0)
-        finally:
-            await client.aclose()
-
-    run(unmark)
+    on_redis(redis_url, lambda client: AsyncBatchStore(client, TTL).unmark_running(batch_id, 0))
     assert sync_redis.scard(batch_key(batch_id, "run")) == 0
     assert sync_redis.hlen(batch_key(batch_id, "held")) == 0
     assert sync_redis.hget(batch_key(batch_id), "reserved") is None
@@ -271,9 +246,9 @@ def test_running_counts_lines_calling_upstream_and_held_the_lines_a_worker_took_
     """A message of 16 lines is taken at once; `status` said "88 running" at --concurrency 8."""
     batch_id = make_batch(sync_redis, total=4)
     sync_redis.sadd(batch_key(batch_id, "run"), 0, 1, 2, 3)  # a worker took a message of four lines
-    assert run(lambda: gate(redis_url, batch_id, 0, "d:0")) == 1  # one of them got a call slot
+    assert (gate(redis_url, batch_id, 0, "d:0")) == 1  # one of them got a call slot
     batch = BatchStore(sync_redis, TTL).get(batch_id)
     assert batch is not None and (batch.running, batch.held, batch.queued) == (1, 3, 0)
-    run(lambda: record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded()))
+    (record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded()))
     batch = BatchStore(sync_redis, TTL).get(batch_id)
     assert batch is not None and (batch.running, batch.held, batch.succeeded) == (0, 3, 1)

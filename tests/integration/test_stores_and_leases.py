@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import redis
 import redis.asyncio as aredis
-from harness import run, settings_for
+from harness import on_redis, run, settings_for
 
 from routerq.core.embed_store import AsyncEmbedStore, embed_key
 from routerq.core.jobs import JobKind, JobResult
@@ -25,47 +25,41 @@ TTL = 3600
 # --- embedding claims (embed_claim.lua) ---
 
 
-async def claim(url: str, indexes: list[int], owner: str, claim_s: float = 60) -> list[int]:
-    client = aredis.Redis.from_url(url)
-    try:
-        return await AsyncEmbedStore(client, TTL, claim_s=claim_s).claim("run1", indexes, owner)
-    finally:
-        await client.aclose()
+def claim(url: str, indexes: list[int], owner: str, claim_s: float = 60) -> list[int]:
+    return on_redis(
+        url, lambda client: AsyncEmbedStore(client, TTL, claim_s=claim_s).claim("run1", indexes, owner)
+    )
 
 
 def test_a_text_with_a_vector_is_never_claimed(redis_url: str, sync_redis: redis.Redis) -> None:
     sync_redis.hset(embed_key("run1", "vec"), "1", b"\0\0\0\0")
-    assert run(lambda: claim(redis_url, [0, 1, 2], "req-a")) == [0, 2]
+    assert (claim(redis_url, [0, 1, 2], "req-a")) == [0, 2]
 
 
 def test_a_text_held_by_a_live_claim_of_another_request_is_not_taken(redis_url: str) -> None:
-    assert run(lambda: claim(redis_url, [0, 1], "req-a")) == [0, 1]
-    assert run(lambda: claim(redis_url, [0, 1, 2], "req-b")) == [2]
+    assert (claim(redis_url, [0, 1], "req-a")) == [0, 1]
+    assert (claim(redis_url, [0, 1, 2], "req-b")) == [2]
 
 
 def test_the_request_holding_a_claim_may_take_it_again(redis_url: str) -> None:
-    assert run(lambda: claim(redis_url, [0, 1], "req-a")) == [0, 1]
-    assert run(lambda: claim(redis_url, [0, 1], "req-a")) == [0, 1]  # its retry, or its redelivery
+    assert (claim(redis_url, [0, 1], "req-a")) == [0, 1]
+    assert (claim(redis_url, [0, 1], "req-a")) == [0, 1]  # its retry, or its redelivery
 
 
 def test_an_expired_claim_is_taken_by_another_request(redis_url: str, sync_redis: redis.Redis) -> None:
     past = int(time.time()) - 1
     sync_redis.hset(embed_key("run1", "claim"), "0", f"{past} req-dead")
-    assert run(lambda: claim(redis_url, [0], "req-b")) == [0]
+    assert (claim(redis_url, [0], "req-b")) == [0]
 
 
 def test_a_failed_request_lets_go_of_its_texts(redis_url: str, sync_redis: redis.Redis) -> None:
-    async def fail_then_claim() -> list[int]:
-        client = aredis.Redis.from_url(redis_url)
-        try:
-            store = AsyncEmbedStore(client, TTL, claim_s=60)
-            await store.claim("run1", [0, 1], "req-a")
-            await store.record_failure("run1", [0, 1])
-            return await store.claim("run1", [0, 1], "req-b")
-        finally:
-            await client.aclose()
+    async def fail_then_claim(client: aredis.Redis) -> list[int]:
+        store = AsyncEmbedStore(client, TTL, claim_s=60)
+        await store.claim("run1", [0, 1], "req-a")
+        await store.record_failure("run1", [0, 1])
+        return await store.claim("run1", [0, 1], "req-b")
 
-    assert run(fail_then_claim) == [0, 1]
+    assert on_redis(redis_url, fail_then_claim) == [0, 1]
     assert sync_redis.hget(embed_key("run1"), "failed") == b"2"
 
 
@@ -83,12 +77,8 @@ def result(status: str) -> JobResult:
     )
 
 
-async def put(url: str, outcome: JobResult) -> bool:
-    client = aredis.Redis.from_url(url)
-    try:
-        return await AsyncResultStore(client, TTL, "routerq").put(outcome)
-    finally:
-        await client.aclose()
+def put(url: str, outcome: JobResult) -> bool:
+    return on_redis(url, lambda client: AsyncResultStore(client, TTL, "routerq").put(outcome))
 
 
 def test_a_stored_result_ends_the_pending_job_and_wakes_its_waiter(
@@ -96,21 +86,21 @@ def test_a_stored_result_ends_the_pending_job_and_wakes_its_waiter(
 ) -> None:
     pending = PENDING_KEY.format(queue="routerq")
     sync_redis.zadd(pending, {"job1": 1.0})
-    assert run(lambda: put(redis_url, result("succeeded"))) is True
+    assert (put(redis_url, result("succeeded"))) is True
     assert json.loads(sync_redis.get(RESULT_KEY.format(job_id="job1")) or b"{}")["status"] == "succeeded"
     assert sync_redis.zscore(pending, "job1") is None
     assert sync_redis.blpop(["routerq:job:job1:done"], timeout=1) is not None
 
 
 def test_a_later_failure_never_overwrites_a_success(redis_url: str, sync_redis: redis.Redis) -> None:
-    assert run(lambda: put(redis_url, result("succeeded"))) is True
-    assert run(lambda: put(redis_url, result("failed"))) is False
+    assert (put(redis_url, result("succeeded"))) is True
+    assert (put(redis_url, result("failed"))) is False
     assert json.loads(sync_redis.get(RESULT_KEY.format(job_id="job1")) or b"{}")["status"] == "succeeded"
 
 
 def test_a_success_replaces_an_earlier_failure(redis_url: str, sync_redis: redis.Redis) -> None:
-    assert run(lambda: put(redis_url, result("failed"))) is True
-    assert run(lambda: put(redis_url, result("succeeded"))) is True
+    assert (put(redis_url, result("failed"))) is True
+    assert (put(redis_url, result("succeeded"))) is True
     assert json.loads(sync_redis.get(RESULT_KEY.format(job_id="job1")) or b"{}")["status"] == "succeeded"
 
 
@@ -146,19 +136,15 @@ def test_a_release_without_start_leaves_the_owner_as_it_was(redis_url: str, sync
 def test_the_limiter_grants_up_to_the_rpm_then_says_how_long_to_wait(redis_url: str) -> None:
     settings = settings_for(redis_url, ROUTERQ_RATE_LIMIT_REQUESTS="2")
 
-    async def three() -> list[float]:
-        client = aredis.Redis.from_url(redis_url)
-        try:
-            limiter = SharedLimiter(client, settings)
-            waits = []
-            for _ in range(3):
-                lease, wait = await limiter.try_acquire("m", 10)
-                waits.append(wait if lease is None else 0.0)
-            return waits
-        finally:
-            await client.aclose()
+    async def three(client: aredis.Redis) -> list[float]:
+        limiter = SharedLimiter(client, settings)
+        waits = []
+        for _ in range(3):
+            lease, wait = await limiter.try_acquire("m", 10)
+            waits.append(wait if lease is None else 0.0)
+        return waits
 
-    first, second, third = run(three)
+    first, second, third = on_redis(redis_url, three)
     assert (first, second) == (0.0, 0.0)
     assert 50 < third <= settings.rate_limit_window + 1
 
@@ -187,20 +173,16 @@ def test_a_release_corrects_the_token_estimate_and_frees_the_call_in_flight(
 ) -> None:
     settings = settings_for(redis_url, ROUTERQ_MAX_IN_FLIGHT="1")
 
-    async def release_then_acquire() -> tuple[float, float]:
-        client = aredis.Redis.from_url(redis_url)
-        try:
-            limiter = SharedLimiter(client, settings)
-            lease, _ = await limiter.try_acquire("m", 100)
-            assert lease is not None
-            _, blocked = await limiter.try_acquire("m", 100)
-            await limiter.release(lease, 7)
-            again, wait = await limiter.try_acquire("m", 100)
-            return blocked, (0.0 if again is not None else wait)
-        finally:
-            await client.aclose()
+    async def release_then_acquire(client: aredis.Redis) -> tuple[float, float]:
+        limiter = SharedLimiter(client, settings)
+        lease, _ = await limiter.try_acquire("m", 100)
+        assert lease is not None
+        _, blocked = await limiter.try_acquire("m", 100)
+        await limiter.release(lease, 7)
+        again, wait = await limiter.try_acquire("m", 100)
+        return blocked, (0.0 if again is not None else wait)
 
-    blocked, after = run(release_then_acquire)
+    blocked, after = on_redis(redis_url, release_then_acquire)
     assert blocked > 0 and after == 0.0
     members = sync_redis.zrange("routerq:limit:{*}:tok", 0, -1)
     assert any(m.endswith(b":7") for m in members)
