@@ -47,8 +47,8 @@ def batch_calls(stack: Stack, marker: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def slow_batches(stack: Stack) -> Iterator[None]:
-    """Upstream batches that take 10 s, long enough to kill a worker or cancel while they are pending."""
-    httpx.post(f"{stack.fake_base}/_fake/config", json={"batch_s": 10}).raise_for_status()
+    """Upstream batches that take 6 s, long enough to kill a worker or cancel while they are pending."""
+    httpx.post(f"{stack.fake_base}/_fake/config", json={"batch_s": 6}).raise_for_status()
     yield
     httpx.post(f"{stack.fake_base}/_fake/config", json={"batch_s": 1}).raise_for_status()
 
@@ -62,9 +62,7 @@ def test_a_two_model_file_goes_as_one_upstream_batch_per_model_at_half_the_price
     rows += [line(f"m{i}", "chat", f"{marker} m {i}", model=MISTRAL) for i in range(3)]
     rows.append(line("c0", "completion", f"{marker} a completion"))  # no batch endpoint: runs live
     source = write_jsonl(tmp_path / "two-models.jsonl", rows)
-    queue = {"ROUTERQ_QUEUE": f"via-batch-{marker}"}
-    with extra_worker(stack, queue["ROUTERQ_QUEUE"], **DEFAULT_RETRIES):
-        done = routerq(stack, "submit", str(source), "--via", "batch", "--wait", env=queue, timeout=180)
+    done = routerq(stack, "submit", str(source), "--via", "batch", "--wait", timeout=180)
     assert done.returncode == 1, done.stderr  # 1: lines failed
     batch_id = done.stderr.split("batch ")[1].split(":")[0]
     upstream = batch_calls(stack, marker)
@@ -74,10 +72,7 @@ def test_a_two_model_file_goes_as_one_upstream_batch_per_model_at_half_the_price
     assert [c["kind"] for c in live] == ["completion"]  # no live call but the line batches cannot take
 
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
-    assert (
-        routerq(stack, "results", batch_id, "-o", str(out), "--errors", str(errors), env=queue).returncode
-        == 0
-    )
+    assert routerq(stack, "results", batch_id, "-o", str(out), "--errors", str(errors)).returncode == 0
     written = [json.loads(x) for x in out.read_text().splitlines()]
     assert [w["custom_id"] for w in written] == [r["custom_id"] for r in rows if r["custom_id"] != "a1"]
     first = written[0]["response"]["body"]
@@ -88,9 +83,9 @@ def test_a_two_model_file_goes_as_one_upstream_batch_per_model_at_half_the_price
     (failed,) = [json.loads(x) for x in errors.read_text().splitlines()]
     assert failed["custom_id"] == "a1" and "fake upstream error 400" in failed["error"]["message"]
 
-    status = routerq(stack, "status", batch_id, env=queue)
+    status = routerq(stack, "status", batch_id)
     assert "via batch  2 upstream batches: 2 completed" in status.stdout, status.stdout
-    batch = BatchClient(stack.settings(**queue), tracing=False).get(batch_id)
+    batch = BatchClient(stack.settings(), tracing=False).get(batch_id)
     assert (batch.via, batch.succeeded, batch.failed) == (Via.BATCH, 8, 1)
     assert batch.cost == pytest.approx(sum(w["response"]["body"]["usage"]["cost"] for w in written))
 
@@ -111,12 +106,12 @@ def _line_trace(stack: Stack, batch_id: str, index: int) -> list[dict[str, Any]]
 
     def found() -> bool:
         nonlocal roots
-        spans = client.spans.get_spans(project_identifier=stack.project, limit=5000)
-        roots = [
-            s for s in spans
-            if s["name"] == "routerq.line" and s["attributes"].get(BATCH_ID) == batch_id
-            and s["attributes"].get(BATCH_LINE) == index
-        ]  # fmt: skip
+        roots = list(
+            client.spans.get_spans(
+                project_identifier=stack.project, name="routerq.line",
+                attributes={BATCH_ID: batch_id, BATCH_LINE: index}, limit=10, timeout=30,
+            )
+        )  # fmt: skip
         return bool(roots)
 
     wait_for(found, f"the trace of line {index} of {batch_id} in Phoenix", timeout=60, poll=1)
@@ -154,11 +149,9 @@ def test_an_expired_upstream_batch_runs_its_lines_again(stack: Stack, tmp_path: 
     marker = uuid.uuid4().hex[:8]
     rows = [line(f"e{i}", "chat", f"{marker} e {i}") for i in range(3)]
     rows[0] = line("e0", "chat", f"{marker} e 0 [[batch-expire-first]]")
-    queue = f"via-batch-expire-{marker}"
-    client = BatchClient(stack.settings(ROUTERQ_QUEUE=queue), tracing=False)
-    with extra_worker(stack, queue, **DEFAULT_RETRIES):
-        batch = client.submit(write_jsonl(tmp_path / "expire.jsonl", rows), via=Via.BATCH).batch
-        final = wait_final(client, batch.id, timeout=120)
+    client = BatchClient(stack.settings(), tracing=False)
+    batch = client.submit(write_jsonl(tmp_path / "expire.jsonl", rows), via=Via.BATCH).batch
+    final = wait_final(client, batch.id, timeout=120)
     assert (final.status, final.succeeded, final.failed) == (BatchStatus.COMPLETED, 3, 0)
     assert len(batch_calls(stack, marker)) == 2  # the expired one, then the lines again
 
