@@ -20,6 +20,7 @@ from enum import IntEnum
 import redis
 import redis.asyncio as aredis
 
+from routerq.core.batch_store import DELIVERY_KEY_TTL_S
 from routerq.core.lua import lua_script
 from routerq.core.redis_client import as_text
 from routerq.core.result_store import RESULT_KEY
@@ -31,8 +32,10 @@ _NEXT = lua_script("routerq.core", "job_next")
 
 
 class JobGo(IntEnum):
-    """Why a job's call may not start (the gate's answer when it is not 0, go, or a wait in ms)."""
+    """The gate's verdict on a job's call (with its value: deliveries, or ms to wait)."""
 
+    GO = 0  # the call starts: the job is held by this run; the value is the message's deliveries
+    WAIT = 1  # the job's countdown, or another run calling: the value is ms to wait
     FINAL = -2  # the job has its outcome: it is never called again
     STALE = -5  # a later message of the job exists: this copy ends
 
@@ -49,10 +52,14 @@ class AsyncJobChain:
         self._go = client.register_script(_GO)
         self._next = client.register_script(_NEXT)
 
-    async def go(self, job_id: str, generation: str, owner: str, hold_s: float) -> int:
-        """0: call now (the job is held by `owner` for `hold_s`); a JobGo; or ms to wait first."""
-        args: list[str | int] = [generation, owner, int(hold_s * 1000), self._ttl]
-        return int(await self._go(keys=_keys(job_id), args=args))
+    async def go(
+        self, job_id: str, generation: str, owner: str, hold_s: float, delivery_key: str
+    ) -> tuple[JobGo, int]:
+        """GO with the message's deliveries (the job is held by `owner` for `hold_s`), WAIT with ms
+        to wait first, FINAL or STALE."""
+        args: list[str | int] = [generation, owner, int(hold_s * 1000), self._ttl, DELIVERY_KEY_TTL_S]
+        verdict, value = await self._go(keys=[*_keys(job_id), delivery_key], args=args)
+        return JobGo(int(verdict)), int(value)
 
     async def advance(self, job_id: str, delay_s: float, note: str) -> str:
         """A new generation for the job's next message, due in `delay_s`; returns it."""

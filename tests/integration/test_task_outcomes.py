@@ -18,6 +18,7 @@ from routerq.core.batch_format import BatchLine
 from routerq.core.batch_store import Batch, BatchStatus, BatchStore, batch_key
 from routerq.core.broker import EMBED_TASK_NAME, LINE_TASK_NAME, TASK_NAME
 from routerq.core.embed_store import EmbedRun, EmbedStore, embed_key
+from routerq.core.job_chain import JobGo
 from routerq.core.jobs import Job, JobKind
 from routerq.core.result_store import RESULT_KEY
 from routerq.worker.execution.app import create_app
@@ -394,7 +395,8 @@ def test_a_copy_arriving_while_another_run_calls_waits_for_it(
     job = chat_job("in flight")
 
     async def while_held(rt: Runtime, _: TableUpstream) -> str:
-        assert await rt.chains.go(job.id, "", "another-run", 60) == 0  # another run of the message calls
+        verdict, _ = await rt.chains.go(job.id, "", "another-run", 60, "routerq:deliveries:other")
+        assert verdict is JobGo.GO  # another run of the message calls
         out = await run_job(rt, delivery(rt, TASK_NAME, task_id=job.id), job.model_dump(mode="json"))
         return str(out["status"])
 
@@ -402,3 +404,26 @@ def test_a_copy_arriving_while_another_run_calls_waits_for_it(
     assert status == "retrying" and upstream.calls_for("in flight") == 0
     (later,) = queued(sync_redis)
     assert later["headers"]["eta"] is not None
+
+
+def test_a_copy_that_waits_or_ends_counts_no_delivery_so_it_never_makes_a_job_poisoned(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    """A copy of a waiting job's message (put back while its holder lived) ran and counted a
+    delivery each time: three such copies failed a healthy job as worker_lost."""
+    job = chat_job("copies")
+
+    async def copies(rt: Runtime, _: TableUpstream) -> list[str]:
+        message = delivery(rt, TASK_NAME, task_id=job.id)
+        await run_job(rt, message, job.model_dump(mode="json"))  # a 429: the job waits 30 s
+        statuses = []
+        for _ in range(4):  # the first message again and again: a stale copy each time
+            statuses.append(str((await run_job(rt, message, job.model_dump(mode="json")))["status"]))
+        return statuses
+
+    statuses, upstream = on_runtime(
+        redis_url, {"copies": [error_answer(429, "wait", retry_after="30")]}, copies
+    )
+    assert statuses == ["stale_copy"] * 4
+    assert upstream.calls_for("copies") == 1 and sync_redis.get(f"routerq:result:{job.id}") is None
+    assert sync_redis.get(f"routerq:deliveries:{job.id}:{job.id}:0") == b"1"  # the one call

@@ -86,23 +86,23 @@ async def run_job(
         if stored is not None:
             log.info("job %s already has its outcome (%s); not calling upstream again", job.id, stored.status)
             return {"job_id": job.id, "status": stored.status}
-        deliveries = await over_delivered(rt, delivery, job.id)
-        if deliveries:
-            result = failed_without_call(job, poison_error(deliveries), Tries.load(tries).attempt)
-        else:
-            guard = _JobGuard(rt, job.id, gen)
-            try:
-                attempt = await attempt_or_retry(
-                    rt, delivery, job=job, tries=Tries.load(tries), args=[payload],
-                    guard=guard, before_retry=guard.next_message, carry=guard.carry,
-                )  # fmt: skip
-            except Retrying as retrying:
-                _retrying(span, job, Tries.load(tries), retrying.attempt)
-                return {"job_id": job.id, "status": "retrying"}
-            except Halted as halted:
+        guard = _JobGuard(rt, job.id, gen, delivery_key(delivery, job.id))
+        try:
+            attempt = await attempt_or_retry(
+                rt, delivery, job=job, tries=Tries.load(tries), args=[payload],
+                guard=guard, before_retry=guard.next_message, carry=guard.carry,
+            )  # fmt: skip
+        except Retrying as retrying:
+            _retrying(span, job, Tries.load(tries), retrying.attempt)
+            return {"job_id": job.id, "status": "retrying"}
+        except Halted as halted:
+            if halted.verdict != POISONED:
                 return await _halted_job(rt, job, halted)
-            result = attempt.result
-            span.set_attributes(attempt_attributes(job, Tries.load(tries), attempt))
+            attempt = Attempt(
+                failed_without_call(job, poison_error(guard.deliveries), Tries.load(tries).attempt), None
+            )
+        result = attempt.result
+        span.set_attributes(attempt_attributes(job, Tries.load(tries), attempt))
         _end_status(span, result)
         await rt.store.put(result)
         if not result.ok:
@@ -114,20 +114,27 @@ class _JobGuard:
     """A single job's call guard (execution.attempt.Guard): one live message, one call at a time, no
     call once the job has its outcome (routerq.core.job_chain)."""
 
-    def __init__(self, rt: Runtime, job_id: str, generation: str) -> None:
+    def __init__(self, rt: Runtime, job_id: str, generation: str, delivery_key: str) -> None:
         self._rt, self._job_id, self._generation = rt, job_id, generation
+        self._delivery_key = delivery_key
+        self.deliveries = 0
         self._owner = uuid.uuid4().hex
         self._early = False  # this run came before the job's countdown was over: it waits, it says nothing
         self.carry: dict[str, Any] = {}  # the next message's kwargs: its generation
 
     async def before_call(self) -> None:
         hold_s = self._rt.settings.job_time_limit + VISIBILITY_SLACK
-        verdict = await self._rt.chains.go(self._job_id, self._generation, self._owner, hold_s)
-        if verdict > 0:
+        verdict, value = await self._rt.chains.go(
+            self._job_id, self._generation, self._owner, hold_s, self._delivery_key
+        )
+        if verdict is JobGo.WAIT:
             self._early = True
-            raise Deferred(verdict / 1000, "the job's countdown, or another run of it calling")
-        if verdict < 0:
+            raise Deferred(value / 1000, "the job's countdown, or another run of it calling")
+        if verdict is not JobGo.GO:
             raise Halted(verdict)
+        self.deliveries = value
+        if value > self._rt.settings.max_deliveries:  # its worker died this often while calling
+            raise Halted(POISONED)
 
     async def pause(self, reason: str) -> None:
         """A single job has no batch to pause: its failure says why (a revoked key, no credits)."""
@@ -135,6 +142,9 @@ class _JobGuard:
     async def next_message(self, delay: float, why: str) -> None:
         note = "" if self._early else f"{why}; next try in {delay:.0f} s"
         self.carry["gen"] = await self._rt.chains.advance(self._job_id, delay, note)
+
+
+POISONED = 9  # a Halted verdict of the job guard: the message was delivered too often (_JobGuard)
 
 
 async def _halted_job(rt: Runtime, job: Job, halted: Halted) -> dict[str, Any]:
