@@ -24,6 +24,7 @@ from routerq.core.batch_store import (
     BatchOrigin,
     BatchStatus,
     BatchStore,
+    Fallback,
     Outcome,
     Via,
     active_key,
@@ -66,12 +67,14 @@ class BatchClient(BatchReader):
         origin: BatchOrigin | None = None,
         parent: otel_context.Context | None = None,
         via: Via = Via.LIVE,
+        fallback: Fallback = Fallback.NONE,
         tier: str | None = None,
     ) -> Submitted:
         """Validate, store and enqueue a batch file. `parent` continues a caller's trace (the Batch API's
         `traceparent`); the submit span is otherwise a trace of its own. `via` batch sends the lines as
-        OpenRouter batches (about half the price; routerq.core.upstream_batch). `tier` sets OpenRouter's
-        `service_tier` (e.g. "flex") on every line that has none of its own."""
+        OpenRouter batches (about half the price; routerq.core.upstream_batch); `fallback` live sends a
+        line its upstream batch did not answer as a live call instead of another upstream batch. `tier`
+        sets OpenRouter's `service_tier` (e.g. "flex") on every line that has none of its own."""
         tracer = telemetry.tracer()
         with tracer.start_as_current_span("routerq.submit", context=parent or otel_context.Context()) as span:
             span.set_attributes(chain_attributes(str(path)))
@@ -94,6 +97,7 @@ class BatchClient(BatchReader):
                 project=telemetry.traced_project(self.settings),
                 origin=origin,
                 via=via,
+                fallback=fallback,
             )
             if idempotency_key:
                 earlier = self._claim(idempotency_key, batch)

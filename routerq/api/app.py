@@ -37,7 +37,7 @@ from routerq.api.index import TenantIndex
 from routerq.api.metrics import metrics_text
 from routerq.api.objects import batch_object
 from routerq.core.batch_format import URLS, BatchLine, read_lines, validate
-from routerq.core.batch_store import Batch, BatchOrigin, Outcome, Via
+from routerq.core.batch_store import Batch, BatchOrigin, Fallback, Outcome, Via
 from routerq.core.errors import BatchError
 from routerq.core.redis_client import connect
 from routerq.core.settings import Settings
@@ -74,6 +74,7 @@ class _CountingReceive:
 # How an OpenAI client asks for OpenRouter's Batch API (half price, within 24 h) instead of live calls:
 # `metadata={"routerq_via": "batch"}`, a field every official client already sends.
 VIA_METADATA_KEY = "routerq_via"
+FALLBACK_METADATA_KEY = "routerq_fallback"  # "live": see `routerq submit --fallback`
 
 
 def too_large(limit_mb: float) -> ApiError:
@@ -208,7 +209,12 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
         ]
 
     def submit(
-        stored: StoredFile, origin: BatchOrigin, metadata: dict[str, str], request: Request, via: Via
+        stored: StoredFile,
+        origin: BatchOrigin,
+        metadata: dict[str, str],
+        request: Request,
+        via: Via,
+        fallback: Fallback,
     ) -> Batch:
         wrong = mismatched_lines(stored, origin.endpoint)
         if wrong:
@@ -223,6 +229,7 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
                 origin=origin,
                 parent=propagate.extract(request.headers),
                 via=via,
+                fallback=fallback,
             )
         except BatchError as exc:
             raise ApiError(400, str(exc)) from None
@@ -258,12 +265,19 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
         via = metadata.get(VIA_METADATA_KEY, Via.LIVE.value)
         if via not in {v.value for v in Via}:
             raise ApiError(400, f"metadata.{VIA_METADATA_KEY} must be 'live' or 'batch'", param="metadata")
+        fallback = metadata.get(FALLBACK_METADATA_KEY, Fallback.NONE.value)
+        if fallback not in {f.value for f in Fallback}:
+            raise ApiError(
+                400, f"metadata.{FALLBACK_METADATA_KEY} must be 'none' or 'live'", param="metadata"
+            )
         file_id = str(body.get("input_file_id") or "")
         stored = await run_in_threadpool(files.get, file_id, tenant)
         if stored is None:
             raise not_found("file", file_id)
         origin = BatchOrigin(owner=tenant, input_file_id=file_id, endpoint=endpoint, completion_window=window)
-        batch = await run_in_threadpool(submit, stored, origin, metadata, request, Via(via))
+        batch = await run_in_threadpool(
+            submit, stored, origin, metadata, request, Via(via), Fallback(fallback)
+        )
         return JSONResponse(batch_object(batch))
 
     def get_batch(request: Request) -> Response:

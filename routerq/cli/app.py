@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from routerq.core.batch_store import Batch, BatchStats, BatchStatus, Via
+from routerq.core.batch_store import Batch, BatchStats, BatchStatus, Fallback, Via
 from routerq.core.child_process import python_module
 from routerq.core.errors import SettingsError
 from routerq.core.jobs import Job, JobKind, JobResult
@@ -357,6 +357,13 @@ def submit(
             help="live: each line a live call; batch: OpenRouter's Batch API, ~half price, within 24 h"
         ),
     ] = Via.LIVE,
+    fallback: Annotated[
+        Fallback,
+        typer.Option(
+            help="with --via batch, where a line OpenRouter's batch did not answer goes: none (another "
+            "upstream batch) or live (a live call at once, live price)"
+        ),
+    ] = Fallback.NONE,
     wait: Annotated[
         bool,
         typer.Option("--wait", help="show progress until the batch ends (exit 1: lines failed; 3: paused)"),
@@ -377,6 +384,7 @@ def submit(
             idempotency_key=idempotency_key,
             max_cost=max_cost,
             via=via,
+            fallback=fallback,
             tier=tier,
         )
     except BatchFileError as exc:

@@ -67,6 +67,13 @@ class Via(StrEnum):
     BATCH = "batch"  # lines go as OpenRouter batches, at about half the price, within 24 h
 
 
+class Fallback(StrEnum):
+    """Where a `--via batch` line goes when OpenRouter's batch did not answer it."""
+
+    NONE = "none"  # into a follow-up upstream batch (batch price, minutes to hours more)
+    LIVE = "live"  # a live call at once (live price, seconds)
+
+
 class Outcome(StrEnum):
     SUCCEEDED = "S"
     FAILED = "F"
@@ -109,6 +116,7 @@ class Batch(BaseModel):
     project: str | None = None  # the submitter's Phoenix project: every line's trace goes there
     origin: BatchOrigin | None = None
     via: Via = Via.LIVE
+    fallback: Fallback = Fallback.NONE
     parked: int = 0
     retries: int = 0  # attempts beyond each line's first, and waits for rate limits
     traced: int = 0  # lines whose whole trace went to Phoenix

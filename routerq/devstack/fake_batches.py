@@ -5,7 +5,8 @@
 for a repeated custom_id) and answers 202 with a batch object; `GET /api/beta/batches/{id}` walks it
 through validating, in_progress and finalizing to completed over `batch_s` seconds (`POST
 /_fake/config {"batch_s": S}`), then holds every result inline. Each request is answered as the live
-endpoint would, at half its price; `[[status:N]]` in a request makes its result an error. A request
+endpoint would, at half its price; `[[status:N]]` in a request makes its result an error (and its live
+call, as always), `[[batch-status:N]]` its batch result only (a live call then succeeds). A request
 with `[[batch-expire-first]]` makes the first batch that carries it end `expired`, and
 `[[batch-failed]]` any batch `failed`. Each submission is logged in `/_fake/calls` with kind "batch".
 """
@@ -121,8 +122,9 @@ def _result(batch: dict[str, Any], request: dict[str, Any], n: int) -> dict[str,
     prompt = prompt_of(kind, request["body"])
     directives = {m.group(1): m.group(2) for m in DIRECTIVE.finditer(prompt)}
     base = {"id": f"batch_req_{n}", "custom_id": request["custom_id"]}
-    if "status" in directives:
-        status = int(directives["status"] or 500)
+    failing = directives.get("batch-status") or directives.get("status")
+    if "status" in directives or "batch-status" in directives:
+        status = int(failing or 500)
         return {
             **base,
             "response": None,

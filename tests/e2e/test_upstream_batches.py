@@ -156,6 +156,37 @@ def test_an_expired_upstream_batch_runs_its_lines_again(stack: Stack, tmp_path: 
     assert len(batch_calls(stack, marker)) == 2  # the expired one, then the lines again
 
 
+def test_with_fallback_live_lines_the_upstream_batch_did_not_answer_go_live_at_once(
+    stack: Stack, tmp_path: Path
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    rows = [line(f"f{i}", "chat", f"{marker} f {i}") for i in range(4)]
+    rows[1] = line("f1", "chat", f"{marker} f 1 [[batch-status:503]]")  # a retryable batch result
+    rows[2] = line("f2", "chat", f"{marker} f 2 [[batch-status:400]]")  # a permanent one: fails
+    source = write_jsonl(tmp_path / "fallback.jsonl", rows)
+    done = routerq(
+        stack, "submit", str(source), "--via", "batch", "--fallback", "live", "--wait", timeout=120
+    )
+    assert done.returncode == 1, done.stderr  # a line failed
+    batch = BatchClient(stack.settings(), tracing=False).get(done.stdout.strip())
+    assert (batch.succeeded, batch.failed) == (3, 1)
+    assert len(batch_calls(stack, marker)) == 1  # no second upstream batch
+    assert [c["prompt"] for c in calls_with(stack, marker)] == [rows[1]["body"]["messages"][0]["content"]]
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    assert routerq(stack, "results", batch.id, "-o", str(out), "--errors", str(errors)).returncode == 0
+    assert [json.loads(x)["custom_id"] for x in errors.read_text().splitlines()] == ["f2"]
+    answered = {
+        json.loads(x)["custom_id"]: json.loads(x)["response"]["body"] for x in out.read_text().splitlines()
+    }
+    live_cost = cost_of(MODELS["chat"], answered["f1"]["usage"]["prompt_tokens"],
+                        answered["f1"]["usage"]["completion_tokens"])  # fmt: skip
+    assert answered["f1"]["usage"]["cost"] == pytest.approx(live_cost)  # the live price, said honestly
+    assert answered["f0"]["usage"]["cost"] == pytest.approx(
+        cost_of(MODELS["chat"], answered["f0"]["usage"]["prompt_tokens"],
+                answered["f0"]["usage"]["completion_tokens"]) / 2
+    )  # fmt: skip
+
+
 def test_cancel_while_the_upstream_batch_is_pending_ends_the_batch_without_its_answers(
     stack: Stack, tmp_path: Path, slow_batches: None
 ) -> None:

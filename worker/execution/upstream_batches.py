@@ -27,11 +27,12 @@ from opentelemetry.trace import Status, StatusCode
 
 from routerq.core import telemetry
 from routerq.core.batch_format import error_line, output_line
-from routerq.core.batch_store import Batch, BatchStatus, Outcome
-from routerq.core.broker import UPSTREAM_BATCH_TASK_NAME
+from routerq.core.batch_store import Batch, BatchStatus, Fallback, Outcome
+from routerq.core.broker import LINE_TASK_NAME, LINES_PER_MESSAGE, UPSTREAM_BATCH_TASK_NAME
 from routerq.core.errors import UpstreamBatchError
 from routerq.core.jobs import Job, JobError, JobKind, JobResult, Usage
 from routerq.core.spans import BATCH_ID, BATCH_LINE, annotate_llm_span, chain_attributes, context_attributes
+from routerq.core.staged_enqueue import batched
 from routerq.core.upstream_batch import BATCH_ENDPOINTS, ChunkStatus, new_chunk_id
 from routerq.worker.execution.pool import Delivery
 from routerq.worker.execution.republish import republish
@@ -113,7 +114,11 @@ async def _submit(
             kwargs = {"tries": tries.after(decision).dump(), "attempt": attempt}
             await republish(rt, delivery, args, kwargs, decision.delay)
             return {"batch_id": batch.id, "chunk": chunk_id, "status": "retrying submit"}
-        await _fail_lines(rt, batch, todo, error, float(args[3]), attempt)
+        if batch.fallback is Fallback.LIVE:
+            log.warning("batch %s: OpenRouter refused an upstream batch (%s); lines go live", batch.id, exc)
+            _go_live(rt, batch, list(todo), float(args[3]))
+        else:
+            await _fail_lines(rt, batch, todo, error, float(args[3]), attempt)
         await rt.chunks.set(batch.id, chunk_id, ChunkStatus.DONE, upstream_status="refused")
         return {"batch_id": batch.id, "chunk": chunk_id, "status": "refused"}
     upstream_id = str(created["id"])
@@ -199,7 +204,7 @@ async def _record_results(
         retryable = result.error is not None and (
             item is None or (result.error.status_code or 0) in RETRYABLE_STATUS
         )
-        if retryable and attempt < rt.settings.max_attempts:
+        if retryable and (attempt < rt.settings.max_attempts or batch.fallback is Fallback.LIVE):
             again.append(index)
             continue
         traced = _trace_line(batch, index, job, result, upstream_id)
@@ -342,7 +347,11 @@ def _upstream_span(batch: Batch, upstream_id: str, found: dict[str, Any], submit
 
 
 async def _again(rt: Runtime, batch: Batch, indexes: list[int], enqueued_at: float, attempt: int) -> None:
-    """Lines that go again, as a new upstream batch, or fail once routerq's attempts are spent."""
+    """Lines that go again: live (`--fallback live`), as a new upstream batch, or they fail once
+    routerq's attempts are spent."""
+    if batch.fallback is Fallback.LIVE:
+        _go_live(rt, batch, indexes, enqueued_at)
+        return
     if attempt >= rt.settings.max_attempts:
         error = JobError(code="upstream_batch_failed", message=f"gave up after {attempt} upstream batches")
         lines = await rt.batches.begin(batch.id, indexes, mark=False)
@@ -355,6 +364,14 @@ async def _again(rt: Runtime, batch: Batch, indexes: list[int], enqueued_at: flo
         UPSTREAM_BATCH_TASK_NAME, args=[batch.id, new_chunk_id(), indexes, enqueued_at],
         kwargs={"attempt": attempt + 1}, queue=rt.settings.queue, ignore_result=True,
     )  # fmt: skip
+
+
+def _go_live(rt: Runtime, batch: Batch, indexes: list[int], enqueued_at: float) -> None:
+    """Lines sent as live calls, as a live batch's lines travel (each line with its own tries)."""
+    for chunk in batched(indexes, LINES_PER_MESSAGE):
+        rt.app.send_task(
+            LINE_TASK_NAME, args=[batch.id, chunk, enqueued_at], queue=rt.settings.queue, ignore_result=True
+        )
 
 
 async def _fail_lines(
