@@ -6,6 +6,7 @@ trip) and moved onto the queue by one Lua script, so workers see every line of a
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from routerq.core.batch_store import (
     new_batch_id,
 )
 from routerq.core.errors import BatchError, BatchFileError, StagingFailed
+from routerq.core.jobs import JobKind
 from routerq.core.settings import Settings
 from routerq.core.spans import BATCH_ID, chain_attributes
 from routerq.core.staged_enqueue import StagedEnqueue
@@ -128,49 +130,57 @@ class BatchClient(BatchReader):
         return earlier
 
     def _enqueue(self, batch: Batch, lines: Iterable[BatchLine | LineError]) -> None:
-        indexed = ((index, line) for index, line in enumerate(lines) if isinstance(line, BatchLine))
-        if batch.via is Via.BATCH:
-            self._stage_upstream_batches(batch, indexed)
-        else:
-            self._stage_and_release(batch, indexed)
-
-    def _stage_upstream_batches(self, batch: Batch, lines: Iterable[tuple[int, BatchLine]]) -> None:
-        """Lines OpenRouter's batches take go as upstream batches, the rest as live lines; all are
-        released at once, as live batches are."""
-        staged = StagedEnqueue(self.redis, self.settings, self.store.key(batch.id))
-        chunker = Chunker(self.settings.upstream_batch_max_requests, self.settings.upstream_batch_max_bytes)
-        live: list[int] = []
-        now = time.time()
-        try:
-            for index, line in lines:
-                stored = line.stored()
-                staged.add_inputs(batch.id, {str(index): stored})
-                if refusal(line) is not None:
-                    live.append(index)
-                    continue
-                for full in chunker.add(index, line, len(stored)):
-                    staged.add_upstream_batch(batch.id, full, now)
-            for rest in chunker.rest():
-                staged.add_upstream_batch(batch.id, rest, now)
-            staged.add_lines(batch.id, ((index, None) for index in live), now)
-            staged.flush()
-        except redis.RedisError as exc:
-            raise StagingFailed(f"Redis failed while staging lines of {batch.id}: {exc}") from exc
-        staged.release(watch=(active_key(self.settings.queue), batch.id))
+        self._stage_and_release(
+            batch, ((index, line) for index, line in enumerate(lines) if isinstance(line, BatchLine))
+        )
 
     def _stage_and_release(
         self, batch: Batch, lines: Iterable[tuple[int, BatchLine | dict[str, Any]]], start: bool = True
     ) -> int:
         """Stage every line (inputs stored alongside when they are new), then release them all at once
-        (`start` marks the batch in progress); returns how many lines were enqueued."""
+        (`start` marks the batch in progress); returns how many lines were enqueued. A `--via batch`
+        batch's lines go as upstream batches, the others as live lines."""
         staged = StagedEnqueue(self.redis, self.settings, self.store.key(batch.id))
-        inputs = ((index, line.stored() if isinstance(line, BatchLine) else None) for index, line in lines)
+        now = time.time()
         try:
-            count = staged.add_lines(batch.id, inputs, time.time())
+            if batch.via is Via.BATCH:
+                count = self._stage_upstream_batches(staged, batch, lines, now)
+            else:
+                inputs = ((i, line.stored() if isinstance(line, BatchLine) else None) for i, line in lines)
+                count = staged.add_lines(batch.id, inputs, now)
             staged.flush()
         except redis.RedisError as exc:
             raise StagingFailed(f"Redis failed while staging lines of {batch.id}: {exc}") from exc
         staged.release(start=start, watch=(active_key(self.settings.queue), batch.id))
+        return count
+
+    def _stage_upstream_batches(
+        self,
+        staged: StagedEnqueue,
+        batch: Batch,
+        lines: Iterable[tuple[int, BatchLine | dict[str, Any]]],
+        now: float,
+    ) -> int:
+        """Lines OpenRouter's batches take are grouped into upstream batches, the rest go live."""
+        chunker = Chunker(self.settings.upstream_batch_max_requests, self.settings.upstream_batch_max_bytes)
+        live: list[int] = []
+        count = 0
+        for index, line in lines:
+            if isinstance(line, BatchLine):
+                stored = line.stored()
+                staged.add_inputs(batch.id, {str(index): stored})
+                kind, body, size = line.kind, line.body, len(stored)
+            else:
+                kind, body, size = JobKind(line["kind"]), line["body"], len(json.dumps(line))
+            count += 1
+            if refusal(kind, body) is not None:
+                live.append(index)
+                continue
+            for full in chunker.add(index, kind, body, size):
+                staged.add_upstream_batch(batch.id, full, now)
+        for rest in chunker.rest():
+            staged.add_upstream_batch(batch.id, rest, now)
+        staged.add_lines(batch.id, ((index, None) for index in live), now)
         return count
 
     def _enqueue_failed(self, batch: Batch, exc: Exception) -> BatchError:
@@ -220,7 +230,8 @@ class BatchClient(BatchReader):
         if parked is None:
             self.store.set_status(batch_id, BatchStatus.CANCELLING, cancelled_at=now)
         elif parked:  # sent to the workers, which record each as cancelled without calling upstream
-            self._stage_and_release(batch, [(index, {}) for index in parked], start=False)
+            live = batch.model_copy(update={"via": Via.LIVE})
+            self._stage_and_release(live, [(index, {}) for index in parked], start=False)
         return self.get(batch_id)
 
     def resume(self, batch_id: str, max_cost: float | None = None) -> int:

@@ -17,13 +17,13 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-from routerq.core.batch_format import BatchLine
 from routerq.core.batch_store import batch_key
 from routerq.core.jobs import JobKind
+from routerq.core.lua import lua_script
 from routerq.core.redis_client import as_text
 
 if TYPE_CHECKING:  # a reading command (`routerq status`) never imports redis.asyncio
@@ -39,13 +39,13 @@ class ChunkStatus(StrEnum):
     DONE = "done"  # every line has its outcome, or went back to run again
 
 
-def refusal(line: BatchLine) -> str | None:
+def refusal(kind: JobKind, body: dict[str, Any]) -> str | None:
     """Why OpenRouter's batches cannot take this line (it runs live), or None."""
-    if line.kind not in BATCH_ENDPOINTS:
-        return f"{line.kind.value} has no batch endpoint"
-    if line.kind is JobKind.EMBEDDING:
-        return "embeddings with a provider field" if "provider" in line.body else None
-    for message in line.body.get("messages") or []:
+    if kind not in BATCH_ENDPOINTS:
+        return f"{kind.value} has no batch endpoint"
+    if kind is JobKind.EMBEDDING:
+        return "embeddings with a provider field" if "provider" in body else None
+    for message in body.get("messages") or []:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list) and any(
             not isinstance(part, dict) or part.get("type") != "text" for part in content
@@ -68,8 +68,8 @@ class Chunker:
         self._max_requests, self._max_bytes = max_requests, max_bytes
         self._groups: dict[tuple[str, str], _Group] = {}
 
-    def add(self, index: int, line: BatchLine, size: int) -> Iterator[list[int]]:
-        key = (BATCH_ENDPOINTS[line.kind], str(line.body.get("model")))
+    def add(self, index: int, kind: JobKind, body: dict[str, Any], size: int) -> Iterator[list[int]]:
+        key = (BATCH_ENDPOINTS[kind], str(body.get("model")))
         group = self._groups.setdefault(key, _Group())
         if group.indexes and (
             len(group.indexes) >= self._max_requests or group.size + size > self._max_bytes
@@ -95,12 +95,33 @@ def chunks_key(batch_id: str) -> str:
     return batch_key(batch_id, "chunks")
 
 
+_RESERVE = lua_script("routerq.core", "batch_reserve")
+_UNRESERVE = lua_script("routerq.core", "batch_unreserve", "batch_release")
+
+
 class AsyncChunkStore:
     """The worker's side: one upstream batch's state, durable across worker deaths."""
 
     def __init__(self, client: aredis.Redis, ttl: int) -> None:
         self._redis = client
         self._ttl = ttl
+        self._reserve = client.register_script(_RESERVE)
+        self._unreserve = client.register_script(_UNRESERVE)
+
+    async def reserve(self, batch_id: str, chunk_id: str, estimate: float | None, lines: int) -> int:
+        """How many of the chunk's lines its batch's budget lets it submit now (batch_reserve.lua)."""
+        keys = [batch_key(batch_id), batch_key(batch_id, "held"), chunk_key(batch_id, chunk_id)]
+        args: list[str | int] = [
+            f"chunk:{chunk_id}",
+            "" if estimate is None else repr(estimate),
+            lines,
+            self._ttl,
+        ]
+        return int(await self._reserve(keys=keys, args=args))
+
+    async def unreserve(self, batch_id: str, chunk_id: str) -> None:
+        keys = [batch_key(batch_id), batch_key(batch_id, "held"), batch_key(batch_id, "calling")]
+        await self._unreserve(keys=keys, args=[f"chunk:{chunk_id}"])
 
     async def get(self, batch_id: str, chunk_id: str) -> dict[str, str]:
         raw = await self._redis.hgetall(chunk_key(batch_id, chunk_id))

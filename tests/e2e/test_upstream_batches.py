@@ -33,7 +33,7 @@ from routerq.core import telemetry
 from routerq.core.batch_store import Batch, BatchStatus, Via
 from routerq.core.spans import BATCH_ID, BATCH_LINE
 from routerq.devstack.fake_openrouter import fake_answer
-from routerq.devstack.fake_upstream import cost_of
+from routerq.devstack.fake_upstream import cost_of, count_tokens
 from routerq.devstack.localstack import Service
 from routerq.producer.batch_client import BatchClient
 
@@ -185,6 +185,33 @@ def test_with_fallback_live_lines_the_upstream_batch_did_not_answer_go_live_at_o
         cost_of(MODELS["chat"], answered["f0"]["usage"]["prompt_tokens"],
                 answered["f0"]["usage"]["completion_tokens"]) / 2
     )  # fmt: skip
+
+
+def test_max_cost_sends_only_the_lines_whose_batch_price_estimate_fits_then_pauses_and_resume_ends_it(
+    stack: Stack, tmp_path: Path
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    prompts = [f"{marker} budget line {i:02d}" for i in range(20)]
+    rows = [line(f"b{i}", "chat", p) for i, p in enumerate(prompts)]
+    model = MODELS["chat"]
+    line_cost = max(cost_of(model, count_tokens(p), count_tokens(fake_answer(model, p))) / 2 for p in prompts)
+    budget = 5.5 * line_cost
+    client = BatchClient(stack.settings(), tracing=False)
+    batch = client.submit(write_jsonl(tmp_path / "budget.jsonl", rows), via=Via.BATCH, max_cost=budget).batch
+    wait_for(lambda: client.get(batch.id).status is BatchStatus.PAUSED, "the budget to pause the batch", 120)
+    wait_for(lambda: client.get(batch.id).parked + client.get(batch.id).succeeded == 20, "lines set aside")
+    paused = client.get(batch.id)
+    assert paused.failed == 0 and 5 <= paused.succeeded < 20, paused
+    assert paused.cost <= budget + line_cost  # past the budget by at most about one line
+    sent = [len(c["custom_ids"]) for c in batch_calls(stack, marker)]
+    assert sent[0] == 1 and sum(sent) == paused.succeeded, sent  # the price is learnt from one line first
+
+    assert routerq(stack, "resume", batch.id, "--max-cost", "1").returncode == 0
+    final = wait_final(client, batch.id, timeout=120)
+    assert (final.status, final.succeeded, final.failed) == (BatchStatus.COMPLETED, 20, 0)
+    custom_ids = [i for c in batch_calls(stack, marker) for i in c["custom_ids"]]
+    assert sorted(custom_ids, key=int) == [str(i) for i in range(20)]  # no line was sent twice
+    assert calls_with(stack, marker) == []  # nor live
 
 
 def test_cancel_while_the_upstream_batch_is_pending_ends_the_batch_without_its_answers(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import redis
 from harness import on_redis
 
@@ -19,13 +20,14 @@ from routerq.core.batch_store import (
     batch_key,
 )
 from routerq.core.jobs import Job, JobKind, JobResult, Usage
+from routerq.core.upstream_batch import AsyncChunkStore
 
 TTL = 3600
 DELIVERY = "routerq:delivery:test"
 
 
-def make_batch(client: redis.Redis, total: int = 3, **fields: Any) -> str:
-    batch = Batch(id="batch_t", status=BatchStatus.IN_PROGRESS, total=total, **fields)
+def make_batch(client: redis.Redis, total: int = 3, batch_id: str = "batch_t", **fields: Any) -> str:
+    batch = Batch(id=batch_id, status=BatchStatus.IN_PROGRESS, total=total, **fields)
     BatchStore(client, TTL).create(batch)
     return batch.id
 
@@ -252,3 +254,80 @@ def test_running_counts_lines_calling_upstream_and_held_the_lines_a_worker_took_
     (record(redis_url, batch_id, 0, Outcome.SUCCEEDED, succeeded()))
     batch = BatchStore(sync_redis, TTL).get(batch_id)
     assert batch is not None and (batch.running, batch.held, batch.succeeded) == (0, 3, 1)
+
+
+# --- an upstream batch's share of the budget (batch_reserve.lua, batch_unreserve.lua) ---
+
+
+def reserve(url: str, batch_id: str, estimate: float | None, lines: int, chunk: str = "c1") -> int:
+    return on_redis(
+        url, lambda client: AsyncChunkStore(client, TTL).reserve(batch_id, chunk, estimate, lines)
+    )
+
+
+def unreserve(url: str, batch_id: str, chunk: str = "c1") -> None:
+    on_redis(url, lambda client: AsyncChunkStore(client, TTL).unreserve(batch_id, chunk))
+
+
+def reserved(client: redis.Redis, batch_id: str) -> float:
+    return float(client.hget(batch_key(batch_id), "reserved") or 0)
+
+
+def test_without_a_budget_an_upstream_batch_sends_every_line_and_reserves_nothing(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis, total=500)
+    assert reserve(redis_url, batch_id, 0.01, 500) == 500
+    assert reserved(sync_redis, batch_id) == 0
+
+
+def test_an_upstream_batch_of_a_stopped_paused_or_expired_batch_is_not_sent(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    assert reserve(redis_url, "batch_gone", 0.01, 5) == Go.MISSING
+    batch_id = make_batch(sync_redis, max_cost=1.0)
+    BatchStore(sync_redis, TTL).set_status(batch_id, BatchStatus.PAUSED)
+    assert reserve(redis_url, batch_id, 0.01, 5) == Go.PARKED
+    BatchStore(sync_redis, TTL).set_status(batch_id, BatchStatus.CANCELLING)
+    assert reserve(redis_url, batch_id, 0.01, 5) == Go.STOPPED
+
+
+def test_with_a_budget_an_upstream_batch_sends_the_lines_whose_estimate_fits_and_reserves_it(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis, total=100, max_cost=1.0, cost=0.25)
+    assert reserve(redis_url, batch_id, 0.1, 100) == 7  # 0.75 of room at 0.1 a line
+    assert reserved(sync_redis, batch_id) == pytest.approx(0.7)
+    assert reserve(redis_url, batch_id, 0.1, 100) == 7  # asked again (a redelivery): the same answer
+    assert reserved(sync_redis, batch_id) == pytest.approx(0.7)
+    assert reserve(redis_url, batch_id, 0.1, 93, chunk="c2") == Go.OVER_BUDGET  # c1 holds the rest
+    unreserve(redis_url, batch_id)
+    assert reserved(sync_redis, batch_id) == 0 and sync_redis.hlen(batch_key(batch_id, "held")) == 0
+    assert reserve(redis_url, batch_id, 0.1, 93, chunk="c2") == 7
+
+
+def test_an_upstream_batch_whose_first_line_does_not_fit_sends_it_alone_when_nothing_else_is_out(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis, total=10, max_cost=1.0, cost=0.95)
+    assert reserve(redis_url, batch_id, 0.1, 10) == 1  # the budget passes by at most about one line
+    assert reserve(redis_url, batch_id, 0.1, 9, chunk="c2") == Go.OVER_BUDGET
+
+
+def test_an_unknown_estimate_sends_one_line_alone_to_learn_the_price(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis, total=10, max_cost=1.0)
+    assert reserve(redis_url, batch_id, None, 10) == 1
+    assert reserve(redis_url, batch_id, None, 9, chunk="c2") == Go.OVER_BUDGET
+    free = make_batch(sync_redis, total=10, batch_id="batch_free", max_cost=1.0)
+    assert reserve(redis_url, free, 0.0, 10) == 10  # a free model: every line fits
+
+
+def test_an_upstream_batch_finding_the_budget_spent_pauses_the_batch(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    batch_id = make_batch(sync_redis, total=10, max_cost=1.0, cost=1.0)
+    assert reserve(redis_url, batch_id, 0.1, 10) == Go.PARKED
+    assert status(sync_redis, batch_id) == "paused"
+    assert "budget of $1 reached" in (sync_redis.hget(batch_key(batch_id), "reason") or b"").decode()

@@ -18,7 +18,7 @@ from routerq.core.redis_client import describe
 from routerq.core.settings import VISIBILITY_SLACK, Settings, load_settings
 from routerq.core.vectors import from_float32
 from routerq.devstack.demo import LOCAL_KEY, export_lines
-from routerq.worker.upstream.limiter import estimate_tokens
+from routerq.worker.upstream.cost_estimate import estimate_tokens
 
 
 def test_each_kind_knows_its_openrouter_path_and_batch_url() -> None:

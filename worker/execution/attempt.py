@@ -28,7 +28,8 @@ from routerq.worker.execution.republish import republish
 from routerq.worker.execution.runtime import Runtime
 from routerq.worker.signals import Deferred, NotStarted, Republished
 from routerq.worker.upstream.call_record import Recording, untraced
-from routerq.worker.upstream.limiter import Lease, estimate_tokens
+from routerq.worker.upstream.cost_estimate import estimate_tokens
+from routerq.worker.upstream.limiter import Lease
 from routerq.worker.upstream.openrouter import UpstreamAnswer
 from routerq.worker.upstream.retry import Action, Decision, Tries, decide, error_class, wait_for_capacity
 

@@ -20,6 +20,7 @@ from routerq.core.upstream_batch import AsyncChunkStore
 from routerq.worker.tracing.slow_lines import SlowLines
 from routerq.worker.upstream.batch_api import OpenRouterBatches
 from routerq.worker.upstream.limiter import SharedLimiter
+from routerq.worker.upstream.model_prices import ModelPrices
 from routerq.worker.upstream.openrouter import OpenRouterClient
 from routerq.worker.upstream.pricing import PhoenixPricing
 
@@ -37,6 +38,7 @@ class Runtime:
     openrouter: OpenRouterClient
     batch_api: OpenRouterBatches
     chunks: AsyncChunkStore
+    prices: ModelPrices
     pricing: PhoenixPricing
     slots: asyncio.Semaphore  # upstream calls this process may have in flight: its share of --concurrency
     slow_lines: SlowLines
@@ -59,6 +61,7 @@ def build_runtime(
     hands `ctx`). `upstream` replaces the HTTP transport to OpenRouter (in-process tests)."""
     client = connect_async(settings.redis_url, max_connections=concurrency + REDIS_HEADROOM)
     batches = AsyncBatchStore(client, settings.result_ttl)
+    prices = ModelPrices(settings)
     return Runtime(
         app=app,
         settings=settings,
@@ -74,7 +77,8 @@ def build_runtime(
         openrouter=OpenRouterClient(settings, concurrency, upstream),
         batch_api=OpenRouterBatches(settings, upstream),
         chunks=AsyncChunkStore(client, settings.result_ttl),
-        pricing=PhoenixPricing(settings, connect(settings.redis_url)),
+        prices=prices,
+        pricing=PhoenixPricing(settings, connect(settings.redis_url), prices),
         slots=asyncio.Semaphore(concurrency),
         slow_lines=SlowLines(settings.trace_slow_s, batches.latency_p99),
     )

@@ -15,11 +15,13 @@ success is final), but OpenRouter may run and bill that chunk twice.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from typing import Any
 
+import httpx
 from celery import Celery
 from openinference.semconv.trace import OpenInferenceSpanKindValues, SpanAttributes
 from opentelemetry import context as otel_context
@@ -27,10 +29,11 @@ from opentelemetry.trace import Status, StatusCode
 
 from routerq.core import telemetry
 from routerq.core.batch_format import error_line, output_line
-from routerq.core.batch_store import Batch, BatchStatus, Fallback, Outcome
+from routerq.core.batch_store import Batch, BatchStatus, Fallback, Go, Outcome
 from routerq.core.broker import LINE_TASK_NAME, LINES_PER_MESSAGE, UPSTREAM_BATCH_TASK_NAME
 from routerq.core.errors import UpstreamBatchError
 from routerq.core.jobs import Job, JobError, JobKind, JobResult, Usage
+from routerq.core.redaction import redact
 from routerq.core.spans import BATCH_ID, BATCH_LINE, annotate_llm_span, chain_attributes, context_attributes
 from routerq.core.staged_enqueue import batched
 from routerq.core.upstream_batch import BATCH_ENDPOINTS, ChunkStatus, new_chunk_id
@@ -41,6 +44,7 @@ from routerq.worker.execution.tasks import line_job
 from routerq.worker.tracing.line_trace import LineTrace
 from routerq.worker.tracing.tail_sampler import sampler
 from routerq.worker.upstream.batch_api import TERMINAL
+from routerq.worker.upstream.cost_estimate import batch_line_cost
 from routerq.worker.upstream.retry import RETRYABLE_STATUS, Action, Tries, decide
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,9 @@ log = logging.getLogger(__name__)
 # to POLL_MAX_S: OpenRouter's median batch takes minutes, and a look a minute costs next to nothing.
 POLL_FIRST_S = 2.0
 POLL_MAX_S = 60.0
+# A chunk whose budget is held by upstream batches still running looks again this often: they take
+# minutes, and each look is one message and one Lua call.
+BUDGET_CHUNK_WAIT_S = 10.0
 UPSTREAM_SPAN = "routerq.upstream_batch"
 _STOPPED = (BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.FAILED)
 
@@ -73,6 +80,8 @@ async def run_upstream_batch(
         i: s.line for i, s in zip(indexes, starts, strict=True) if s.outcome is None and s.line is not None
     }
     state = await rt.chunks.get(batch_id, chunk_id)
+    for index in json.loads(state.get("held_back") or "[]"):  # they go in the next upstream batch
+        todo.pop(index, None)
     upstream_id = state.get("upstream_id")
     args = [batch_id, chunk_id, indexes, enqueued_at]
     if not upstream_id:
@@ -97,6 +106,11 @@ async def _submit(
 ) -> dict[str, Any]:
     first = next(iter(todo.values()))
     endpoint, model = BATCH_ENDPOINTS[JobKind(first["kind"])], str(first["body"].get("model"))
+    if batch.max_cost is not None:
+        budgeted = await _within_budget(rt, delivery, batch, chunk_id, model, todo, args, attempt, state)
+        if isinstance(budgeted, str):
+            return {"batch_id": batch.id, "chunk": chunk_id, "status": budgeted}
+        todo = budgeted
     if state.get("status") == ChunkStatus.SUBMITTING:
         log.warning(
             "batch %s: upstream batch %s was being submitted when its worker stopped; OpenRouter may have "
@@ -120,6 +134,7 @@ async def _submit(
         else:
             await _fail_lines(rt, batch, todo, error, float(args[3]), attempt)
         await rt.chunks.set(batch.id, chunk_id, ChunkStatus.DONE, upstream_status="refused")
+        await rt.chunks.unreserve(batch.id, chunk_id)
         return {"batch_id": batch.id, "chunk": chunk_id, "status": "refused"}
     upstream_id = str(created["id"])
     await rt.chunks.set(
@@ -129,6 +144,65 @@ async def _submit(
     log.info("batch %s: %d line(s) sent as OpenRouter batch %s", batch.id, len(requests), upstream_id)
     await republish(rt, delivery, args, {"attempt": attempt}, POLL_FIRST_S)
     return {"batch_id": batch.id, "chunk": chunk_id, "status": "submitted", "upstream_id": upstream_id}
+
+
+async def _within_budget(
+    rt: Runtime,
+    delivery: Delivery,
+    batch: Batch,
+    chunk_id: str,
+    model: str,
+    todo: dict[int, dict[str, Any]],
+    args: list[Any],
+    attempt: int,
+    state: dict[str, str],
+) -> dict[int, dict[str, Any]] | str:
+    """The lines of this chunk its batch's `--max-cost` lets it submit now, their estimate reserved
+    at the batch price (batch_reserve.lua); the others are held back and go as the next upstream
+    batch once this one has ended. A string says why none go now."""
+    estimate = await _line_estimate(rt, batch, model, todo)
+    fit = await rt.chunks.reserve(batch.id, chunk_id, estimate, len(todo))
+    if fit in (Go.STOPPED, Go.MISSING):
+        await _cancel_lines(rt, batch, todo, float(args[3]))
+        await rt.chunks.set(batch.id, chunk_id, ChunkStatus.DONE)
+        return "not submitted"
+    if fit == Go.PARKED:
+        running_again = [index for index in todo if not await rt.batches.park(batch.id, index)]
+        if running_again:
+            _send_chunk(rt, batch, running_again, float(args[3]), attempt)
+        await rt.chunks.set(batch.id, chunk_id, ChunkStatus.DONE, upstream_status="parked")
+        return "parked"
+    if fit == Go.OVER_BUDGET:
+        await republish(rt, delivery, args, {"attempt": attempt}, BUDGET_CHUNK_WAIT_S)
+        return "waiting for budget"
+    indexes = list(todo)
+    if fit < len(indexes) and "held_back" not in state:
+        held_back = indexes[fit:]
+        await rt.chunks.set(batch.id, chunk_id, ChunkStatus.NEW, held_back=json.dumps(held_back))
+        log.info(
+            "batch %s: its budget lets %d of %d line(s) go now (about $%.6f each at the batch price)",
+            batch.id, fit, len(indexes), estimate or 0.0,
+        )  # fmt: skip
+    return {index: todo[index] for index in indexes[:fit]}
+
+
+async def _line_estimate(
+    rt: Runtime, batch: Batch, model: str, todo: dict[int, dict[str, Any]]
+) -> float | None:
+    """A line's likely cost at the batch price: from OpenRouter's per-token prices (and the batch's
+    answers so far for their length), else the batch's cost per success; None when neither is known."""
+    try:
+        price = await asyncio.to_thread(rt.prices.get, model)
+    except httpx.HTTPError as exc:
+        log.warning(
+            "batch %s: cannot read OpenRouter's prices (%s)", batch.id, redact(str(exc), rt.settings.secrets)
+        )
+        price = None
+    answered = batch.succeeded or None
+    if price is not None:
+        mean_completion = batch.completion_tokens / answered if answered else None
+        return batch_line_cost((line["body"] for line in todo.values()), price, mean_completion)
+    return batch.cost / answered if answered else None
 
 
 async def _poll(
@@ -177,7 +251,11 @@ async def _poll(
         )
     if again:
         await _again(rt, batch, again, enqueued_at, attempt)
+    held_back = json.loads(state.get("held_back") or "[]")
+    if held_back and not cancelled:
+        _send_chunk(rt, batch, held_back, enqueued_at, attempt)
     await rt.chunks.set(batch.id, chunk_id, ChunkStatus.DONE, upstream_status=status, done_at=time.time())
+    await rt.chunks.unreserve(batch.id, chunk_id)
     _upstream_span(batch, upstream_id, found, submitted_at)
     return {"batch_id": batch.id, "chunk": chunk_id, "status": status, "again": len(again)}
 
@@ -360,9 +438,13 @@ async def _again(rt: Runtime, batch: Batch, indexes: list[int], enqueued_at: flo
         }
         await _fail_lines(rt, batch, todo, error, enqueued_at, attempt)
         return
+    _send_chunk(rt, batch, indexes, enqueued_at, attempt + 1)
+
+
+def _send_chunk(rt: Runtime, batch: Batch, indexes: list[int], enqueued_at: float, attempt: int) -> None:
     rt.app.send_task(
         UPSTREAM_BATCH_TASK_NAME, args=[batch.id, new_chunk_id(), indexes, enqueued_at],
-        kwargs={"attempt": attempt + 1}, queue=rt.settings.queue, ignore_result=True,
+        kwargs={"attempt": attempt}, queue=rt.settings.queue, ignore_result=True,
     )  # fmt: skip
 
 

@@ -9,7 +9,6 @@ worker and sets a cool-down from Retry-After; the rate recovers (doubling each `
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -122,10 +121,3 @@ class SharedLimiter:
         """Whether any limit is configured (otherwise only the cool-down after a 429 applies)."""
         s = self._settings
         return bool(s.rate_limit_requests or s.rate_limit_tokens or s.max_in_flight or s.model_limits)
-
-
-def estimate_tokens(body: dict[str, object]) -> int:
-    """Rough prompt size (4 characters a token) plus the completion budget the request allows."""
-    prompt = len(json.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")) // 4
-    budget = body.get("max_tokens") or body.get("max_completion_tokens") or 256
-    return prompt + (int(budget) if isinstance(budget, int | float | str) and str(budget).isdigit() else 256)

@@ -22,6 +22,7 @@ import redis
 from routerq.core import telemetry
 from routerq.core.errors import PhoenixError
 from routerq.core.settings import Settings
+from routerq.worker.upstream.model_prices import ModelPrices
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +33,14 @@ mutation($input: CreateModelMutationInput!) { createModel(input: $input) { model
 # Phoenix lists custom models before built-in ones: the first page holds every custom model of a
 # routerq deployment (one per OpenRouter model it has served) several times over.
 _CUSTOM_MODELS = "query { generativeModels(first: 1000) { edges { node { name kind } } } }"
-PRICES_REFRESH_S = 60.0  # OpenRouter's model list is refetched at most this often, for unknown models
 
 
 class PhoenixPricing:
-    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+    def __init__(self, settings: Settings, client: redis.Redis, prices: ModelPrices) -> None:
         self._settings = settings
         self._redis = client
         self._done: set[str] = set()
-        self._prices: dict[str, tuple[float, float]] = {}
-        self._prices_fetched_at = 0.0
+        self._prices = prices
         self._lock = threading.Lock()
         self._warned = False
         headers = {}
@@ -50,7 +49,6 @@ class PhoenixPricing:
         self._phoenix = httpx.Client(
             base_url=settings.phoenix_collector_endpoint, headers=headers, timeout=10
         )
-        self._openrouter = httpx.Client(base_url=settings.openrouter_base_url, timeout=20)
 
     @property
     def enabled(self) -> bool:
@@ -81,7 +79,7 @@ class PhoenixPricing:
         key = READY_KEY.format(endpoint=self._settings.phoenix_collector_endpoint, model=model)
         ready_at = self._redis.get(key)
         if ready_at is None:
-            price = self._price(model)
+            price = self._prices.get(model)
             if price is None:
                 log.info("routerq: OpenRouter lists no price for %s; Phoenix will show no cost", model)
                 return 0.0
@@ -90,20 +88,6 @@ class PhoenixPricing:
             self._redis.set(key, repr(ready), nx=True, ex=7 * 24 * 3600)
             ready_at = self._redis.get(key)
         return float(ready_at or 0)
-
-    def _price(self, model: str) -> tuple[float, float] | None:
-        """USD per token, prompt and completion; refetch the list when a model is new to us."""
-        if model not in self._prices and time.time() - self._prices_fetched_at > PRICES_REFRESH_S:
-            response = self._openrouter.get("/models")
-            response.raise_for_status()
-            self._prices_fetched_at = time.time()
-            for entry in response.json().get("data", []):
-                pricing = entry.get("pricing") or {}
-                try:
-                    self._prices[entry["id"]] = (float(pricing["prompt"]), float(pricing["completion"]))
-                except (KeyError, TypeError, ValueError):
-                    continue
-        return self._prices.get(model)
 
     def _register(self, model: str, prompt: float, completion: float) -> None:
         """Create the custom model unless it exists (an earlier run); losing a race to create it (another
