@@ -26,10 +26,10 @@ from bench.results import put_section, section, table
 from bench.services import UpstreamStack
 from routerq.core.batch_store import Batch, Via
 from routerq.core.settings import Settings
-from routerq.core.upstream_batch import chunk_key, chunks_key
+from routerq.core.upstream_batch import batch_owner, chunk_key, chunks_key
 from routerq.devstack.localstack import start_worker
 from routerq.producer.batch_client import BatchClient
-from routerq.worker.execution.upstream_batches import POLL_FIRST_S, POLL_MAX_S
+from routerq.worker.upstream.batch_api import POLL_FIRST_S, next_poll_s
 
 BEGIN, END = "<!-- upstream-batches:begin -->", "<!-- upstream-batches:end -->"
 COST_FLOOR = 0.55
@@ -55,7 +55,7 @@ def poll_interval_at(elapsed: float) -> float:
     at, interval, polls = POLL_FIRST_S, POLL_FIRST_S, 0
     while at < elapsed:
         polls += 1
-        interval = min(POLL_MAX_S, POLL_FIRST_S * 2 ** min(polls, 10))
+        interval = next_poll_s(polls)
         at += interval
     return interval
 
@@ -75,8 +75,8 @@ def main() -> None:
             submitted = {c["batch_id"]: c["t"] for c in stack.fake_calls() if c.get("kind") == "batch"}
             client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
             lags, slack = [], []
-            for chunk_id in client.hkeys(chunks_key(batch.id)):
-                state = client.hgetall(chunk_key(batch.id, str(chunk_id)))
+            for chunk_id in client.hkeys(chunks_key(batch_owner(batch.id))):
+                state = client.hgetall(chunk_key(batch_owner(batch.id), str(chunk_id)))
                 completed = submitted[state["upstream_id"]] + BATCH_S
                 lag = float(state["done_at"]) - completed
                 lags.append(lag)

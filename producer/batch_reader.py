@@ -14,7 +14,7 @@ from routerq.core.errors import BatchError
 from routerq.core.export_counts import ExportCounts
 from routerq.core.redis_client import connect
 from routerq.core.settings import Settings
-from routerq.core.upstream_batch import upstream_batches
+from routerq.core.upstream_batch import batch_owner, upstream_batches
 
 
 @dataclass
@@ -38,7 +38,7 @@ class BatchReader:
 
     def upstream_batches(self, batch_id: str) -> dict[str, int]:
         """A `--via batch` batch's OpenRouter batches, counted by their last known status."""
-        return upstream_batches(self.redis, batch_id)
+        return upstream_batches(self.redis, batch_owner(batch_id))
 
     def stats(self, batch_id: str) -> BatchStats:
         """Latency and queue-wait percentiles of the lines run so far."""

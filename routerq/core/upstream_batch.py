@@ -6,7 +6,8 @@ cannot take (a completion: no such batch endpoint; an image, audio or file part;
 with a `provider` field) runs live instead, at the live price: that is routerq's choice over failing
 it, and `routerq status` counts such lines.
 
-Keys (beside the batch's own, see routerq.core.batch_store):
+Keys (beside the batch's own, see routerq.core.batch_store; an embedding run's are the same under
+routerq:embed:{id}):
   routerq:batch:{id}:chunk:{chunk}   hash  status, upstream id, submitted_at, polls, endpoint, model
   routerq:batch:{id}:chunks          hash  chunk id -> its status, for `routerq status`
 """
@@ -17,11 +18,12 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NewType
 
 import redis
 
 from routerq.core.batch_store import batch_key
+from routerq.core.embed_store import embed_key
 from routerq.core.jobs import JobKind
 from routerq.core.lua import lua_script
 from routerq.core.redis_client import as_text
@@ -87,12 +89,24 @@ def new_chunk_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def chunk_key(batch_id: str, chunk_id: str) -> str:
-    return batch_key(batch_id, f"chunk:{chunk_id}")
+# The key of the record a chunk belongs to: a batch's or an embedding run's.
+ChunkOwner = NewType("ChunkOwner", str)
 
 
-def chunks_key(batch_id: str) -> str:
-    return batch_key(batch_id, "chunks")
+def batch_owner(batch_id: str) -> ChunkOwner:
+    return ChunkOwner(batch_key(batch_id))
+
+
+def embed_owner(run_id: str) -> ChunkOwner:
+    return ChunkOwner(embed_key(run_id))
+
+
+def chunk_key(owner: ChunkOwner, chunk_id: str) -> str:
+    return f"{owner}:chunk:{chunk_id}"
+
+
+def chunks_key(owner: ChunkOwner) -> str:
+    return f"{owner}:chunks"
 
 
 _RESERVE = lua_script("routerq.core", "batch_reserve")
@@ -110,7 +124,7 @@ class AsyncChunkStore:
 
     async def reserve(self, batch_id: str, chunk_id: str, estimate: float | None, lines: int) -> int:
         """How many of the chunk's lines its batch's budget lets it submit now (batch_reserve.lua)."""
-        keys = [batch_key(batch_id), batch_key(batch_id, "held"), chunk_key(batch_id, chunk_id)]
+        keys = [batch_key(batch_id), batch_key(batch_id, "held"), chunk_key(batch_owner(batch_id), chunk_id)]
         args: list[str | int] = [
             f"chunk:{chunk_id}",
             "" if estimate is None else repr(estimate),
@@ -123,32 +137,33 @@ class AsyncChunkStore:
         keys = [batch_key(batch_id), batch_key(batch_id, "held"), batch_key(batch_id, "calling")]
         await self._unreserve(keys=keys, args=[f"chunk:{chunk_id}"])
 
-    async def get(self, batch_id: str, chunk_id: str) -> dict[str, str]:
-        raw = await self._redis.hgetall(chunk_key(batch_id, chunk_id))
+    async def get(self, owner: ChunkOwner, chunk_id: str) -> dict[str, str]:
+        raw = await self._redis.hgetall(chunk_key(owner, chunk_id))
         return {as_text(k): as_text(v) for k, v in raw.items()}
 
-    async def set(self, batch_id: str, chunk_id: str, status: ChunkStatus, **fields: str | float) -> None:
+    async def set(self, owner: ChunkOwner, chunk_id: str, status: ChunkStatus, **fields: str | float) -> None:
         pipe = self._redis.pipeline(transaction=True)
         mapping: dict[str, str | float] = {"status": status.value, **fields}
-        pipe.hset(chunk_key(batch_id, chunk_id), mapping=mapping)  # type: ignore[arg-type]
-        pipe.expire(chunk_key(batch_id, chunk_id), self._ttl)
-        pipe.hset(chunks_key(batch_id), chunk_id, str(fields.get("upstream_status") or status.value))
-        pipe.expire(chunks_key(batch_id), self._ttl)
+        pipe.hset(chunk_key(owner, chunk_id), mapping=mapping)  # type: ignore[arg-type]
+        pipe.expire(chunk_key(owner, chunk_id), self._ttl)
+        pipe.hset(chunks_key(owner), chunk_id, str(fields.get("upstream_status") or status.value))
+        pipe.expire(chunks_key(owner), self._ttl)
         await pipe.execute()
 
-    async def polled(self, batch_id: str, chunk_id: str, upstream_status: str) -> int:
+    async def polled(self, owner: ChunkOwner, chunk_id: str, upstream_status: str) -> int:
         """Count a poll and note what OpenRouter said; returns the polls so far."""
         pipe = self._redis.pipeline(transaction=True)
-        pipe.hincrby(chunk_key(batch_id, chunk_id), "polls", 1)
-        pipe.hset(chunk_key(batch_id, chunk_id), "upstream_status", upstream_status)
-        pipe.hset(chunks_key(batch_id), chunk_id, upstream_status)
+        pipe.hincrby(chunk_key(owner, chunk_id), "polls", 1)
+        pipe.hset(chunk_key(owner, chunk_id), "upstream_status", upstream_status)
+        pipe.hset(chunks_key(owner), chunk_id, upstream_status)
         polls, _, _ = await pipe.execute()
         return int(polls)
 
 
-def upstream_batches(client: redis.Redis, batch_id: str) -> dict[str, int]:
-    """How many upstream batches a batch has, by their last known status (`routerq status`)."""
+def upstream_batches(client: redis.Redis, owner: ChunkOwner) -> dict[str, int]:
+    """How many upstream batches a batch (or embedding run) has, by their last known status; `owner`
+    is the record's key."""
     counts: dict[str, int] = {}
-    for status in client.hvals(chunks_key(batch_id)):
+    for status in client.hvals(chunks_key(owner)):
         counts[as_text(status)] = counts.get(as_text(status), 0) + 1
     return counts

@@ -24,7 +24,6 @@ from typing import Any
 import httpx
 from celery import Celery
 from openinference.semconv.trace import OpenInferenceSpanKindValues, SpanAttributes
-from opentelemetry import context as otel_context
 from opentelemetry.trace import Status, StatusCode
 
 from routerq.core import telemetry
@@ -36,27 +35,23 @@ from routerq.core.jobs import Job, JobError, JobKind, JobResult, Usage
 from routerq.core.redaction import redact
 from routerq.core.spans import BATCH_ID, BATCH_LINE, annotate_llm_span, chain_attributes, context_attributes
 from routerq.core.staged_enqueue import batched
-from routerq.core.upstream_batch import BATCH_ENDPOINTS, ChunkStatus, new_chunk_id
+from routerq.core.upstream_batch import BATCH_ENDPOINTS, ChunkStatus, batch_owner, new_chunk_id
 from routerq.worker.execution.pool import Delivery
 from routerq.worker.execution.republish import republish
 from routerq.worker.execution.runtime import Runtime
 from routerq.worker.execution.tasks import line_job
 from routerq.worker.tracing.line_trace import LineTrace
 from routerq.worker.tracing.tail_sampler import sampler
-from routerq.worker.upstream.batch_api import TERMINAL
+from routerq.worker.tracing.upstream_batch_span import mapping, upstream_batch_span
+from routerq.worker.upstream.batch_api import POLL_FIRST_S, TERMINAL, next_poll_s
 from routerq.worker.upstream.cost_estimate import batch_line_cost
 from routerq.worker.upstream.retry import RETRYABLE_STATUS, Action, Tries, decide
 
 log = logging.getLogger(__name__)
 
-# The first look after a submission: a small batch can be done in seconds. Later looks double, up
-# to POLL_MAX_S: OpenRouter's median batch takes minutes, and a look a minute costs next to nothing.
-POLL_FIRST_S = 2.0
-POLL_MAX_S = 60.0
 # A chunk whose budget is held by upstream batches still running looks again this often: they take
 # minutes, and each look is one message and one Lua call.
 BUDGET_CHUNK_WAIT_S = 10.0
-UPSTREAM_SPAN = "routerq.upstream_batch"
 _STOPPED = (BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.FAILED)
 
 
@@ -79,7 +74,7 @@ async def run_upstream_batch(
     todo = {
         i: s.line for i, s in zip(indexes, starts, strict=True) if s.outcome is None and s.line is not None
     }
-    state = await rt.chunks.get(batch_id, chunk_id)
+    state = await rt.chunks.get(batch_owner(batch_id), chunk_id)
     for index in json.loads(state.get("held_back") or "[]"):  # they go in the next upstream batch
         todo.pop(index, None)
     upstream_id = state.get("upstream_id")
@@ -87,7 +82,7 @@ async def run_upstream_batch(
     if not upstream_id:
         if batch.status in _STOPPED or not todo:
             await _cancel_lines(rt, batch, todo, enqueued_at)
-            await rt.chunks.set(batch_id, chunk_id, ChunkStatus.DONE)
+            await rt.chunks.set(batch_owner(batch_id), chunk_id, ChunkStatus.DONE)
             return {"batch_id": batch_id, "chunk": chunk_id, "status": "not submitted"}
         return await _submit(rt, delivery, batch, chunk_id, todo, args, Tries.load(tries), attempt, state)
     return await _poll(rt, delivery, batch, chunk_id, upstream_id, todo, args, state, enqueued_at, attempt)
@@ -117,14 +112,14 @@ async def _submit(
             "it already (it has no idempotency key): submitting again", batch.id, chunk_id,
         )  # fmt: skip
     requests = [{"custom_id": str(index), "body": line["body"]} for index, line in todo.items()]
-    await rt.chunks.set(batch.id, chunk_id, ChunkStatus.SUBMITTING, submitting_at=time.time())
+    await rt.chunks.set(batch_owner(batch.id), chunk_id, ChunkStatus.SUBMITTING, submitting_at=time.time())
     try:
         created = await rt.batch_api.submit(endpoint, model, requests)
     except UpstreamBatchError as exc:
         error = JobError(code="upstream_batch_refused", message=exc.message, status_code=exc.status_code)
         decision = decide(error, exc.retry_after, tries, rt.settings, time.time())
         if decision.action is Action.RETRY:
-            await rt.chunks.set(batch.id, chunk_id, ChunkStatus.NEW)
+            await rt.chunks.set(batch_owner(batch.id), chunk_id, ChunkStatus.NEW)
             kwargs = {"tries": tries.after(decision).dump(), "attempt": attempt}
             await republish(rt, delivery, args, kwargs, decision.delay)
             return {"batch_id": batch.id, "chunk": chunk_id, "status": "retrying submit"}
@@ -133,12 +128,13 @@ async def _submit(
             _go_live(rt, batch, list(todo), float(args[3]))
         else:
             await _fail_lines(rt, batch, todo, error, float(args[3]), attempt)
-        await rt.chunks.set(batch.id, chunk_id, ChunkStatus.DONE, upstream_status="refused")
+        await rt.chunks.set(batch_owner(batch.id), chunk_id, ChunkStatus.DONE, upstream_status="refused")
         await rt.chunks.unreserve(batch.id, chunk_id)
         return {"batch_id": batch.id, "chunk": chunk_id, "status": "refused"}
     upstream_id = str(created["id"])
+    owner = batch_owner(batch.id)
     await rt.chunks.set(
-        batch.id, chunk_id, ChunkStatus.SUBMITTED, upstream_id=upstream_id, submitted_at=time.time(),
+        owner, chunk_id, ChunkStatus.SUBMITTED, upstream_id=upstream_id, submitted_at=time.time(),
         endpoint=endpoint, model=model, upstream_status=str(created.get("status") or "validating"),
     )  # fmt: skip
     log.info("batch %s: %d line(s) sent as OpenRouter batch %s", batch.id, len(requests), upstream_id)
@@ -164,13 +160,13 @@ async def _within_budget(
     fit = await rt.chunks.reserve(batch.id, chunk_id, estimate, len(todo))
     if fit in (Go.STOPPED, Go.MISSING):
         await _cancel_lines(rt, batch, todo, float(args[3]))
-        await rt.chunks.set(batch.id, chunk_id, ChunkStatus.DONE)
+        await rt.chunks.set(batch_owner(batch.id), chunk_id, ChunkStatus.DONE)
         return "not submitted"
     if fit == Go.PARKED:
         running_again = [index for index in todo if not await rt.batches.park(batch.id, index)]
         if running_again:
             _send_chunk(rt, batch, running_again, float(args[3]), attempt)
-        await rt.chunks.set(batch.id, chunk_id, ChunkStatus.DONE, upstream_status="parked")
+        await rt.chunks.set(batch_owner(batch.id), chunk_id, ChunkStatus.DONE, upstream_status="parked")
         return "parked"
     if fit == Go.OVER_BUDGET:
         await republish(rt, delivery, args, {"attempt": attempt}, BUDGET_CHUNK_WAIT_S)
@@ -178,7 +174,7 @@ async def _within_budget(
     indexes = list(todo)
     if fit < len(indexes) and "held_back" not in state:
         held_back = indexes[fit:]
-        await rt.chunks.set(batch.id, chunk_id, ChunkStatus.NEW, held_back=json.dumps(held_back))
+        await rt.chunks.set(batch_owner(batch.id), chunk_id, ChunkStatus.NEW, held_back=json.dumps(held_back))
         log.info(
             "batch %s: its budget lets %d of %d line(s) go now (about $%.6f each at the batch price)",
             batch.id, fit, len(indexes), estimate or 0.0,
@@ -227,13 +223,12 @@ async def _poll(
         log.warning("batch %s: looking at OpenRouter batch %s failed: %s", batch.id, upstream_id, exc)
         found = {"status": state.get("upstream_status") or "in_progress"}
     status = str(found.get("status"))
-    polls = await rt.chunks.polled(batch.id, chunk_id, status)
+    polls = await rt.chunks.polled(batch_owner(batch.id), chunk_id, status)
     if status not in TERMINAL:
-        delay = min(POLL_MAX_S, POLL_FIRST_S * 2 ** min(polls, 10))
-        await republish(rt, delivery, args, {"attempt": attempt}, delay)
+        await republish(rt, delivery, args, {"attempt": attempt}, next_poll_s(polls))
         return {"batch_id": batch.id, "chunk": chunk_id, "status": status}
     submitted_at = float(state.get("submitted_at") or time.time())
-    usage = _mapping(found.get("usage"))
+    usage = mapping(found.get("usage"))
     if cancelled or not todo:
         if usage.get("cost"):
             await rt.batches.add_cost(batch.id, float(usage["cost"]))
@@ -254,9 +249,13 @@ async def _poll(
     held_back = json.loads(state.get("held_back") or "[]")
     if held_back and not cancelled:
         _send_chunk(rt, batch, held_back, enqueued_at, attempt)
-    await rt.chunks.set(batch.id, chunk_id, ChunkStatus.DONE, upstream_status=status, done_at=time.time())
+    await rt.chunks.set(
+        batch_owner(batch.id), chunk_id, ChunkStatus.DONE, upstream_status=status, done_at=time.time()
+    )
     await rt.chunks.unreserve(batch.id, chunk_id)
-    _upstream_span(batch, upstream_id, found, submitted_at)
+    session = batch.session_id or batch.id
+    with upstream_batch_span(found, upstream_id, submitted_at, session, batch.project, {BATCH_ID: batch.id}):
+        pass
     return {"batch_id": batch.id, "chunk": chunk_id, "status": status, "again": len(again)}
 
 
@@ -312,7 +311,7 @@ def _result(
         )  # fmt: skip
     raw = (item or {}).get("error") or (body or {}).get("error") or {}
     code = raw.get("code") if isinstance(raw, dict) else None
-    status_code = code if isinstance(code, int) else _mapping(response).get("status_code")
+    status_code = code if isinstance(code, int) else mapping(response).get("status_code")
     message = str(raw.get("message") if isinstance(raw, dict) else raw) or "no result from OpenRouter's batch"
     if item is None:
         message, status_code = "OpenRouter's batch returned no result for this line", 502
@@ -375,53 +374,6 @@ def _trace_line(batch: Batch, index: int, job: Job, result: JobResult, upstream_
         return line_trace.finish(
             output=text, error=None if result.ok else text, ok=result.ok, kept=kept, project=batch.project
         )
-
-
-def _mapping(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _upstream_span(batch: Batch, upstream_id: str, found: dict[str, Any], submitted_at: float) -> None:
-    """One span per upstream batch, in the batch's session: its id, counts, usage, how long it took."""
-    current = sampler()
-    if current is None:
-        return
-    counts, usage = _mapping(found.get("request_counts")), _mapping(found.get("usage"))
-    ended = float(found.get("finalized_at") or time.time())
-    attributes: dict[str, Any] = {
-        SpanAttributes.OPENINFERENCE_SPAN_KIND: OpenInferenceSpanKindValues.CHAIN.value,
-        SpanAttributes.SESSION_ID: batch.session_id or batch.id,
-        BATCH_ID: batch.id,
-        "openrouter.batch_id": upstream_id,
-        "openrouter.batch.status": str(found.get("status")),
-        "openrouter.batch.model": str(found.get("model")),
-        "openrouter.batch.waited_s": round(ended - submitted_at, 3),
-        SpanAttributes.INPUT_VALUE: f"{counts.get('total', 0)} requests to {found.get('model')}",
-        SpanAttributes.OUTPUT_VALUE: json.dumps(
-            {"status": found.get("status"), "request_counts": counts, "usage": usage}
-        ),
-        SpanAttributes.OUTPUT_MIME_TYPE: "application/json",
-    }
-    for name in ("total", "completed", "failed"):
-        if isinstance(counts.get(name), int):
-            attributes[f"openrouter.batch.{name}"] = counts[name]
-    if isinstance(usage.get("cost"), int | float):
-        attributes[SpanAttributes.LLM_COST_TOTAL] = float(usage["cost"])
-    span = telemetry.tracer().start_span(
-        UPSTREAM_SPAN,
-        context=otel_context.Context(),
-        start_time=int(submitted_at * 1e9),
-        attributes=attributes,
-    )
-    trace_id = span.get_span_context().trace_id
-    current.hold(trace_id)
-    span.set_status(
-        Status(StatusCode.OK)
-        if found.get("status") == "completed"
-        else Status(StatusCode.ERROR, str(found.get("status")))
-    )
-    span.end(end_time=int(ended * 1e9))
-    current.settle(trace_id, always=True, project=batch.project)
 
 
 async def _again(rt: Runtime, batch: Batch, indexes: list[int], enqueued_at: float, attempt: int) -> None:

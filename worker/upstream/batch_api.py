@@ -18,6 +18,15 @@ from routerq.core.settings import Settings
 from routerq.worker.upstream.openrouter import retry_after
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+# The first look after a submission: a small batch can be done in seconds. Later looks double, up
+# to POLL_MAX_S: OpenRouter's median batch takes minutes, and a look a minute costs next to nothing.
+POLL_FIRST_S = 2.0
+POLL_MAX_S = 60.0
+
+
+def next_poll_s(polls: int) -> float:
+    """When to look again at an upstream batch after `polls` looks."""
+    return min(POLL_MAX_S, POLL_FIRST_S * 2.0 ** min(polls, 10))
 
 
 class OpenRouterBatches:
