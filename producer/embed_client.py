@@ -19,13 +19,15 @@ from openinference.semconv.trace import SpanAttributes
 
 from routerq.core import telemetry
 from routerq.core.batch_format import LineError
-from routerq.core.broker import EMBED_TASK_NAME
+from routerq.core.batch_store import Via
+from routerq.core.broker import EMBED_TASK_NAME, EMBED_UPSTREAM_BATCH_TASK_NAME
 from routerq.core.embed_store import EmbedRun, EmbedStore
 from routerq.core.errors import EmbedError, EmbedInputError
 from routerq.core.redis_client import connect
 from routerq.core.settings import Settings
 from routerq.core.spans import chain_attributes
 from routerq.core.staged_enqueue import StagedEnqueue
+from routerq.core.upstream_batch import new_chunk_id
 from routerq.core.vectors import from_float32
 
 
@@ -34,6 +36,7 @@ class EmbedPlan:
     run: EmbedRun
     missing: int
     requests: int
+    upstream_batches: int = 0  # with via batch: the OpenRouter batches the requests go in
     errors: list[LineError] = field(default_factory=list)
 
 
@@ -96,8 +99,10 @@ class EmbedClient:
         text_field: str = "text",
         per_request: int = 128,
         dimensions: int | None = None,
+        via: Via = Via.LIVE,
     ) -> EmbedPlan:
-        """Validate the whole input, store its texts once, enqueue requests for texts without vectors."""
+        """Validate the whole input, store its texts once, enqueue requests for texts without vectors.
+        `via` batch sends the requests as OpenRouter batches (about half the price, within 24 h)."""
         run = EmbedRun(
             id=self.run_id(path, model, id_field, text_field, dimensions),
             model=model,
@@ -110,22 +115,49 @@ class EmbedClient:
             run.total = self._store_inputs(run, path, id_field, text_field)
         else:
             run = existing
+        run.via = via
         self.store.save(run)
         missing = list(self.store.missing(run.id, run.total))
+        requests = [missing[start : start + per_request] for start in range(0, len(missing), per_request)]
         staged = StagedEnqueue(self.redis, self.settings, self.store.key(run.id))
         now = time.time()
-        requests = 0
-        for start in range(0, len(missing), per_request):
-            chunk = missing[start : start + per_request]
-            attributes = {
-                **chain_attributes(f"{len(chunk)} texts from {path.name}"),
-                SpanAttributes.SESSION_ID: run.id,
-                "routerq.embed.run": run.id,
-            }
-            staged.add(EMBED_TASK_NAME, [run.id, chunk, now], ("routerq.embed_request", attributes))
-            requests += 1
+        chunks = 0
+        if via is Via.BATCH:
+            sizes = [
+                len(row[2].encode())
+                for row in read_rows(path, id_field, text_field)
+                if isinstance(row, tuple)
+            ]
+            for chunk in self._upstream_chunks(requests, sizes):
+                staged.add(EMBED_UPSTREAM_BATCH_TASK_NAME, [run.id, new_chunk_id(), chunk, now])
+                chunks += 1
+        else:
+            for request in requests:
+                attributes = {
+                    **chain_attributes(f"{len(request)} texts from {path.name}"),
+                    SpanAttributes.SESSION_ID: run.id,
+                    "routerq.embed.run": run.id,
+                }
+                staged.add(EMBED_TASK_NAME, [run.id, request, now], ("routerq.embed_request", attributes))
         staged.release()
-        return EmbedPlan(run, len(missing), requests)
+        return EmbedPlan(run, len(missing), len(requests), chunks)
+
+    def _upstream_chunks(self, requests: list[list[int]], sizes: list[int]) -> Iterator[list[list[int]]]:
+        """Requests grouped into upstream batches under OpenRouter's request cap and routerq's byte cap."""
+        chunk: list[list[int]] = []
+        size = 0
+        for request in requests:
+            request_size = sum(sizes[index] for index in request)
+            if chunk and (
+                len(chunk) >= self.settings.upstream_batch_max_requests
+                or size + request_size > self.settings.upstream_batch_max_bytes
+            ):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(request)
+            size += request_size
+        if chunk:
+            yield chunk
 
     def _store_inputs(self, run: EmbedRun, path: Path, id_field: str, text_field: str) -> int:
         """First pass validates everything (nothing is stored if any row is bad); the second stores."""

@@ -574,6 +574,12 @@ def embed(
     text_field: Annotated[str, typer.Option(help="the text column")] = "text",
     inputs_per_request: Annotated[int, typer.Option(min=1, max=2048, help="texts per request")] = 128,
     dimensions: Annotated[int | None, typer.Option(help="ask the model for this many dimensions")] = None,
+    via: Annotated[
+        Via,
+        typer.Option(
+            help="live: each request a live call; batch: OpenRouter's Batch API, ~half price, within 24 h"
+        ),
+    ] = Via.LIVE,
 ) -> None:
     """Embedding backfill. Re-running after an interruption sends only texts without a stored vector."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -593,6 +599,7 @@ def embed(
             text_field=text_field,
             per_request=inputs_per_request,
             dimensions=dimensions,
+            via=via,
         )
     except EmbedInputError as exc:
         for error in exc.errors:
@@ -606,6 +613,7 @@ def embed(
     err.print(
         f"{run.id}: {run.total} texts, {run.total - plan.missing} already embedded, "
         f"{plan.missing} to embed in {plan.requests} request(s)"
+        + (f", sent as {plan.upstream_batches} OpenRouter batch(es)" if via is Via.BATCH else "")
     )
     columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err) as progress:

@@ -17,6 +17,7 @@ import redis
 import redis.asyncio as aredis
 from pydantic import BaseModel, Field
 
+from routerq.core.batch_store import Via
 from routerq.core.lua import lua_script
 from routerq.core.redis_client import as_text
 
@@ -31,6 +32,7 @@ class EmbedRun(BaseModel):
     prompt_tokens: int = 0
     cost: float = 0.0
     input_file: str = ""
+    via: Via = Via.LIVE  # batch: requests go as OpenRouter batches (routerq.core.upstream_batch)
     project: str | None = None  # the submitter's Phoenix project
     created_at: float = Field(default_factory=time.time)
 
@@ -109,10 +111,13 @@ class AsyncEmbedStore:
         values = await self._redis.hmget(self.key(run_id, "in"), indexes)
         return [json.loads(v)["text"] if v else None for v in values]
 
-    async def claim(self, run_id: str, indexes: list[int], owner: str) -> list[int]:
-        """The indexes this request is to send: no vector yet, and no other live request holds them."""
+    async def claim(
+        self, run_id: str, indexes: list[int], owner: str, hold: float | None = None
+    ) -> list[int]:
+        """The indexes this request is to send: no vector yet, and no other live request holds them.
+        The claim lasts `hold` seconds (default: as long as a call may)."""
         keys = [self.key(run_id, "vec"), self.key(run_id, "claim")]
-        args: list[str | int] = [owner, int(self._claim_s) + 1, self._ttl, *indexes]
+        args: list[str | int] = [owner, int(hold or self._claim_s) + 1, self._ttl, *indexes]
         return [int(index) for index in await self._claim(keys=keys, args=args)]
 
     async def store_vectors(self, run_id: str, vectors: dict[int, bytes], tokens: int, cost: float) -> int:
@@ -132,6 +137,11 @@ class AsyncEmbedStore:
             pipe.hincrbyfloat(self.key(run_id), "cost", cost)
         await pipe.execute()
         return added
+
+    async def let_go(self, run_id: str, indexes: list[int]) -> None:
+        """Drop the claims on these texts: another request (a retry) may take them."""
+        if indexes:
+            await self._redis.hdel(self.key(run_id, "claim"), *indexes)
 
     async def record_failure(self, run_id: str, indexes: list[int]) -> None:
         """Count the texts failed and let go of them: a re-run sends them again."""

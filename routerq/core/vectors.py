@@ -13,3 +13,10 @@ def from_float32(raw: bytes) -> list[float]:
     if sys.byteorder == "big":
         floats.byteswap()
     return floats.tolist()
+
+
+def to_float32(values: list[float]) -> bytes:
+    floats = array.array("f", values)
+    if sys.byteorder == "big":
+        floats.byteswap()
+    return floats.tobytes()

@@ -14,9 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 from conftest import ROUTERQ, Stack, extra_worker, routerq, wait_for
+from phoenix.client import Client
 
 from routerq.core.embed_store import EmbedStore
 from routerq.devstack.fake_openrouter import fake_embedding
+from routerq.devstack.fake_upstream import PRICES
 from routerq.producer.embed_client import EmbedClient
 
 MODEL = "openai/text-embedding-3-small"
@@ -230,3 +232,50 @@ def test_a_backfills_embedding_spans_carry_tokens_phoenix_counts_and_routerqs_co
     )
     counted = answer.json()["data"]["node"]["tokenCountTotal"]
     assert counted in (0, None), "Phoenix now counts embedding tokens: update the README's note on embeddings"
+
+
+def test_embed_via_batch_sends_the_requests_as_one_openrouter_batch_at_half_price_and_traces_failures(
+    stack: Stack, tmp_path: Path
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    source = texts_file(tmp_path / "texts.jsonl", marker, 300)
+    lines = source.read_text().splitlines()
+    lines[200] = json.dumps({"doc": "d0200", "body": f"{marker} text number 200 [[batch-status:400]]"})
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "vectors.jsonl"
+    done = routerq(
+        stack, "embed", str(source), "--model", MODEL, "--id-field", "doc", "--text-field", "body",
+        "--inputs-per-request", "128", "--via", "batch", "-o", str(out),
+    )  # fmt: skip
+    assert done.returncode == 1 and "128 text(s) failed" in done.stderr, done.stderr  # request 2 of 3
+    assert "sent as 1 OpenRouter batch(es)" in done.stderr
+    calls = httpx.get(f"{stack.fake_base}/_fake/calls").json()["calls"]
+    upstream = [c for c in calls if c.get("kind") == "batch" and any(marker in t for t in c["texts"])]
+    assert [(c["endpoint"], len(c["custom_ids"])) for c in upstream] == [("/v1/embeddings", 3)]
+    assert embed_calls(stack, marker) == []  # no live call
+
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"d{i:04d}" for i in [*range(128), *range(256, 300)]]
+    assert rows[0]["embedding"] == fake_embedding(f"{marker} text number 0", 1536)
+    run_id = done.stderr.split(":")[0].strip()
+    run = EmbedStore(redis.Redis.from_url(stack.redis.url), 3600).get(run_id)
+    assert run is not None and (run.done, run.failed) == (172, 128)
+    assert run.cost == pytest.approx(run.prompt_tokens * float(PRICES[MODEL][0]) / 2)  # the batch price
+
+    client = Client(base_url=stack.phoenix.url)
+    found: list[dict[str, object]] = []
+
+    def failure_traced() -> bool:
+        try:
+            found[:] = client.spans.get_spans(
+                project_identifier=stack.project, name="CreateEmbeddingResponse",
+                attributes={"routerq.embed.run": run_id}, limit=10, timeout=30,
+            )  # fmt: skip
+        except httpx.HTTPStatusError as exc:  # 404 until the project's first span has landed
+            if exc.response.status_code != 404:
+                raise
+        return bool(found)
+
+    wait_for(failure_traced, "the failed request's span in Phoenix", timeout=60, poll=1)
+    (failed,) = found
+    assert failed["status_code"] == "ERROR" and failed["attributes"]["routerq.embed.first_index"] == 128

@@ -6,7 +6,7 @@ from __future__ import annotations
 from celery import Celery
 
 from routerq.core.settings import Settings
-from routerq.worker.execution import tasks, upstream_batches
+from routerq.worker.execution import embed_batches, tasks, upstream_batches
 
 
 def create_app(settings: Settings) -> Celery:
@@ -44,4 +44,5 @@ def create_worker_app(settings: Settings) -> Celery:
     app.conf.worker_pool = "routerq.worker.execution.pool:AsyncioPool"
     tasks.register(app)
     upstream_batches.register(app)
+    embed_batches.register(app)
     return app

@@ -43,7 +43,7 @@ from routerq.worker.execution.tasks import line_job
 from routerq.worker.tracing.line_trace import LineTrace
 from routerq.worker.tracing.tail_sampler import sampler
 from routerq.worker.tracing.upstream_batch_span import mapping, upstream_batch_span
-from routerq.worker.upstream.batch_api import POLL_FIRST_S, TERMINAL, next_poll_s
+from routerq.worker.upstream.batch_api import POLL_FIRST_S, TERMINAL, next_poll_s, parse_result
 from routerq.worker.upstream.cost_estimate import batch_line_cost
 from routerq.worker.upstream.retry import RETRYABLE_STATUS, Action, Tries, decide
 
@@ -301,26 +301,14 @@ def _result(
         "started_at": started, "finished_at": finished, "batch_id": job.batch_id, "custom_id": job.custom_id,
         "model": job.models[0],
     }  # fmt: skip
-    response = (item or {}).get("response")
-    body = response.get("body") if isinstance(response, dict) else None
-    if isinstance(body, dict) and int(response.get("status_code") or 200) < 400:  # type: ignore[union-attr]
-        usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
-        return JobResult(
-            **common, status="succeeded", response=body, provider=body.get("provider"),
-            generation_id=body.get("id"), usage=Usage.model_validate(usage) if usage else None,
-        )  # fmt: skip
-    raw = (item or {}).get("error") or (body or {}).get("error") or {}
-    code = raw.get("code") if isinstance(raw, dict) else None
-    status_code = code if isinstance(code, int) else mapping(response).get("status_code")
-    message = str(raw.get("message") if isinstance(raw, dict) else raw) or "no result from OpenRouter's batch"
-    if item is None:
-        message, status_code = "OpenRouter's batch returned no result for this line", 502
-    error = JobError(
-        code=f"http_{status_code}" if status_code else "upstream_error",
-        message=message,
-        status_code=status_code,
-    )
-    return JobResult(**common, status="failed", error=error)
+    parsed = parse_result(item)
+    if isinstance(parsed, JobError):
+        return JobResult(**common, status="failed", error=parsed)
+    usage = parsed.get("usage") if isinstance(parsed.get("usage"), dict) else None
+    return JobResult(
+        **common, status="succeeded", response=parsed, provider=parsed.get("provider"),
+        generation_id=parsed.get("id"), usage=Usage.model_validate(usage) if usage else None,
+    )  # fmt: skip
 
 
 def _trace_line(batch: Batch, index: int, job: Job, result: JobResult, upstream_id: str) -> bool | None:

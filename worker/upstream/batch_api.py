@@ -13,6 +13,7 @@ from typing import Any
 import httpx2
 
 from routerq.core.errors import UpstreamBatchError
+from routerq.core.jobs import JobError
 from routerq.core.redaction import redact
 from routerq.core.settings import Settings
 from routerq.worker.upstream.openrouter import retry_after
@@ -27,6 +28,28 @@ POLL_MAX_S = 60.0
 def next_poll_s(polls: int) -> float:
     """When to look again at an upstream batch after `polls` looks."""
     return min(POLL_MAX_S, POLL_FIRST_S * 2.0 ** min(polls, 10))
+
+
+def parse_result(item: dict[str, Any] | None) -> dict[str, Any] | JobError:
+    """One request's result in a completed batch: the endpoint's answer, or why there is none."""
+    response = (item or {}).get("response")
+    response = response if isinstance(response, dict) else {}
+    body = response.get("body")
+    if item is not None and isinstance(body, dict) and int(response.get("status_code") or 200) < 400:
+        return body
+    if item is None:
+        return JobError(code="http_502", message="OpenRouter's batch returned no result for this request",
+                        status_code=502)  # fmt: skip
+    raw = item.get("error") or (body or {}).get("error") or {}
+    code = raw.get("code") if isinstance(raw, dict) else None
+    status_code = code if isinstance(code, int) else response.get("status_code")
+    status_code = status_code if isinstance(status_code, int) else None
+    message = str(raw.get("message") if isinstance(raw, dict) else raw) or "no result from OpenRouter's batch"
+    return JobError(
+        code=f"http_{status_code}" if status_code else "upstream_error",
+        message=message,
+        status_code=status_code,
+    )
 
 
 class OpenRouterBatches:
