@@ -302,10 +302,12 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
             return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    scrapers = Tokens([settings.metrics_token.get_secret_value()]) if settings.metrics_token else None
+
     def metrics(request: Request) -> Response:
-        return PlainTextResponse(
-            metrics_text(client, batches.store, settings.queue), media_type="text/plain; version=0.0.4"
-        )
+        if scrapers is not None and scrapers.tenant(request.headers.get("authorization")) is None:
+            raise ApiError(401, "/metrics wants the ROUTERQ_METRICS_TOKEN bearer", code="invalid_api_key")
+        return PlainTextResponse(metrics_text(client, settings.queue), media_type="text/plain; version=0.0.4")
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)

@@ -1,38 +1,68 @@
-"""`/metrics` in Prometheus's text format: the queue, the batches of the last hour, and spans."""
+"""`/metrics` in Prometheus's text format: running totals kept as work ends (routerq.core.counters)
+and a few gauges of what is under way. A scrape costs a handful of Redis reads, however many batches
+there are: rates are Prometheus's to take (`rate(routerq_lines_total[5m])`)."""
 
 from __future__ import annotations
 
-import time
-
 import redis
 
-from routerq.core.batch_store import BatchStatus, BatchStore
+from routerq.core.batch_store import active_key, batch_key
+from routerq.core.counters import COUNTERS_KEY, OPEN_UPSTREAM_KEY, parse_counters
 from routerq.core.export_counts import ExportCounts
+from routerq.core.redis_client import as_text
 
-RECENT_S = 3600  # batches created within this window are summed
-RECENT_MAX = 1000
+_RUNNING = {"in_progress", "paused"}
 
 
-def metrics_text(client: redis.Redis, store: BatchStore, queue: str) -> str:
-    now = time.time()
-    recent = [b for b in store.recent(RECENT_MAX) if b.created_at >= now - RECENT_S]
-    active = [b for b in recent if b.status in (BatchStatus.IN_PROGRESS, BatchStatus.PAUSED)]
-    elapsed = [now - (b.in_progress_at or b.created_at) for b in active]
-    rate = sum(b.done / e for b, e in zip(active, elapsed, strict=True) if e > 0)
+def metrics_text(client: redis.Redis, queue: str) -> str:
+    pipe = client.pipeline(transaction=False)
+    pipe.llen(queue)
+    pipe.hgetall(COUNTERS_KEY)
+    pipe.scard(OPEN_UPSTREAM_KEY)
+    pipe.smembers(active_key(queue))
+    depth, raw_counters, open_upstream, active = pipe.execute()
+    pipe = client.pipeline(transaction=False)
+    for batch_id in active:
+        pipe.hget(batch_key(as_text(batch_id)), "status")
+        pipe.scard(batch_key(as_text(batch_id), "calling"))
+    replies = pipe.execute()
+    statuses, calling = replies[0::2], replies[1::2]
+    running = [as_text(s) in _RUNNING for s in statuses if s is not None]
+    counters = parse_counters(raw_counters)
     spans = ExportCounts.read(client)
-    hour = "batches of the last hour"
-    values: list[tuple[str, str, str, float]] = [
-        ("routerq_queue_depth", "messages waiting on the queue", "gauge", int(client.llen(queue))),
-        ("routerq_lines_in_flight", "batch lines running now", "gauge", sum(b.running for b in active)),
-        ("routerq_lines_per_second", "lines finishing per second, active batches", "gauge", round(rate, 3)),
-        ("routerq_batches_active", "batches in progress or paused", "gauge", len(active)),
-        ("routerq_lines_succeeded", f"lines succeeded, {hour}", "gauge", sum(b.succeeded for b in recent)),
-        ("routerq_lines_failed", f"lines failed, {hour}", "gauge", sum(b.failed for b in recent)),
-        ("routerq_spend_usd", f"OpenRouter cost, {hour}", "gauge", round(sum(b.cost for b in recent), 9)),
-        ("routerq_spans_sent_total", "spans workers sent to Phoenix", "counter", spans.sent),
-        ("routerq_spans_dropped_total", "spans refused or dropped", "counter", spans.dropped),
-    ]
-    lines = []
-    for name, help_text, kind, value in values:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-    return "\n".join(lines) + "\n"
+    out: list[str] = []
+
+    def metric(name: str, help_text: str, kind: str, samples: dict[str, float]) -> None:
+        out.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"))
+        out.extend(f"{name}{labels} {value:g}" for labels, value in samples.items())
+
+    def by(prefix: str, *labels: str) -> dict[str, float]:
+        """Counters named prefix:a:b..., as samples labelled with a, b, ..."""
+        samples = {}
+        for key, value in sorted(counters.items()):
+            if key.startswith(prefix + ":"):
+                values = key[len(prefix) + 1 :].split(":")
+                pairs = ",".join(f'{label}="{v}"' for label, v in zip(labels, values, strict=False))
+                samples["{" + pairs + "}"] = value
+        return samples
+
+    metric("routerq_queue_depth", "messages waiting on the queue", "gauge", {"": depth})
+    metric("routerq_lines_in_flight", "batch lines calling upstream now", "gauge", {"": sum(calling)})
+    metric("routerq_batches_active", "batches in progress or paused", "gauge", {"": sum(running)})
+    metric("routerq_lines_total", "batch lines recorded, by route and outcome", "counter",
+           by("lines", "via", "outcome"))  # fmt: skip
+    metric("routerq_jobs_total", "single jobs finished, by status", "counter", by("jobs", "status"))
+    metric("routerq_embedding_texts_total", "embedding texts, by outcome", "counter", by("texts", "outcome"))
+    metric("routerq_tokens_total", "tokens of every recorded answer", "counter", {
+        '{kind="prompt"}': counters.get("prompt_tokens", 0.0),
+        '{kind="completion"}': counters.get("completion_tokens", 0.0),
+    })  # fmt: skip
+    metric("routerq_spend_usd_total", "OpenRouter cost of everything recorded", "counter",
+           {"": round(counters.get("cost", 0.0), 9)})  # fmt: skip
+    metric("routerq_upstream_batches_open", "OpenRouter batches submitted and not ended", "gauge",
+           {"": open_upstream})  # fmt: skip
+    metric("routerq_upstream_batches_total", "OpenRouter batches ended, by status", "counter",
+           by("upstream", "status"))  # fmt: skip
+    metric("routerq_spans_sent_total", "spans workers sent to Phoenix", "counter", {"": spans.sent})
+    metric("routerq_spans_dropped_total", "spans refused or dropped", "counter", {"": spans.dropped})
+    return "\n".join(out) + "\n"

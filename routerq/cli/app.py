@@ -465,7 +465,14 @@ def _describe(batch: Batch, stats: BatchStats, export: "ExportCounts", upstream:
         f"{batch.succeeded} succeeded, {batch.failed} failed, {batch.cancelled} cancelled"
         + (f", {batch.parked} parked" if batch.parked else ""),
         f"tokens     {batch.prompt_tokens} in, {batch.completion_tokens} out",
-        f"cost       ${batch.cost:.6f}" + (f" of a ${batch.max_cost:g} budget" if batch.max_cost else ""),
+        f"cost       ${batch.cost:.6f}"
+        + (f" of a ${batch.max_cost:g} budget" if batch.max_cost else "")
+        + (
+            f" (${batch.cost_after_cancel:.6f} of it billed for OpenRouter batches that ended after "
+            "the cancel)"
+            if batch.cost_after_cancel
+            else ""
+        ),
         f"throughput {rate:.1f} lines/s, ETA {eta}",
         f"latency    {_percentiles(stats.latency_ms)}; queue wait {_percentiles(stats.queue_wait_ms)}",
         f"retries    {batch.retries}",

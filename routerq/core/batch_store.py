@@ -28,6 +28,7 @@ import redis
 import redis.asyncio as aredis
 from pydantic import BaseModel, Field
 
+from routerq.core.counters import COUNTERS_KEY
 from routerq.core.histogram import bucket, percentiles
 from routerq.core.jobs import BUILT_ON_FIRST_USE, JobResult
 from routerq.core.lua import lua_script
@@ -105,6 +106,7 @@ class Batch(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float = 0.0
+    cost_after_cancel: float = 0.0  # billed by upstream batches that ended after a cancel: in `cost`
     metadata: dict[str, str] = Field(default_factory=dict)
     session_id: str | None = None
     user_id: str | None = None
@@ -423,6 +425,7 @@ class AsyncBatchStore:
         pipe = self._redis.pipeline(transaction=True)
         pipe.hincrbyfloat(self.key(batch_id), "cost", cost)
         pipe.hincrbyfloat(self.key(batch_id), "cost_after_cancel", cost)
+        pipe.hincrbyfloat(COUNTERS_KEY, "cost", cost)
         await pipe.execute()
 
     async def pause(self, batch_id: str, reason: str) -> bool:
@@ -450,6 +453,7 @@ class AsyncBatchStore:
             self.key(batch_id, "stats"),
             self.key(batch_id, "held"),
             self.key(batch_id, "calling"),
+            COUNTERS_KEY,
         ]
         args = [
             index,

@@ -18,6 +18,7 @@ import redis.asyncio as aredis
 from pydantic import BaseModel, Field
 
 from routerq.core.batch_store import Via
+from routerq.core.counters import COUNTERS_KEY
 from routerq.core.lua import lua_script
 from routerq.core.redis_client import as_text
 
@@ -135,6 +136,9 @@ class AsyncEmbedStore:
         if added:
             pipe.hincrby(self.key(run_id), "prompt_tokens", tokens)
             pipe.hincrbyfloat(self.key(run_id), "cost", cost)
+            pipe.hincrby(COUNTERS_KEY, "texts:embedded", added)
+            pipe.hincrby(COUNTERS_KEY, "prompt_tokens", tokens)
+            pipe.hincrbyfloat(COUNTERS_KEY, "cost", cost)
         await pipe.execute()
         return added
 
@@ -147,6 +151,7 @@ class AsyncEmbedStore:
         """Count the texts failed and let go of them: a re-run sends them again."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.hincrby(self.key(run_id), "failed", len(indexes))
+        pipe.hincrby(COUNTERS_KEY, "texts:failed", len(indexes))
         if indexes:
             pipe.hdel(self.key(run_id, "claim"), *indexes)
         await pipe.execute()

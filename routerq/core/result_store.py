@@ -14,6 +14,7 @@ from collections.abc import Callable
 import redis
 import redis.asyncio as aredis
 
+from routerq.core.counters import COUNTERS_KEY
 from routerq.core.errors import ResultTimeoutError
 from routerq.core.jobs import Job, JobResult
 from routerq.core.lua import lua_script
@@ -98,7 +99,13 @@ class AsyncResultStore:
             self._pending,
             INPUT_KEY.format(job_id=result.job_id),
             DONE_KEY.format(job_id=result.job_id),
+            COUNTERS_KEY,
         ]
         data = result.model_dump_json(exclude_none=True)
-        args: list[str | int] = [data, int(result.ok), self._ttl, result.job_id, DONE_TTL_S]
+        usage = result.usage
+        args: list[str | int] = [
+            data, int(result.ok), self._ttl, result.job_id, DONE_TTL_S,
+            usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+            repr(usage.cost or 0.0) if usage else "0",
+        ]  # fmt: skip
         return bool(await self._put(keys=keys, args=args))

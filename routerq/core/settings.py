@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     api_keys: Annotated[SecretStr | None, Field(alias="ROUTERQ_API_KEYS")] = None
     files_dir: Annotated[Path, Field(alias="ROUTERQ_FILES_DIR")] = DEFAULT_FILES_DIR
     max_upload_mb: Annotated[float, Field(alias="ROUTERQ_MAX_UPLOAD_MB", gt=0)] = DEFAULT_MAX_UPLOAD_MB
+    # A bearer token `/metrics` asks for; unset, it is open (Prometheus scrapers rarely carry tokens).
+    metrics_token: Annotated[SecretStr | None, Field(alias="ROUTERQ_METRICS_TOKEN")] = None
 
     @field_validator("trace_budget", mode="before")
     @classmethod
@@ -176,7 +178,7 @@ class Settings(BaseSettings):
     @property
     def secrets(self) -> list[str]:
         """Values that must never leave the process in spans, logs, results or errors."""
-        keys = (self.openrouter_api_key, self.phoenix_api_key, self.redis_password)
+        keys = (self.openrouter_api_key, self.phoenix_api_key, self.redis_password, self.metrics_token)
         return [k.get_secret_value() for k in keys if k and k.get_secret_value()] + self.api_tokens
 
 

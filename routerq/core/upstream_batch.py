@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NewType
 import redis
 
 from routerq.core.batch_store import batch_key
+from routerq.core.counters import COUNTERS_KEY, OPEN_UPSTREAM_KEY
 from routerq.core.embed_store import embed_key
 from routerq.core.jobs import JobKind
 from routerq.core.lua import lua_script
@@ -148,7 +149,13 @@ class AsyncChunkStore:
         pipe.expire(chunk_key(owner, chunk_id), self._ttl)
         pipe.hset(chunks_key(owner), chunk_id, str(fields.get("upstream_status") or status.value))
         pipe.expire(chunks_key(owner), self._ttl)
-        await pipe.execute()
+        if status is ChunkStatus.SUBMITTED:
+            pipe.sadd(OPEN_UPSTREAM_KEY, chunk_key(owner, chunk_id))
+        elif status is ChunkStatus.DONE:
+            pipe.srem(OPEN_UPSTREAM_KEY, chunk_key(owner, chunk_id))
+        replies = await pipe.execute()
+        if status is ChunkStatus.DONE and replies[-1] and fields.get("upstream_status"):
+            await self._redis.hincrby(COUNTERS_KEY, f"upstream:{fields['upstream_status']}", 1)
 
     async def polled(self, owner: ChunkOwner, chunk_id: str, upstream_status: str) -> int:
         """Count a poll and note what OpenRouter said; returns the polls so far."""

@@ -15,11 +15,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import Stack, line, routerq, write_jsonl
+from conftest import Stack, line, routerq, wait_for, write_jsonl
 from phoenix_queries import trace_spans
 
+from routerq.core.batch_store import Via
 from routerq.devstack.fake_openrouter import fake_answer
 from routerq.devstack.localstack import Service, free_port, start_api
+from routerq.producer.batch_client import BatchClient
 
 TOKEN_A, TOKEN_B = "rq-token-a-" + uuid.uuid4().hex, "rq-token-b-" + uuid.uuid4().hex
 ROOT = Path(__file__).resolve().parents[2]
@@ -262,3 +264,56 @@ def test_the_openai_client_asks_for_openrouters_batch_price_with_a_metadata_key(
             input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
             metadata={"routerq_via": "cheap"},
         )  # fmt: skip
+
+
+def scrape(url: str, token: str | None) -> dict[str, float]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = httpx.get(f"{url}/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    samples = {}
+    for row in response.text.splitlines():
+        if row and not row.startswith("#"):
+            name, value = row.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_count_lines_by_route_and_outcome_and_want_their_token_when_one_is_set(
+    stack: Stack, tmp_path: Path
+) -> None:
+    token = "rq-metrics-" + uuid.uuid4().hex
+    env = {**stack.env, "ROUTERQ_METRICS_TOKEN": token, "ROUTERQ_API_KEYS": TOKEN_A,
+           "ROUTERQ_FILES_DIR": str(tmp_path / "files")}  # fmt: skip
+    service = start_api(env, stack.tmp / "logs", free_port())
+    try:
+        refused = httpx.get(f"{service.url}/metrics")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert (
+            httpx.get(f"{service.url}/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+        )
+        before = scrape(service.url, token)
+        marker = uuid.uuid4().hex[:8]
+        live_rows = chat_rows(marker, 3)
+        live_rows[2] = line("q2", "chat", f"{marker} question 2 [[status:400]]")
+        batches = BatchClient(stack.settings(), tracing=False)
+        live = batches.submit(write_jsonl(tmp_path / "live.jsonl", live_rows)).batch
+        via = batches.submit(
+            write_jsonl(tmp_path / "via.jsonl", chat_rows(marker + "b", 2)), via=Via.BATCH
+        ).batch
+        for batch_id in (live.id, via.id):
+            wait_for(lambda b=batch_id: batches.get(b).status.final, f"batch {batch_id} to end", timeout=120)
+        after = scrape(service.url, token)
+    finally:
+        service.stop()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew('routerq_lines_total{via="live",outcome="succeeded"}') == 2
+    assert grew('routerq_lines_total{via="live",outcome="failed"}') == 1
+    assert grew('routerq_lines_total{via="batch",outcome="succeeded"}') == 2
+    assert grew('routerq_upstream_batches_total{status="completed"}') == 1
+    assert after["routerq_upstream_batches_open"] == before.get("routerq_upstream_batches_open", 0)
+    spent = batches.get(live.id).cost + batches.get(via.id).cost
+    assert grew("routerq_spend_usd_total") == pytest.approx(spent, rel=1e-6)
+    assert grew('routerq_tokens_total{kind="prompt"}') > 0

@@ -220,7 +220,12 @@ def test_cancel_while_the_upstream_batch_is_pending_ends_the_batch_without_its_a
     with pending_upstream_batch(stack, tmp_path, 4) as (client, batch, _, _):
         client.cancel(batch.id)
         final = wait_final(client, batch.id, timeout=120)
-    assert (final.status, final.cancelled, final.succeeded) == (BatchStatus.CANCELLED, 4, 0)
+        assert (final.status, final.cancelled, final.succeeded) == (BatchStatus.CANCELLED, 4, 0)
+        # OpenRouter's batch cannot be cancelled: what it bills when it ends is cost, never answers
+        wait_for(lambda: client.get(batch.id).cost_after_cancel > 0, "the upstream batch's bill", timeout=60)
+    status = routerq(stack, "status", batch.id, env={"ROUTERQ_QUEUE": client.settings.queue})
+    assert "billed for OpenRouter batches that ended after the cancel" in status.stdout, status.stdout
+    assert client.get(batch.id).succeeded == 0
 
 
 def test_the_stand_ins_batch_api_refuses_what_openrouters_refuses(stack: Stack) -> None:

@@ -19,6 +19,7 @@ from routerq.core.batch_store import (
     Recorded,
     batch_key,
 )
+from routerq.core.counters import COUNTERS_KEY, parse_counters
 from routerq.core.jobs import Job, JobKind, JobResult, Usage
 from routerq.core.upstream_batch import AsyncChunkStore
 
@@ -149,6 +150,9 @@ def test_a_redelivered_outcome_is_recorded_once_and_a_success_is_never_overwritt
     assert (record(redis_url, batch_id, 0, Outcome.FAILED)) == Recorded.ALREADY
     batch = BatchStore(sync_redis, TTL).get(batch_id)
     assert batch is not None and (batch.succeeded, batch.failed, batch.cost) == (1, 0, 0.5)
+    assert parse_counters(sync_redis.hgetall(COUNTERS_KEY)) == {
+        "lines:live:succeeded": 1, "prompt_tokens": 3, "completion_tokens": 4, "cost": 0.5,
+    }  # fmt: skip
 
 
 def test_a_failed_line_that_later_succeeds_moves_from_failed_to_succeeded(

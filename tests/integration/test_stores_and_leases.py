@@ -11,6 +11,7 @@ import redis
 import redis.asyncio as aredis
 from harness import on_redis, run, settings_for
 
+from routerq.core.counters import COUNTERS_KEY, parse_counters
 from routerq.core.embed_store import AsyncEmbedStore, embed_key
 from routerq.core.jobs import JobKind, JobResult
 from routerq.core.result_store import PENDING_KEY, RESULT_KEY, AsyncResultStore
@@ -102,6 +103,15 @@ def test_a_success_replaces_an_earlier_failure(redis_url: str, sync_redis: redis
     assert (put(redis_url, result("failed"))) is True
     assert (put(redis_url, result("succeeded"))) is True
     assert json.loads(sync_redis.get(RESULT_KEY.format(job_id="job1")) or b"{}")["status"] == "succeeded"
+
+
+def test_each_status_a_job_reaches_is_counted_once_for_metrics(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    for status in ("failed", "failed", "succeeded", "succeeded", "failed"):  # redeliveries
+        put(redis_url, result(status))
+    counters = parse_counters(sync_redis.hgetall(COUNTERS_KEY))
+    assert (counters["jobs:failed"], counters["jobs:succeeded"]) == (1, 1)
 
 
 # --- staged enqueue (staged_release.lua) ---

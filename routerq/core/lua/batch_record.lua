@@ -1,5 +1,6 @@
 -- Record one outcome atomically: counters, usage, running set and the final status move together.
--- Returns -1 (no batch), 0 (already recorded), 1, or 2 when this outcome ended the batch.
+-- Returns -1 (no batch), 0 (already recorded), 1, or 2 when this outcome ended the batch. What it
+-- stores is counted in the running totals too (KEYS[7], routerq.core.counters).
 local meta, out, run = KEYS[1], KEYS[2], KEYS[3]
 local index, outcome, value = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('EXISTS', meta) == 0 then return -1 end
@@ -16,6 +17,8 @@ if prev then
 end
 redis.call('HSET', out, index, outcome .. value)
 redis.call('HINCRBY', meta, names[outcome], 1)
+local via = redis.call('HGET', meta, 'via') or 'live'
+redis.call('HINCRBY', KEYS[7], 'lines:' .. via .. ':' .. names[outcome], 1)
 if ARGV[9] ~= '' then redis.call('HINCRBY', meta, ARGV[9], 1) end
 if ARGV[10] ~= '0' then redis.call('HINCRBY', meta, 'retries', ARGV[10]) end
 if ARGV[11] ~= '' then
@@ -26,6 +29,9 @@ end
 if outcome == 'S' then
   redis.call('HINCRBY', meta, 'prompt_tokens', ARGV[4])
   redis.call('HINCRBY', meta, 'completion_tokens', ARGV[5])
+  redis.call('HINCRBY', KEYS[7], 'prompt_tokens', ARGV[4])
+  redis.call('HINCRBY', KEYS[7], 'completion_tokens', ARGV[5])
+  redis.call('HINCRBYFLOAT', KEYS[7], 'cost', ARGV[6])
   local spent = tonumber(redis.call('HINCRBYFLOAT', meta, 'cost', ARGV[6]))
   local budget = tonumber(redis.call('HGET', meta, 'max_cost') or '')
   if budget and spent >= budget and redis.call('HGET', meta, 'status') == 'in_progress' then
