@@ -8,7 +8,8 @@ through validating, in_progress and finalizing to completed over `batch_s` secon
 endpoint would, at half its price; `[[status:N]]` in a request makes its result an error (and its live
 call, as always), `[[batch-status:N]]` its batch result only (a live call then succeeds). A request
 with `[[batch-expire-first]]` makes the first batch that carries it end `expired`, and
-`[[batch-failed]]` any batch `failed`. Each submission is logged in `/_fake/calls` with kind "batch".
+`[[batch-failed]]` any batch `failed`; `[[batch-no-cost]]` leaves `usage.cost` out of that request's result
+(the batch's `usage.cost` still counts it). Each submission is logged in `/_fake/calls` with kind "batch".
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def _invalid(body: Any) -> str | None:
     return None
 
 
-def _result(batch: dict[str, Any], request: dict[str, Any], n: int) -> dict[str, Any]:
+def _result(batch: dict[str, Any], request: dict[str, Any], n: int) -> tuple[dict[str, Any], float]:
+    """A request's result, and what it costs (its `usage.cost`, unless `[[batch-no-cost]]` hides it)."""
     kind, model = ENDPOINTS[batch["endpoint"]], batch["model"]
     prompt = prompt_of(kind, request["body"])
     directives = {m.group(1): m.group(2) for m in DIRECTIVE.finditer(prompt)}
@@ -125,11 +127,8 @@ def _result(batch: dict[str, Any], request: dict[str, Any], n: int) -> dict[str,
     failing = directives.get("batch-status") or directives.get("status")
     if "status" in directives or "batch-status" in directives:
         status = int(failing or 500)
-        return {
-            **base,
-            "response": None,
-            "error": {"code": status, "message": f"fake upstream error {status}"},
-        }
+        error = {"code": status, "message": f"fake upstream error {status}"}
+        return {**base, "response": None, "error": error}, 0.0
     answer = (
         embedding_answer(model, request["body"])
         if kind == "embedding"
@@ -146,21 +145,29 @@ def _result(batch: dict[str, Any], request: dict[str, Any], n: int) -> dict[str,
             "created": int(batch["created_at"]),
         }
     )
-    return {**base, "response": {"status_code": 200, "request_id": generation, "body": answer}, "error": None}
+    cost = float(usage["cost"])
+    if "batch-no-cost" in directives:  # the batch's usage still counts it; the result does not say
+        answer["usage"] = {k: v for k, v in usage.items() if k != "cost"}
+    return {
+        **base,
+        "response": {"status_code": 200, "request_id": generation, "body": answer},
+        "error": None,
+    }, cost
 
 
 def _batch_object(batch: dict[str, Any], status: str, now: float) -> dict[str, Any]:
     requests = batch["requests"]
     done = status == "completed"
-    results = [_result(batch, r, n) for n, r in enumerate(requests)] if done else None
+    priced = [_result(batch, r, n) for n, r in enumerate(requests)] if done else None
+    results = [result for result, _ in priced] if priced is not None else None
     usage = None
-    if results is not None:
+    if results is not None and priced is not None:
         usages = [r["response"]["body"]["usage"] for r in results if r["response"]]
         usage = {
             "prompt_tokens": sum(u["prompt_tokens"] for u in usages),
             "completion_tokens": sum(u.get("completion_tokens", 0) for u in usages),
             "total_tokens": sum(u["total_tokens"] for u in usages),
-            "cost": sum(u["cost"] for u in usages),
+            "cost": sum(cost for _, cost in priced),
             "is_byok": False,
         }
     failed = sum(1 for r in results or [] if r["error"])

@@ -214,6 +214,24 @@ def test_max_cost_sends_only_the_lines_whose_batch_price_estimate_fits_then_paus
     assert calls_with(stack, marker) == []  # nor live
 
 
+def test_a_result_without_its_cost_gets_its_share_of_the_upstream_batchs_cost_and_the_span_says_so(
+    stack: Stack, tmp_path: Path
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    prompts = [f"{marker} priced", f"{marker} unpriced [[batch-no-cost]]"]
+    rows = [line(f"n{i}", "chat", p) for i, p in enumerate(prompts)]
+    client = BatchClient(stack.settings(), tracing=False)
+    batch = client.submit(write_jsonl(tmp_path / "no-cost.jsonl", rows), via=Via.BATCH).batch
+    final = wait_final(client, batch.id, timeout=120)
+    model = MODELS["chat"]
+    halves = [cost_of(model, count_tokens(p), count_tokens(fake_answer(model, p))) / 2 for p in prompts]
+    assert final.succeeded == 2 and final.cost == pytest.approx(sum(halves))
+    telemetry.flush()
+    (llm,) = [s for s in _line_trace(stack, batch.id, 1) if s["name"] == "ChatCompletion"]
+    assert llm["attributes"]["routerq.cost_apportioned"] is True
+    assert llm["attributes"]["llm.cost.total"] == pytest.approx(halves[1])
+
+
 def test_cancel_while_the_upstream_batch_is_pending_ends_the_batch_without_its_answers(
     stack: Stack, tmp_path: Path, slow_batches: None
 ) -> None:

@@ -376,7 +376,7 @@ async def _cancelled(
     )
     line_trace.finish(output=message, always=False, project=batch.project)
     await rt.batches.record(batch.id, index, Outcome.CANCELLED, line_out, None)
-    await _summary_if_ended(rt, batch.id, Recorded.STORED)
+    await summary_if_ended(rt, batch.id, Recorded.STORED)
     return Skipped.CANCELLED
 
 
@@ -396,10 +396,11 @@ async def _record(
     recorded = await rt.batches.record(
         batch_id, index, outcome, line_out, result, traced=traced if tracing else None, retries=retries
     )
-    await _summary_if_ended(rt, batch_id, recorded)
+    await summary_if_ended(rt, batch_id, recorded)
 
 
-async def _summary_if_ended(rt: Runtime, batch_id: str, recorded: Recorded) -> None:
+async def summary_if_ended(rt: Runtime, batch_id: str, recorded: Recorded) -> None:
+    """The batch summary trace, written by whichever outcome ended the batch."""
     current = sampler()
     if recorded is Recorded.ENDED_BATCH and current is not None:
         batch = await rt.batches.get(batch_id)

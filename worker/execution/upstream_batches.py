@@ -39,7 +39,7 @@ from routerq.core.upstream_batch import BATCH_ENDPOINTS, ChunkStatus, batch_owne
 from routerq.worker.execution.pool import Delivery
 from routerq.worker.execution.republish import republish
 from routerq.worker.execution.runtime import Runtime
-from routerq.worker.execution.tasks import line_job
+from routerq.worker.execution.tasks import line_job, summary_if_ended
 from routerq.worker.tracing.line_trace import LineTrace
 from routerq.worker.tracing.tail_sampler import sampler
 from routerq.worker.tracing.upstream_batch_span import mapping, upstream_batch_span
@@ -274,20 +274,24 @@ async def _record_results(
     results = {str(r.get("custom_id")): r for r in found.get("results") or [] if isinstance(r, dict)}
     finished = float(found.get("finalized_at") or time.time())
     again: list[int] = []
-    for index, line in todo.items():
-        item = results.get(str(index))
-        job = line_job(batch, index, line, enqueued_at)
-        result = _result(job, item, submitted_at, finished, attempt)
+    jobs = {index: line_job(batch, index, line, enqueued_at) for index, line in todo.items()}
+    outcomes = {
+        index: _result(job, results.get(str(index)), submitted_at, finished, attempt)
+        for index, job in jobs.items()
+    }
+    apportioned = _apportion_cost(outcomes, mapping(found.get("usage")).get("cost"))
+    for index, job in jobs.items():
+        item, result = results.get(str(index)), outcomes[index]
         retryable = result.error is not None and (
             item is None or (result.error.status_code or 0) in RETRYABLE_STATUS
         )
         if retryable and (attempt < rt.settings.max_attempts or batch.fallback is Fallback.LIVE):
             again.append(index)
             continue
-        traced = _trace_line(batch, index, job, result, upstream_id)
+        traced = _trace_line(batch, index, job, result, upstream_id, index in apportioned)
         outcome = Outcome.SUCCEEDED if result.ok else Outcome.FAILED
-        await rt.batches.record(
-            batch.id, index, outcome, output_line(job.custom_id or "", result), result,
+        await _record(
+            rt, batch.id, index, outcome, output_line(job.custom_id or "", result), result,
             traced=traced, retries=attempt - 1,
         )  # fmt: skip
     return again
@@ -311,9 +315,27 @@ def _result(
     )  # fmt: skip
 
 
-def _trace_line(batch: Batch, index: int, job: Job, result: JobResult, upstream_id: str) -> bool | None:
-    """The line's trace: its root and an LLM span dated from the upstream batch's timeline. None when
-    this worker does not trace."""
+def _apportion_cost(outcomes: dict[int, JobResult], batch_cost: Any) -> set[int]:
+    """Answers whose result says no `usage.cost` get a share of the upstream batch's `usage.cost` (what
+    the answers that say theirs leave of it), by tokens; returns their indexes."""
+    if not isinstance(batch_cost, int | float):
+        return set()
+    answered = {i: r.usage for i, r in outcomes.items() if r.ok and r.usage is not None}
+    missing = {i: u for i, u in answered.items() if u.cost is None}
+    if not missing:
+        return set()
+    rest = max(0.0, float(batch_cost) - sum(u.cost or 0.0 for u in answered.values()))
+    tokens = sum(max(1, u.total_tokens) for u in missing.values())
+    for usage in missing.values():
+        usage.cost = rest * max(1, usage.total_tokens) / tokens
+    return set(missing)
+
+
+def _trace_line(
+    batch: Batch, index: int, job: Job, result: JobResult, upstream_id: str, apportioned: bool = False
+) -> bool | None:
+    """The line's trace: its root and an LLM span dated from the upstream batch's timeline (its cost
+    marked when it is a share of the upstream batch's). None when this worker does not trace."""
     current = sampler()
     if current is None:
         return None
@@ -337,6 +359,9 @@ def _trace_line(batch: Batch, index: int, job: Job, result: JobResult, upstream_
         }
         if result.ok:
             attributes[SpanAttributes.OUTPUT_VALUE] = result.text
+        if apportioned and usage is not None and usage.cost is not None:
+            attributes["routerq.cost_apportioned"] = True  # a share of the upstream batch's usage.cost
+            attributes[SpanAttributes.LLM_COST_TOTAL] = usage.cost
         if usage is not None:
             attributes[SpanAttributes.LLM_TOKEN_COUNT_PROMPT] = usage.prompt_tokens
             attributes[SpanAttributes.LLM_TOKEN_COUNT_COMPLETION] = usage.completion_tokens
@@ -413,8 +438,14 @@ async def _fail_lines(
             custom_id=job.custom_id, model=job.models[0],
         )  # fmt: skip
         traced = _trace_line(batch, index, job, result, "")
-        await rt.batches.record(
-            batch.id, index, Outcome.FAILED, output_line(job.custom_id or "", result), result, traced=traced
+        await _record(
+            rt,
+            batch.id,
+            index,
+            Outcome.FAILED,
+            output_line(job.custom_id or "", result),
+            result,
+            traced=traced,
         )
 
 
@@ -424,13 +455,29 @@ async def _cancel_lines(
     message = f"batch is {batch.status.value}; line not sent upstream"
     for index, line in todo.items():
         job = line_job(batch, index, line, enqueued_at)
-        await rt.batches.record(
+        await _record(
+            rt,
             batch.id,
             index,
             Outcome.CANCELLED,
             error_line(job.custom_id or "", "batch_cancelled", message),
             None,
         )
+
+
+async def _record(
+    rt: Runtime,
+    batch_id: str,
+    index: int,
+    outcome: Outcome,
+    line: dict[str, Any],
+    result: JobResult | None,
+    **fields: Any,
+) -> None:
+    """A line's outcome, through the same store path as a live line's, and the batch's summary trace
+    when it was the last."""
+    recorded = await rt.batches.record(batch_id, index, outcome, line, result, **fields)
+    await summary_if_ended(rt, batch_id, recorded)
 
 
 def register(app: Celery) -> None:
