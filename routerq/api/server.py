@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import uvicorn
@@ -10,12 +11,13 @@ from routerq.api.app import create_app
 from routerq.api.auth import LOOPBACK, Tokens
 from routerq.core import telemetry
 from routerq.core.errors import SettingsError
-from routerq.core.redaction import RedactingFilter
+from routerq.core.redaction import redact_handlers
 from routerq.core.settings import Settings
 
 # Seconds requests in progress get to finish after SIGTERM or Ctrl-C (an upload of 200 MB on a slow
 # link takes longer; its client retries).
 GRACEFUL_S = 30
+STARTUP_FAILURE = 3  # the exit code `uvicorn.run` gives when the server cannot start
 
 
 def check_auth(settings: Settings, host: str, no_auth: bool) -> Tokens:
@@ -38,10 +40,16 @@ def serve(settings: Settings, host: str, port: int, no_auth: bool, log_level: st
     telemetry.setup_tracing(
         settings, telemetry.WORKER_EXPORT_TIMEOUT_S, telemetry.WORKER_EXPORT_RETRY_S, exits_soon=False
     )
-    for name in ("uvicorn", "uvicorn.access", "uvicorn.error"):
-        logging.getLogger(name).addFilter(RedactingFilter(settings.secrets))
     app = create_app(settings, tokens)
-    uvicorn.run(
+    config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=True, timeout_graceful_shutdown=GRACEFUL_S
-    )
+    )  # configures uvicorn's logging: its handlers exist from here on
+    if not logging.getLogger().handlers:  # routerq's own records and every other library's, on stderr
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    redact_handlers(settings.secrets)
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
     telemetry.flush()
+    if not server.started:  # the port was taken, or the app failed to start: uvicorn said why
+        raise SystemExit(STARTUP_FAILURE)

@@ -317,3 +317,21 @@ def test_metrics_count_lines_by_route_and_outcome_and_want_their_token_when_one_
     spent = batches.get(live.id).cost + batches.get(via.id).cost
     assert grew("routerq_spend_usd_total") == pytest.approx(spent, rel=1e-6)
     assert grew('routerq_tokens_total{kind="prompt"}') > 0
+
+
+def test_the_servers_log_masks_tokens_and_the_openrouter_key_wherever_a_request_put_them(
+    stack: Stack, api: Service
+) -> None:
+    """A token and the OpenRouter key in a path, a query, a header and a body: every request is in
+    the log, and neither secret is."""
+    auth = {"Authorization": f"Bearer {TOKEN_A}"}
+    for secret in (TOKEN_B, stack.api_key):
+        assert httpx.get(f"{api.url}/v1/files/{secret}", headers=auth).status_code == 404
+        assert httpx.get(f"{api.url}/v1/batches?after={secret}", headers=auth).status_code in (200, 400)
+        httpx.get(f"{api.url}/v1/batches", headers={**auth, "X-Leak": secret})
+        body = {"input_file_id": secret, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        assert httpx.post(f"{api.url}/v1/batches", headers=auth, json=body).status_code == 404
+    wait_for(lambda: api.log().count("/v1/files/[REDACTED]") >= 2, "the access lines of both requests")
+    log = api.log()
+    assert TOKEN_A not in log and TOKEN_B not in log and stack.api_key not in log
+    assert "Logging error" not in log and log.count("[REDACTED]") >= 4

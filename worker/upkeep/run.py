@@ -15,7 +15,7 @@ from openinference.instrumentation.openai import OpenAIInstrumentor
 
 from routerq.core import telemetry
 from routerq.core.broker import LINES_PER_MESSAGE
-from routerq.core.redaction import RedactingFilter
+from routerq.core.redaction import redact_handlers
 from routerq.core.settings import Settings
 from routerq.worker.execution.app import create_worker_app
 from routerq.worker.tracing.celery_tracing import CeleryInstrumentor
@@ -41,9 +41,7 @@ def run_worker(settings: Settings, concurrency: int, loglevel: str = "INFO") -> 
     prefetch = concurrency + LINES_PER_MESSAGE
 
     def redact_logs(logger: logging.Logger, **_: Any) -> None:
-        log_filter = RedactingFilter(settings.secrets)
-        for handler in logger.handlers:
-            handler.addFilter(log_filter)
+        redact_handlers(settings.secrets, [logger])
         if loglevel.upper() != "DEBUG":
             for name in PER_LINE_LOGGERS:
                 logging.getLogger(name).setLevel(logging.WARNING)
