@@ -49,8 +49,10 @@ class Submitted:
 class BatchClient(BatchReader):
     """Submits batches and steers them (cancel, resume, retry); reads them as a BatchReader does."""
 
-    def __init__(self, settings: Settings, *, tracing: bool = True) -> None:
-        super().__init__(settings)
+    def __init__(
+        self, settings: Settings, *, tracing: bool = True, client: redis.Redis | None = None
+    ) -> None:
+        super().__init__(settings, client)
         if tracing:
             telemetry.setup_tracing(settings)
 
@@ -80,7 +82,7 @@ class BatchClient(BatchReader):
         tracer = telemetry.tracer()
         with tracer.start_as_current_span("routerq.submit", context=parent or otel_context.Context()) as span:
             span.set_attributes(chain_attributes(str(path)))
-            validation = validate(path, model)
+            validation = validate(path, model, max_line=self.settings.max_line_bytes)
             span.set_attribute("routerq.batch.lines", validation.lines)
             if not validation.ok:
                 span.set_status(Status(StatusCode.ERROR, f"{validation.error_count} bad line(s)"))
@@ -111,7 +113,8 @@ class BatchClient(BatchReader):
             span.set_attribute(SpanAttributes.SESSION_ID, session_id or batch.id)
             self.store.create(batch)
             try:
-                self._enqueue(batch, with_tier(read_lines(path, model), tier))
+                lines = read_lines(path, model, self.settings.max_line_bytes)
+                self._enqueue(batch, with_tier(lines, tier))
             except Exception as exc:
                 raise self._enqueue_failed(batch, exc) from exc
             span.set_attribute(SpanAttributes.OUTPUT_VALUE, batch.id)

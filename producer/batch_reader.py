@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
+import redis
+
 from routerq.core.batch_store import Batch, BatchStats, BatchStatus, BatchStore, Outcome
 from routerq.core.errors import BatchError
 from routerq.core.export_counts import ExportCounts
@@ -25,9 +27,10 @@ class ResultsWritten:
 
 
 class BatchReader:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+        """`client`: a Redis client of the caller's (`routerq serve` gives one that fails fast)."""
         self.settings = settings
-        self.redis = connect(settings.redis_url)
+        self.redis = client or connect(settings.redis_url)
         self.store = BatchStore(self.redis, settings.result_ttl)
 
     def get(self, batch_id: str) -> Batch:

@@ -9,8 +9,12 @@ same batches, visible to `routerq status`. Blocking work (Redis, files) runs in 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import IO, Any
 
 import redis
@@ -18,12 +22,13 @@ from opentelemetry import propagate
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Message, Receive
 
-from routerq.api.auth import OPEN_TENANT, Tokens
+from routerq.api.auth import Tokens
 from routerq.api.errors import ApiError, not_found
 from routerq.api.file_store import (
     ERROR_PREFIX,
@@ -36,10 +41,10 @@ from routerq.api.file_store import (
 from routerq.api.index import TenantIndex
 from routerq.api.metrics import metrics_text
 from routerq.api.objects import batch_object
-from routerq.core.batch_format import URLS, BatchLine, read_lines, validate
+from routerq.core.batch_format import URLS, BatchLine, parse_json, read_lines, shown, validate
 from routerq.core.batch_store import Batch, BatchOrigin, Fallback, Outcome, Via
 from routerq.core.errors import BatchError
-from routerq.core.redis_client import connect
+from routerq.core.redis_client import connect_answering
 from routerq.core.settings import Settings
 from routerq.producer.batch_client import BatchClient
 
@@ -47,6 +52,22 @@ FORM_OVERHEAD = 64 * 1024  # multipart headers and the `purpose` field, beyond t
 MAX_METADATA_PAIRS = 16  # OpenAI's limits
 COMPLETION_WINDOWS = frozenset({"24h"})
 DEFAULT_PAGE, MAX_PAGE = 20, 100
+FILE_SWEEP_S = 600.0  # how often expired uploads are looked for (they expire after days)
+RETRY_AFTER_S = 5  # what a 503 asks clients to wait: a Redis restart takes seconds
+BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")
+FILE_ID = re.compile(r"file-[0-9a-f]{24}")
+# Printable, without path separators: a file name is shown in terminals (`routerq batches`, `status`).
+MAX_FILENAME = 255
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f/\\]")
+
+log = logging.getLogger(__name__)
+
+
+def clean_filename(name: str) -> str:
+    """An upload's name as routerq stores and shows it: control characters and separators become `_`,
+    at most MAX_FILENAME characters."""
+    cleaned = _UNPRINTABLE.sub("_", name.encode("utf-8", "replace").decode())[:MAX_FILENAME]
+    return cleaned or "upload.jsonl"
 
 
 class _TooLarge(Exception):
@@ -84,8 +105,8 @@ def too_large(limit_mb: float) -> ApiError:
 
 
 def create_app(settings: Settings, tokens: Tokens) -> Starlette:
-    client = connect(settings.redis_url)
-    batches = BatchClient(settings, tracing=settings.tracing)
+    client = connect_answering(settings.redis_url)
+    batches = BatchClient(settings, tracing=settings.tracing, client=client)
     files = FileStore(client, settings.files_dir, settings.result_ttl)
     batch_index = TenantIndex(client, "batches", settings.result_ttl)
     limit = int(settings.max_upload_mb * 1_000_000)
@@ -97,29 +118,40 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
         return tenant
 
     def own_batch(tenant: str, batch_id: str) -> Batch:
+        """The batch, when this tenant made it through this API (a `--no-auth` server's tenant too):
+        ownership is checked before anything else is read."""
+        if not BATCH_ID.fullmatch(batch_id) or not batch_index.owns(tenant, batch_id):
+            raise not_found("batch", batch_id)
         batch = batches.store.get(batch_id)
-        if batch is None or not (tenant == OPEN_TENANT or batch_index.owns(tenant, batch_id)):
+        if batch is None:
             raise not_found("batch", batch_id)
         return batch
 
     def keep(source: IO[bytes], filename: str, tenant: str) -> StoredFile:
+        """Write, validate and record an upload; on any failure its file is removed."""
         file_id = new_file_id()
         path = files.path(file_id)
-        with path.open("wb") as out:
-            shutil.copyfileobj(source, out, 1 << 20)
-        size = path.stat().st_size
-        if size > limit:
-            path.unlink()
-            raise too_large(settings.max_upload_mb)
-        validation = validate(path)
-        if not validation.ok:
-            path.unlink()
-            report = "\n".join(validation.report(filename))
-            message = f"{filename}: {validation.error_count} bad line(s); the file was not stored:\n{report}"
-            raise ApiError(400, message, code="invalid_file", param="file")
-        stored = StoredFile(id=file_id, bytes=size, filename=filename, purpose="batch", owner=tenant,
-                            lines=validation.lines, urls=sorted(validation.urls))  # fmt: skip
-        files.add(stored)
+        try:
+            with path.open("wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
+            size = path.stat().st_size
+            if size > limit:
+                raise too_large(settings.max_upload_mb)
+            validation = validate(path, max_line=settings.max_line_bytes)
+            if not validation.ok:
+                report = "\n".join(validation.report(filename))
+                message = (
+                    f"{filename}: {validation.error_count} bad line(s); the file was not stored:\n{report}"
+                )
+                if any(e.code == "line_too_large" for e in validation.errors):
+                    raise ApiError(413, message, code="line_too_large", param="file")
+                raise ApiError(400, message, code="invalid_file", param="file")
+            stored = StoredFile(id=file_id, bytes=size, filename=filename, purpose="batch", owner=tenant,
+                                lines=validation.lines, urls=sorted(validation.urls))  # fmt: skip
+            files.add(stored)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         return stored
 
     async def upload_file(request: Request) -> Response:
@@ -135,14 +167,15 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
             if counting.exceeded:
                 await _drain(request.receive, limit)
                 raise too_large(settings.max_upload_mb) from None
-            raise ApiError(400, f"could not read the multipart upload: {exc}") from None
+            raise ApiError(400, f"could not read the multipart upload: {shown(str(exc))}") from None
         try:
             upload, purpose = form.get("file"), form.get("purpose")
             if not isinstance(upload, UploadFile):
                 raise ApiError(400, "a `file` part is required", param="file")
             if purpose != "batch":
-                raise ApiError(400, f"purpose must be 'batch', got {purpose!r}", param="purpose")
-            stored = await run_in_threadpool(keep, upload.file, upload.filename or "upload.jsonl", tenant)
+                raise ApiError(400, f"purpose must be 'batch', got {shown(purpose)}", param="purpose")
+            name = clean_filename(upload.filename or "upload.jsonl")
+            stored = await run_in_threadpool(keep, upload.file, name, tenant)
         finally:
             await form.close()
         return JSONResponse(stored.openai_object())
@@ -232,6 +265,8 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
                 fallback=fallback,
             )
         except BatchError as exc:
+            if isinstance(exc.__cause__, redis.RedisError):
+                raise unavailable() from None
             raise ApiError(400, str(exc)) from None
         batch = submitted.batch
         batch_index.add(origin.owner, batch.id, batch.created_at)
@@ -239,16 +274,13 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
 
     async def create_batch(request: Request) -> Response:
         tenant = tenant_of(request)
-        try:
-            body: Any = await request.json()
-        except ValueError:
-            raise ApiError(400, "the body must be JSON") from None
+        body = await json_body(request, int(settings.max_request_kb * 1000))
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         endpoint, window = body.get("endpoint"), body.get("completion_window", "24h")
-        if endpoint not in URLS:
+        if not isinstance(endpoint, str) or endpoint not in URLS:
             raise ApiError(400, f"endpoint must be one of {', '.join(URLS)}", param="endpoint")
-        if window not in COMPLETION_WINDOWS:
+        if not isinstance(window, str) or window not in COMPLETION_WINDOWS:
             raise ApiError(400, "completion_window must be '24h'", param="completion_window")
         metadata = body.get("metadata") or {}
         if (
@@ -270,7 +302,9 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
             raise ApiError(
                 400, f"metadata.{FALLBACK_METADATA_KEY} must be 'none' or 'live'", param="metadata"
             )
-        file_id = str(body.get("input_file_id") or "")
+        file_id = body.get("input_file_id")
+        if not isinstance(file_id, str) or not FILE_ID.fullmatch(file_id):
+            raise not_found("file", shown(file_id))
         stored = await run_in_threadpool(files.get, file_id, tenant)
         if stored is None:
             raise not_found("file", file_id)
@@ -298,8 +332,9 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
     def healthz(request: Request) -> Response:
         try:
             client.ping()
-        except redis.RedisError as exc:
-            return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
+        except redis.RedisError:  # where Redis lives is not for a public body
+            return JSONResponse({"status": "unavailable", "redis": "unreachable"}, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
         return JSONResponse({"status": "ok"})
 
     scrapers = Tokens([settings.metrics_token.get_secret_value()]) if settings.metrics_token else None
@@ -312,6 +347,22 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
         return exc.response()
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """Starlette's own refusals (no such route, wrong method) in OpenAI's shape."""
+        assert isinstance(exc, HTTPException)
+        code = {404: "unknown_url", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return ApiError(exc.status_code, shown(message)[1:-1], code=code).response()
+
+    async def redis_down(request: Request, exc: Exception) -> Response:
+        log.warning("routerq serve: Redis is unavailable (%s): answering 503", type(exc).__name__)
+        return unavailable().response()
+
+    async def crashed(request: Request, exc: Exception) -> Response:
+        """Anything unexpected: an OpenAI-shaped 500 (clients retry it), and the traceback logged."""
+        log.error("routerq serve: %s %s failed", request.method, request.url.path, exc_info=exc)
+        return ApiError(500, "the server failed to answer this request", code="server_error").response()
 
     routes = [
         Route("/v1/files", upload_file, methods=["POST"]),
@@ -326,7 +377,32 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={ApiError: api_error})
+    handlers = {
+        ApiError: api_error,
+        HTTPException: http_error,
+        redis.RedisError: redis_down,
+        Exception: crashed,
+    }
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(_sweep_files(files))
+        yield
+        sweeper.cancel()
+
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+
+
+async def _sweep_files(files: FileStore) -> None:
+    """Uploads whose record expired, or that a dead server left, are removed as the server runs."""
+    while True:
+        try:
+            removed = await run_in_threadpool(files.sweep)
+            if removed:
+                log.info("routerq serve: removed %d uploaded file(s) whose record had expired", removed)
+        except Exception as exc:  # Redis away, a disk error: try again next time
+            log.warning("routerq serve: sweeping uploaded files failed: %s", exc)
+        await asyncio.sleep(FILE_SWEEP_S)
 
 
 async def _drain(receive: Receive, up_to: int) -> None:
@@ -340,9 +416,30 @@ async def _drain(receive: Receive, up_to: int) -> None:
             return
 
 
+async def json_body(request: Request, limit: int) -> Any:
+    """A JSON request body, read up to `limit` bytes (413 past it) and parsed as routerq parses user
+    JSON (400 with the reason: bad JSON or UTF-8, too deep, a lone surrogate)."""
+    counting = _CountingReceive(request.receive, limit)
+    try:
+        raw = await Request(request.scope, counting).body()
+    except _TooLarge:
+        await _drain(request.receive, limit)
+        raise ApiError(413, f"the body is larger than {limit} bytes (ROUTERQ_MAX_REQUEST_KB)",
+                       code="request_too_large") from None  # fmt: skip
+    try:
+        return parse_json(raw)
+    except ValueError as exc:
+        raise ApiError(400, f"the body is {exc}") from None
+
+
+def unavailable() -> ApiError:
+    return ApiError(503, "routerq's Redis is unavailable; retry shortly", code="service_unavailable",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+
+
 def _paging(request: Request) -> tuple[str | None, int]:
     raw = request.query_params.get("limit", str(DEFAULT_PAGE))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PAGE:
         raise ApiError(400, f"limit must be between 1 and {MAX_PAGE}", param="limit")
     return request.query_params.get("after") or None, int(raw)
 

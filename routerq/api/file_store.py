@@ -19,8 +19,12 @@ import redis
 from pydantic import BaseModel, Field
 
 from routerq.api.index import TenantIndex
+from routerq.core.errors import SettingsError
 from routerq.core.redis_client import as_text
 
+# An upload is written, then validated, then recorded: a file older than this without a record is
+# left over (its record expired, or its server died before writing it).
+SWEEP_IDLE_S = 600.0
 OUTPUT_PREFIX = "file-out-"
 ERROR_PREFIX = "file-err-"
 
@@ -57,6 +61,19 @@ def file_object(ident: str, size: int, created_at: float, filename: str, purpose
     }
 
 
+def check_writable(directory: Path) -> None:
+    """Raise SettingsError (one line, exit 2) when uploads cannot be kept in `directory`."""
+    probe = directory / f".probe-{uuid.uuid4().hex[:8]}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SettingsError(
+            f"ROUTERQ_FILES_DIR {directory} is not writable ({exc.strerror or exc})"
+        ) from None
+
+
 class FileStore:
     def __init__(self, client: redis.Redis, directory: Path, ttl: int) -> None:
         self._redis = client
@@ -82,6 +99,22 @@ class FileStore:
         return stored if stored.owner == tenant else None
 
     def delete(self, stored: StoredFile) -> None:
+        """The file first: if removing it fails, the record stays and the delete can be asked again."""
+        self.path(stored.id).unlink(missing_ok=True)
         self._redis.delete(f"routerq:file:{stored.id}")
         self.index.remove(stored.owner, stored.id)
-        self.path(stored.id).unlink(missing_ok=True)
+
+    def sweep(self, idle_s: float = SWEEP_IDLE_S) -> int:
+        """Remove files whose record has expired (ROUTERQ_RESULT_TTL) or was never written (a server
+        killed mid-upload); returns how many. A file written to in the last `idle_s` may be an upload
+        still arriving, and stays."""
+        now, removed = time.time(), 0
+        for path in self.directory.glob("file-*"):
+            try:
+                if now - path.stat().st_mtime < idle_s or self._redis.exists(f"routerq:file:{path.name}"):
+                    continue
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                continue
+        return removed

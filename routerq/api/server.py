@@ -9,6 +9,7 @@ import uvicorn
 
 from routerq.api.app import create_app
 from routerq.api.auth import LOOPBACK, Tokens
+from routerq.api.file_store import check_writable
 from routerq.core import telemetry
 from routerq.core.errors import SettingsError
 from routerq.core.redaction import redact_handlers
@@ -36,6 +37,7 @@ def check_auth(settings: Settings, host: str, no_auth: bool) -> Tokens:
 
 def serve(settings: Settings, host: str, port: int, no_auth: bool, log_level: str = "info") -> None:
     tokens = check_auth(settings, host, no_auth)
+    check_writable(settings.files_dir)
     # a caller's traceparent continues into the submit span; a server rides out a Phoenix restart
     telemetry.setup_tracing(
         settings, telemetry.WORKER_EXPORT_TIMEOUT_S, telemetry.WORKER_EXPORT_RETRY_S, exits_soon=False

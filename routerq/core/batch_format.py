@@ -9,11 +9,24 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from routerq.core.jobs import JobKind, JobResult
 
 URLS = {kind.url: kind for kind in JobKind}
+# A custom_id names a line: it is stored with the line and repeated in its output line, so it is
+# bounded (OpenAI documents no limit; a 300 KB id is data, not a name).
+MAX_CUSTOM_ID = 512
+# One line may hold a long conversation, but not the whole upload: a line is read (and parsed) whole,
+# so this bounds the memory one line costs (routerq.core.settings' ROUTERQ_MAX_LINE_MB).
+DEFAULT_MAX_LINE_BYTES = 10_000_000
+SHOWN = 80  # characters of a user's value quoted back in an error message
+
+
+def shown(value: Any) -> str:
+    """A user's value as an error message quotes it: repr'd, and cut."""
+    text = repr(value)
+    return text if len(text) <= SHOWN else f"{text[:SHOWN]}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -59,23 +72,44 @@ class Validation:
         return [*lines, f"... and {hidden} more bad line(s)"] if hidden > 0 else lines
 
 
+def parse_json(raw: bytes | str) -> Any:
+    """JSON as routerq takes it from users: ValueError (with a reason fit for them) for bad JSON,
+    bad UTF-8, nesting too deep for Python's parser, or a lone UTF-16 surrogate (`"\\ud800"`: valid
+    JSON, but not text: it cannot be stored, logged or sent on)."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise ValueError("not valid UTF-8") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    escaped = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+    if b"\\ud" in escaped.lower():
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text") from None
+    return value
+
+
 def parse_line(number: int, raw: bytes, default_model: str | None) -> BatchLine | LineError:
     try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        return LineError(number, "invalid_json_line", f"not valid JSON ({exc.msg})")
-    except UnicodeDecodeError:
-        return LineError(number, "invalid_json_line", "not valid UTF-8")
+        obj = parse_json(raw)
+    except ValueError as exc:
+        return LineError(number, "invalid_json_line", str(exc))
     if not isinstance(obj, dict):
         return LineError(number, "invalid_json_line", "a line must be a JSON object")
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         return LineError(number, "missing_custom_id", "custom_id must be a non-empty string")
+    if len(custom_id) > MAX_CUSTOM_ID:
+        return LineError(number, "invalid_custom_id", f"custom_id is longer than {MAX_CUSTOM_ID} characters")
     if obj.get("method") != "POST":
-        return LineError(number, "invalid_method", f"method must be POST, got {obj.get('method')!r}")
+        return LineError(number, "invalid_method", f"method must be POST, got {shown(obj.get('method'))}")
     url = obj.get("url")
-    if url not in URLS:
-        return LineError(number, "invalid_url", f"url {url!r} is not one of {', '.join(URLS)}")
+    if not isinstance(url, str) or url not in URLS:
+        return LineError(number, "invalid_url", f"url {shown(url)} is not one of {', '.join(URLS)}")
     body = obj.get("body")
     if not isinstance(body, dict):
         return LineError(number, "invalid_body", "body must be a JSON object")
@@ -91,11 +125,17 @@ def parse_line(number: int, raw: bytes, default_model: str | None) -> BatchLine 
     return BatchLine(number, custom_id, kind, body)
 
 
-def read_lines(path: Path, default_model: str | None = None) -> Iterator[BatchLine | LineError]:
-    """Streams the file; blank lines are skipped but keep their numbers, as editors show them."""
+def read_lines(
+    path: Path, default_model: str | None = None, max_line: int = DEFAULT_MAX_LINE_BYTES
+) -> Iterator[BatchLine | LineError]:
+    """Streams the file; blank lines are skipped but keep their numbers, as editors show them. A line
+    longer than `max_line` bytes is an error, and is never read whole."""
     seen: set[bytes] = set()
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in _bounded_lines(handle, max_line):
+            if raw is None:
+                yield LineError(number, "line_too_large", f"the line is longer than {max_line} bytes")
+                continue
             if not raw.strip():
                 continue
             parsed = parse_line(number, raw, default_model)
@@ -103,13 +143,28 @@ def read_lines(path: Path, default_model: str | None = None) -> Iterator[BatchLi
                 key = hashlib.blake2b(parsed.custom_id.encode(), digest_size=16).digest()
                 if key in seen:
                     parsed = LineError(
-                        number, "duplicate_custom_id", f"custom_id {parsed.custom_id!r} repeats"
+                        number, "duplicate_custom_id", f"custom_id {shown(parsed.custom_id)} repeats"
                     )
                 seen.add(key)
             yield parsed
 
 
-def validate(path: Path, default_model: str | None = None, keep: int = 20) -> Validation:
+def _bounded_lines(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line), with None for a line longer than `limit` bytes (skipped in 1 MB reads)."""
+    number = 0
+    while raw := handle.readline(limit + 1):
+        number += 1
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):
+                raw = handle.readline(1 << 20)
+            yield number, None
+        else:
+            yield number, raw
+
+
+def validate(
+    path: Path, default_model: str | None = None, keep: int = 20, max_line: int = DEFAULT_MAX_LINE_BYTES
+) -> Validation:
     """One streaming pass: counts lines, keeps the first `keep` errors, and fingerprints the file."""
     result = Validation()
     digest = hashlib.sha256()
@@ -117,7 +172,7 @@ def validate(path: Path, default_model: str | None = None, keep: int = 20) -> Va
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     result.digest = digest.hexdigest()
-    for item in read_lines(path, default_model):
+    for item in read_lines(path, default_model, max_line):
         if isinstance(item, LineError):
             result.error_count += 1
             if len(result.errors) < keep:

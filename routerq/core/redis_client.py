@@ -31,6 +31,20 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, retry=retry, **_options())
 
 
+# A server answering people says "unavailable, retry" within a few seconds instead of riding out an
+# outage: one retry, and commands time out (a frozen Redis accepts connections and never answers).
+ANSWERING_TIMEOUT_S = 2.0
+
+
+def connect_answering(url: str) -> redis.Redis:
+    """`connect` for `routerq serve`: a command fails within about 2 x ANSWERING_TIMEOUT_S."""
+    options = {**_options(), "socket_connect_timeout": ANSWERING_TIMEOUT_S}
+    return redis.Redis.from_url(
+        url, retry=Retry(ExponentialBackoff(cap=0.2, base=0.1), retries=1),
+        socket_timeout=ANSWERING_TIMEOUT_S, **options,
+    )  # fmt: skip
+
+
 def connect_async(url: str, max_connections: int) -> aredis.Redis:
     """`connect` for the worker's event loop, on redis.asyncio. Every line in flight may hold a
     connection for a moment: past `max_connections` a command waits for one rather than failing

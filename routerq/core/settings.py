@@ -24,6 +24,8 @@ DEFAULT_TRACE_BUDGET = 10.0
 DEFAULT_TRACE_SLOW_S = 30.0
 DEFAULT_FILES_DIR = Path.home() / ".local" / "share" / "routerq" / "files"
 DEFAULT_MAX_UPLOAD_MB = 200.0  # OpenAI's own limit for a batch input file
+DEFAULT_MAX_LINE_MB = 10.0  # a long conversation fits; a line the size of the upload does not
+DEFAULT_MAX_REQUEST_KB = 1024.0  # a JSON request body (not an upload): 16 metadata pairs and an id
 
 
 class ModelLimits(BaseModel):
@@ -97,6 +99,10 @@ class Settings(BaseSettings):
     api_keys: Annotated[SecretStr | None, Field(alias="ROUTERQ_API_KEYS")] = None
     files_dir: Annotated[Path, Field(alias="ROUTERQ_FILES_DIR")] = DEFAULT_FILES_DIR
     max_upload_mb: Annotated[float, Field(alias="ROUTERQ_MAX_UPLOAD_MB", gt=0)] = DEFAULT_MAX_UPLOAD_MB
+    # One JSONL line is read whole: this bounds what one line costs (a line past it is a bad line;
+    # `routerq serve` refuses the upload with 413). POST /v1/batches bodies are a few hundred bytes.
+    max_line_mb: Annotated[float, Field(alias="ROUTERQ_MAX_LINE_MB", gt=0)] = DEFAULT_MAX_LINE_MB
+    max_request_kb: Annotated[float, Field(alias="ROUTERQ_MAX_REQUEST_KB", gt=0)] = DEFAULT_MAX_REQUEST_KB
     # A bearer token `/metrics` asks for; unset, it is open (Prometheus scrapers rarely carry tokens).
     metrics_token: Annotated[SecretStr | None, Field(alias="ROUTERQ_METRICS_TOKEN")] = None
 
@@ -174,6 +180,10 @@ class Settings(BaseSettings):
     def api_tokens(self) -> list[str]:
         raw = self.api_keys.get_secret_value() if self.api_keys else ""
         return [token.strip() for token in raw.split(",") if token.strip()]
+
+    @property
+    def max_line_bytes(self) -> int:
+        return int(self.max_line_mb * 1_000_000)
 
     @property
     def secrets(self) -> list[str]:
