@@ -82,9 +82,11 @@ class _CountingReceive:
         self._limit = limit
         self.seen = 0
         self.exceeded = False
+        self.complete = False  # the whole body has arrived: nothing is left to drain
 
     async def __call__(self) -> Message:
         message = await self._receive()
+        self.complete = message["type"] != "http.request" or not message.get("more_body")
         self.seen += len(message.get("body", b""))
         if self.seen > self._limit:
             self.exceeded = True
@@ -165,7 +167,8 @@ def create_app(settings: Settings, tokens: Tokens) -> Starlette:
             form = await Request(request.scope, counting).form(max_files=1, max_fields=8)
         except Exception as exc:
             if counting.exceeded:
-                await _drain(request.receive, limit)
+                if not counting.complete:
+                    await _drain(request.receive, limit)
                 raise too_large(settings.max_upload_mb) from None
             raise ApiError(400, f"could not read the multipart upload: {shown(str(exc))}") from None
         try:
@@ -423,7 +426,8 @@ async def json_body(request: Request, limit: int) -> Any:
     try:
         raw = await Request(request.scope, counting).body()
     except _TooLarge:
-        await _drain(request.receive, limit)
+        if not counting.complete:
+            await _drain(request.receive, limit)
         raise ApiError(413, f"the body is larger than {limit} bytes (ROUTERQ_MAX_REQUEST_KB)",
                        code="request_too_large") from None  # fmt: skip
     try:

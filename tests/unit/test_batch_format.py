@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from routerq.core.batch_format import BatchLine, LineError, output_line, parse_line, read_lines, validate
 from routerq.core.jobs import JobError, JobKind, JobResult, Usage
@@ -102,3 +104,33 @@ def test_a_failure_is_written_as_openais_error_line() -> None:
     line = output_line("c9", failed)
     assert line["response"] is None
     assert line["error"] == {"code": "rate_limit_exceeded", "message": "slow down"}
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(raw=st.one_of(st.binary(max_size=300), json_like.map(lambda v: json.dumps(v).encode())))
+def test_any_line_is_a_request_or_a_line_error_never_an_exception(raw: bytes) -> None:
+    assert isinstance(parse_line(7, raw, None), BatchLine | LineError)
+
+
+@settings(max_examples=200, deadline=None)
+@given(fields=st.dictionaries(st.sampled_from(["custom_id", "method", "url", "body"]), json_like))
+def test_any_object_with_the_line_fields_is_a_request_or_a_line_error(fields: dict[str, object]) -> None:
+    parsed = parse_line(3, json.dumps(fields).encode(), "m")
+    assert isinstance(parsed, BatchLine | LineError)
+    if isinstance(parsed, LineError):
+        assert parsed.line == 3 and len(parsed.message) < 400
+
+
+def test_a_line_past_the_cap_is_named_and_skipped_without_losing_the_next(tmp_path: Path) -> None:
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(raw(custom_id="a") + b"\n" + b"x" * 5000 + b"\n" + raw(custom_id="b") + b"\n")
+    parsed = list(read_lines(path, max_line=1000))
+    assert isinstance(parsed[1], LineError) and (parsed[1].line, parsed[1].code) == (2, "line_too_large")
+    assert [p.custom_id for p in parsed if isinstance(p, BatchLine)] == ["a", "b"]
