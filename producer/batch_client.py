@@ -33,6 +33,7 @@ from routerq.core.batch_store import (
 )
 from routerq.core.errors import BatchError, BatchFileError, StagingFailed
 from routerq.core.jobs import JobKind
+from routerq.core.printable import printable
 from routerq.core.settings import Settings
 from routerq.core.spans import BATCH_ID, chain_attributes
 from routerq.core.staged_enqueue import StagedEnqueue
@@ -89,7 +90,7 @@ class BatchClient(BatchReader):
                 raise BatchFileError(validation)
             batch = Batch(
                 id=new_batch_id(),
-                name=name,
+                name=printable(name),
                 total=validation.lines,
                 metadata=dict(metadata or {}),
                 session_id=session_id,

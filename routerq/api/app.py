@@ -44,6 +44,7 @@ from routerq.api.objects import batch_object
 from routerq.core.batch_format import URLS, BatchLine, parse_json, read_lines, shown, validate
 from routerq.core.batch_store import Batch, BatchOrigin, Fallback, Outcome, Via
 from routerq.core.errors import BatchError
+from routerq.core.printable import printable
 from routerq.core.redis_client import connect_answering
 from routerq.core.settings import Settings
 from routerq.producer.batch_client import BatchClient
@@ -56,18 +57,15 @@ FILE_SWEEP_S = 600.0  # how often expired uploads are looked for (they expire af
 RETRY_AFTER_S = 5  # what a 503 asks clients to wait: a Redis restart takes seconds
 BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")
 FILE_ID = re.compile(r"file-[0-9a-f]{24}")
-# Printable, without path separators: a file name is shown in terminals (`routerq batches`, `status`).
-MAX_FILENAME = 255
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f/\\]")
+_SEPARATORS = re.compile(r"[/\\]")
 
 log = logging.getLogger(__name__)
 
 
 def clean_filename(name: str) -> str:
-    """An upload's name as routerq stores and shows it: control characters and separators become `_`,
-    at most MAX_FILENAME characters."""
-    cleaned = _UNPRINTABLE.sub("_", name.encode("utf-8", "replace").decode())[:MAX_FILENAME]
-    return cleaned or "upload.jsonl"
+    """An upload's name as routerq stores and shows it (routerq.core.printable), without path
+    separators."""
+    return printable(_SEPARATORS.sub("_", name)) or "upload.jsonl"
 
 
 class _TooLarge(Exception):

@@ -21,6 +21,7 @@ from routerq.core.batch_store import Batch, BatchStats, BatchStatus, Fallback, V
 from routerq.core.child_process import python_module
 from routerq.core.errors import SettingsError
 from routerq.core.jobs import Job, JobKind, JobResult
+from routerq.core.printable import printable
 from routerq.core.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -457,8 +458,8 @@ def _describe(batch: Batch, stats: BatchStats, export: "ExportCounts", upstream:
     remaining = batch.total - batch.done
     eta = f"{remaining / rate:.0f} s" if rate > 0 and not batch.status.final else "-"
     lines = [
-        f"batch      {batch.id}" + (f" ({batch.name})" if batch.name else ""),
-        f"status     {batch.status.value}" + (f": {batch.reason}" if batch.reason else ""),
+        f"batch      {batch.id}" + (f" ({printable(batch.name)})" if batch.name else ""),
+        f"status     {batch.status.value}" + (f": {printable(batch.reason, 500)}" if batch.reason else ""),
         f"lines      {batch.total} total: {batch.queued} queued, "
         + (f"{batch.held} held by workers, " if batch.held else "")
         + f"{batch.running} running, "
@@ -519,7 +520,8 @@ def batches(limit: Annotated[int, typer.Option(help="how many")] = 20) -> None:
     for batch in client.recent(limit):
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(batch.created_at))
         print(
-            f"{batch.id}  {batch.status.value:<11} {batch.done:>7}/{batch.total:<7} {created}  {batch.name}"
+            f"{batch.id}  {batch.status.value:<11} {batch.done:>7}/{batch.total:<7} {created}  "
+            + printable(batch.name)
         )
 
 

@@ -6,8 +6,10 @@ import re
 import uuid
 from pathlib import Path
 
+import redis
 from conftest import Stack, calls_with, line, routerq, write_jsonl
 
+from routerq.core.batch_store import Batch, BatchStatus, BatchStore, new_batch_id
 from routerq.devstack.fake_openrouter import fake_answer
 
 CHAT = "meta-llama/llama-3.1-8b-instruct"
@@ -209,3 +211,15 @@ def test_tier_flex_asks_openrouter_for_its_flex_tier_on_jobs_and_batch_lines(
         c["prompt"].split(marker)[1].strip(): c["body"].get("service_tier") for c in calls_with(stack, marker)
     }
     assert tiers == {"job": "flex", "own tier": "priority", "file line": "flex"}
+
+
+def test_a_name_with_terminal_escapes_is_printed_harmless_by_status_and_batches(stack: Stack) -> None:
+    """A record stored before names were cleaned (or written by anything else) still cannot clear or
+    recolour the operator's terminal."""
+    hostile = "\x1b[2J\x1b[31mred\x07"
+    batch = Batch(id=new_batch_id(), name=hostile, status=BatchStatus.FAILED, total=1, reason=hostile)
+    BatchStore(redis.Redis.from_url(stack.redis.url), 3600).create(batch)
+    for command in (["status", batch.id], ["batches", "--limit", "500"]):
+        shown = routerq(stack, *command)
+        assert shown.returncode == 0, shown.stderr
+        assert "_[2J_[31mred_" in shown.stdout and "\x1b" not in shown.stdout + shown.stderr, command

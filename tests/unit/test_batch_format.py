@@ -113,13 +113,13 @@ json_like = st.recursive(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(raw=st.one_of(st.binary(max_size=300), json_like.map(lambda v: json.dumps(v).encode())))
 def test_any_line_is_a_request_or_a_line_error_never_an_exception(raw: bytes) -> None:
     assert isinstance(parse_line(7, raw, None), BatchLine | LineError)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(fields=st.dictionaries(st.sampled_from(["custom_id", "method", "url", "body"]), json_like))
 def test_any_object_with_the_line_fields_is_a_request_or_a_line_error(fields: dict[str, object]) -> None:
     parsed = parse_line(3, json.dumps(fields).encode(), "m")
