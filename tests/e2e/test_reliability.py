@@ -254,6 +254,35 @@ def test_redis_killed_and_restarted_mid_batch_loses_nothing(stack: Stack, tmp_pa
     assert (final.succeeded, final.failed) == (200, 0)
 
 
+def test_redis_frozen_mid_batch_stalls_the_worker_which_then_finishes_paying_only_for_calls_in_flight(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """SIGSTOP: connections stay open and nothing answers (a hung host, a full disk). At default
+    settings the worker waits it out, no line is lost, and the only answers paid twice are those of
+    calls that were in flight when Redis froze."""
+    marker = uuid.uuid4().hex[:8]
+    own_redis = start_redis(free_port(), tmp_path / "redis")
+    env = {"REDIS_URL": own_redis.url, "ROUTERQ_QUEUE": f"redis-freeze-{marker}", **DEFAULT_RETRIES}
+    concurrency = 8
+    try:
+        client = BatchClient(stack.settings(**env), tracing=False)
+        with extra_worker(stack, env["ROUTERQ_QUEUE"], concurrency=concurrency, **env) as (worker, _):
+            batch = submit(client, tmp_path, marker, 200, " [[slow:0.1]]")
+            wait_for(lambda: client.get(batch.id).succeeded >= 50, "50 lines to succeed")
+            own_redis.process.send_signal(signal.SIGSTOP)
+            time.sleep(10)  # the outage itself: nothing to wait for, Redis is frozen on purpose
+            own_redis.process.send_signal(signal.SIGCONT)
+            final = wait_final(client, batch.id)
+            assert worker.alive(), "the worker exited during the outage"
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+        own_redis.stop()
+    calls = calls_with(stack, marker)
+    assert (final.succeeded, final.failed) == (200, 0)
+    assert {c["prompt"] for c in calls} == {f"{marker} {i} [[slow:0.1]]" for i in range(200)}
+    assert paid_duplicates(calls) <= concurrency, f"{paid_duplicates(calls)} answers paid twice"
+
+
 @contextmanager
 def submit_while_redis_dies(
     stack: Stack, tmp_path: Path, down_for: float | None
