@@ -335,3 +335,45 @@ def test_the_servers_log_masks_tokens_and_the_openrouter_key_wherever_a_request_
     log = api.log()
     assert TOKEN_A not in log and TOKEN_B not in log and stack.api_key not in log
     assert "Logging error" not in log and log.count("[REDACTED]") >= 4
+
+
+def test_a_no_auth_server_on_the_same_redis_cannot_read_a_token_holders_batch_or_results(
+    stack: Stack, api: Service, tmp_path: Path
+) -> None:
+    oai = client(api)
+    uploaded = oai.files.create(
+        file=write_jsonl(tmp_path / "mine.jsonl", chat_rows("mine", 1)).open("rb"), purpose="batch"
+    )
+    batch = oai.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = wait_batch(oai, batch.id)
+    open_env = {k: v for k, v in stack.env.items() if k != "ROUTERQ_API_KEYS"}
+    loopback = start_api(
+        {**open_env, "ROUTERQ_FILES_DIR": str(tmp_path / "open")},
+        stack.tmp / "logs",
+        free_port(),
+        "--no-auth",
+    )
+    try:
+        for path in (
+            f"/v1/batches/{batch.id}",
+            f"/v1/files/{done.output_file_id}/content",
+            f"/v1/files/{uploaded.id}",
+        ):
+            assert httpx.get(f"{loopback.url}{path}").status_code == 404, path
+        assert httpx.get(f"{loopback.url}/v1/batches").json()["data"] == []
+    finally:
+        loopback.stop()
+
+
+def test_an_unwritable_files_dir_stops_serve_at_once_with_one_line_and_exit_2(
+    stack: Stack, tmp_path: Path
+) -> None:
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    env = {**stack.env, "ROUTERQ_API_KEYS": TOKEN_A, "ROUTERQ_FILES_DIR": str(not_a_dir / "files")}
+    done = routerq(stack, "serve", "--port", str(free_port()), env=env, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "ROUTERQ_FILES_DIR" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -4,13 +4,16 @@ the shared limiter, and the lease sweep that puts back a dead worker's messages.
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import redis
 import redis.asyncio as aredis
 from harness import on_redis, run, settings_for
 
+from routerq.api.file_store import SWEEP_IDLE_S, FileStore, StoredFile, new_file_id
 from routerq.core.counters import COUNTERS_KEY, parse_counters
 from routerq.core.embed_store import AsyncEmbedStore, embed_key
 from routerq.core.jobs import JobKind, JobResult
@@ -246,3 +249,26 @@ def test_only_one_worker_of_a_queue_sweeps_per_tick(redis_url: str, sync_redis: 
     assert second.restore_orphans() == ["orphan"]
     unacked(sync_redis, "orphan2", settings.queue, age_s=60)
     assert first.restore_orphans() == []  # the tick's lock is taken
+
+
+# --- uploaded files (routerq.api.file_store) ---
+
+
+def test_the_sweep_removes_uploads_whose_record_expired_and_keeps_the_rest(
+    sync_redis: redis.Redis, tmp_path: Path
+) -> None:
+    store = FileStore(sync_redis, tmp_path, TTL)
+    recorded = StoredFile(
+        id=new_file_id(), bytes=1, filename="a", purpose="batch", owner="t", lines=1, urls=[]
+    )
+    store.add(recorded)
+    expired, arriving = new_file_id(), new_file_id()
+    for file_id in (recorded.id, expired, arriving):
+        store.path(file_id).write_bytes(b"{}\n")
+    old = time.time() - SWEEP_IDLE_S - 1
+    for file_id in (recorded.id, expired):
+        os.utime(store.path(file_id), (old, old))
+    assert store.sweep() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([recorded.id, arriving])
+    store.delete(recorded)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [arriving] and store.get(recorded.id, "t") is None
