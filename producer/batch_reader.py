@@ -14,6 +14,7 @@ import redis
 from routerq.core.batch_store import Batch, BatchStats, BatchStatus, BatchStore, Outcome
 from routerq.core.errors import BatchError
 from routerq.core.export_counts import ExportCounts
+from routerq.core.rate_state import ModelRate, model_rates
 from routerq.core.redis_client import connect
 from routerq.core.settings import Settings
 from routerq.core.upstream_batch import batch_owner, upstream_batches
@@ -38,6 +39,10 @@ class BatchReader:
         if batch is None:
             raise BatchError(f"no batch {batch_id!r} (wrong id, or older than ROUTERQ_RESULT_TTL)")
         return batch
+
+    def model_rates(self) -> list[ModelRate]:
+        """Each model's discovered rate and refused calls, as the shared limiter keeps them."""
+        return model_rates(self.redis)
 
     def upstream_batches(self, batch_id: str) -> dict[str, int]:
         """A `--via batch` batch's OpenRouter batches, counted by their last known status."""

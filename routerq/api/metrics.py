@@ -9,6 +9,7 @@ import redis
 from routerq.core.batch_store import active_key, batch_key
 from routerq.core.counters import COUNTERS_KEY, OPEN_UPSTREAM_KEY, parse_counters
 from routerq.core.export_counts import ExportCounts
+from routerq.core.rate_state import model_rates
 from routerq.core.redis_client import as_text
 
 _RUNNING = {"in_progress", "paused"}
@@ -63,6 +64,14 @@ def metrics_text(client: redis.Redis, queue: str) -> str:
            {"": open_upstream})  # fmt: skip
     metric("routerq_upstream_batches_total", "OpenRouter batches ended, by status", "counter",
            by("upstream", "status"))  # fmt: skip
+    rates = model_rates(client)
+    quoted = {r.model: '{model="' + r.model.replace("\\", "\\\\").replace('"', '\\"') + '"}' for r in rates}
+    metric("routerq_model_rate", "calls/s the shared limiter paces a model at (discovered)", "gauge",
+           {quoted[r.model]: r.rate for r in rates if r.rate is not None})  # fmt: skip
+    metric("routerq_model_calls_total", "calls started, by model", "counter",
+           {quoted[r.model]: r.granted for r in rates})  # fmt: skip
+    metric("routerq_model_refused_total", "calls upstream refused (429, temporary 402), by model", "counter",
+           {quoted[r.model]: r.refused for r in rates})  # fmt: skip
     metric("routerq_spans_sent_total", "spans workers sent to Phoenix", "counter", {"": spans.sent})
     metric("routerq_spans_dropped_total", "spans refused or dropped", "counter", {"": spans.dropped})
     return "\n".join(out) + "\n"

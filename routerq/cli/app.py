@@ -26,6 +26,7 @@ from routerq.core.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from routerq.core.export_counts import ExportCounts
+    from routerq.core.rate_state import ModelRate
     from routerq.producer.batch_client import BatchClient
     from routerq.producer.batch_reader import BatchReader
 
@@ -450,7 +451,24 @@ def _traces(batch: Batch, export: "ExportCounts") -> str:
     return line
 
 
-def _describe(batch: Batch, stats: BatchStats, export: "ExportCounts", upstream: dict[str, int]) -> str:
+def _rates(rates: list["ModelRate"]) -> list[str]:
+    """Each model the limiter paces: its discovered rate and the share of its calls upstream refused."""
+    return [
+        f"rate       {printable(r.model, 100)}: "
+        + (f"{r.rate:.1f} calls/s discovered" if r.rate is not None else "not paced (never refused)")
+        + f", {r.refused} of {r.granted} calls refused ({r.refused_share:.1%})"
+        for r in rates
+        if r.rate is not None or r.refused
+    ]
+
+
+def _describe(
+    batch: Batch,
+    stats: BatchStats,
+    export: "ExportCounts",
+    upstream: dict[str, int],
+    rates: list["ModelRate"],
+) -> str:
     now = time.time()
     started = batch.in_progress_at or batch.created_at
     elapsed = (batch.completed_at or batch.cancelled_at or now) - started
@@ -478,6 +496,7 @@ def _describe(batch: Batch, stats: BatchStats, export: "ExportCounts", upstream:
         f"latency    {_percentiles(stats.latency_ms)}; queue wait {_percentiles(stats.queue_wait_ms)}",
         f"retries    {batch.retries}",
         f"traces     {_traces(batch, export)}",
+        *_rates(rates),
     ]
     if batch.via is Via.BATCH:
         states = ", ".join(f"{n} {status}" for status, n in sorted(upstream.items())) or "none yet"
@@ -503,7 +522,11 @@ def status(
             ""
             if as_json
             else _describe(
-                batch, client.stats(batch_id), client.span_export(), client.upstream_batches(batch_id)
+                batch,
+                client.stats(batch_id),
+                client.span_export(),
+                client.upstream_batches(batch_id),
+                client.model_rates(),
             )
         )
     print(json.dumps(batch.openai_object(), indent=2) if as_json else described)

@@ -10,6 +10,9 @@ Directives inside a prompt trigger faults for that request:
 `POST /_fake/config` sets latency, accepted keys and fault rules: each rule applies to prompts containing
 its `match` and, deterministically per prompt and attempt, answers 429 (with Retry-After), 502 or
 200-with-error at the given rates, or hangs the first `hang_first` calls of a prompt for `hang_s`.
+`rate_limits` ({model: n}) admits n requests of that model per rolling second and answers 429
+(Retry-After: 1, a provider's 429: `metadata.provider_name`) beyond; `in_flight_budget` answers 402
+`in_flight_budget_exhausted` (Retry-After: 1) past that many calls at once.
 `GET /_fake/calls` and `POST /_fake/reset` expose the call log. OpenRouter's Batch API is served too
 (routerq.devstack.fake_batches).
 """
@@ -52,7 +55,18 @@ def create_app(state: FakeState) -> Starlette:
         started = time.time()
         call: dict[str, Any] = {"path": request.url.path, "kind": kind, "t": started}
         state.calls.append(call)
-        response = await _answer(request, kind, call)
+        response: Response
+        if state.in_flight_budget and state.in_flight >= state.in_flight_budget:
+            response = error(
+                402, "Too many requests in flight for this key's balance", {"Retry-After": "1"},
+                limit_source="openrouter_in_flight_budget", reason="in_flight_budget_exhausted",
+            )  # fmt: skip
+        else:
+            state.in_flight += 1
+            try:
+                response = await _answer(request, kind, call)
+            finally:
+                state.in_flight -= 1
         call["status"] = response.status_code
         call["t_end"] = time.time()
         return response
@@ -80,6 +94,9 @@ def create_app(state: FakeState) -> Starlette:
         directives = {m.group(1): m.group(2) for m in DIRECTIVE.finditer(prompt)}
         state.seen[prompt] = attempt = state.seen.get(prompt, 0) + 1
         call["attempt"] = attempt
+        if model in PRICES and state.over_rate(model, time.time()):  # refused on arrival, as a gateway does
+            return error(429, f"{model} is temporarily rate-limited upstream", {"Retry-After": "1"},
+                         provider_name=provider_for(model), raw="rate limit exceeded")  # fmt: skip
         rule = next((r for r in state.rules if r.get("match") and r["match"] in prompt), None)
         if rule is not None and attempt <= int(rule.get("hang_first", 0)):
             await asyncio.sleep(float(rule.get("hang_s", 60)))
@@ -165,6 +182,9 @@ def create_app(state: FakeState) -> Starlette:
         if "rules" in config:
             state.rules = list(config["rules"])
         state.batch_s = float(config.get("batch_s", state.batch_s))
+        if "rate_limits" in config:  # {"model": requests per rolling second}; a change applies at once
+            state.rate_limits = {str(k): float(v) for k, v in config["rate_limits"].items()}
+        state.in_flight_budget = int(config.get("in_flight_budget", state.in_flight_budget))
         return JSONResponse({"latency_ms": state.latency_ms, "jitter": state.jitter, "rules": state.rules})
 
     async def health(_: Request) -> Response:

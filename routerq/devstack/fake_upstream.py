@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import array
 import base64
+import collections
 import hashlib
 import itertools
 import json
@@ -104,6 +105,24 @@ class FakeState:
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)  # fake_batches: upstream batches
     batch_s: float = 1.0  # how long an upstream batch takes from submission to completed
     expired_once: set[str] = field(default_factory=set)  # prompts whose first batch has expired
+    # a hidden provider limit per model: requests admitted per rolling second (429 beyond)
+    rate_limits: dict[str, float] = field(default_factory=dict)
+    admitted: dict[str, collections.deque[float]] = field(default_factory=dict)
+    in_flight_budget: int = 0  # OpenRouter's in-flight spending budget: 402 past this many calls at once
+    in_flight: int = 0
+
+    def over_rate(self, model: str, now: float) -> bool:
+        """Whether the model's hidden limit refuses a request arriving now (admitted ones count)."""
+        limit = self.rate_limits.get(model)
+        if limit is None:
+            return False
+        admitted = self.admitted.setdefault(model, collections.deque())
+        while admitted and admitted[0] <= now - 1.0:
+            admitted.popleft()
+        if len(admitted) >= limit:
+            return True
+        admitted.append(now)
+        return False
 
 
 def roll(seed: str, prompt: str, attempt: int) -> float:

@@ -3,12 +3,14 @@ the shared limiter, and the lease sweep that puts back a dead worker's messages.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import redis
 import redis.asyncio as aredis
 from harness import on_redis, run, settings_for
@@ -21,7 +23,7 @@ from routerq.core.result_store import PENDING_KEY, RESULT_KEY, AsyncResultStore
 from routerq.core.staged_enqueue import StagedEnqueue
 from routerq.worker.execution.holdings import Holdings
 from routerq.worker.upkeep.leases import UNACKED_INDEX_KEY, UNACKED_KEY, LeaseKeeper
-from routerq.worker.upstream.limiter import SharedLimiter
+from routerq.worker.upstream.limiter import INCREASE_S, Lease, SharedLimiter
 
 TTL = 3600
 
@@ -162,29 +164,84 @@ def test_the_limiter_grants_up_to_the_rpm_then_says_how_long_to_wait(redis_url: 
     assert 50 < third <= settings.rate_limit_window + 1
 
 
-def test_a_429_halves_the_shared_rate_and_sets_a_cooldown_every_worker_sees(redis_url: str) -> None:
-    settings = settings_for(redis_url, ROUTERQ_RATE_LIMIT_REQUESTS="600")
+def grants(limiter: SharedLimiter, model: str, n: int) -> list[Lease | None]:
+    async def take() -> list[Lease | None]:
+        return [(await limiter.try_acquire(model, 10))[0] for _ in range(n)]
 
-    async def penalized() -> tuple[float, float]:
+    return run(take)
+
+
+def test_a_model_is_not_paced_until_upstream_refuses_one_of_its_calls(redis_url: str) -> None:
+    async def many(client: aredis.Redis) -> list[float]:
+        limiter = SharedLimiter(client, settings_for(redis_url))
+        return [(await limiter.try_acquire("m", 10))[1] for _ in range(300)]
+
+    assert set(on_redis(redis_url, many)) == {0.0}
+
+
+def test_the_first_refusal_paces_the_model_for_every_worker_at_beta_of_last_seconds_grants(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    settings = settings_for(redis_url)
+
+    async def refused_then_other_worker() -> tuple[float, float, float]:
         a, b = aredis.Redis.from_url(redis_url), aredis.Redis.from_url(redis_url)
         try:
-            await SharedLimiter(a, settings).penalize("m", 2.0)
-            lease, wait = await SharedLimiter(b, settings).try_acquire("m", 10)  # another worker
-            factor = float(await a.hget("routerq:limit:{*}:state", "factor") or 0)
-            return (wait if lease is None else 0.0), factor
+            mine, other = SharedLimiter(a, settings), SharedLimiter(b, settings)
+            leases = [(await mine.try_acquire("m", 10))[0] for _ in range(101)]
+            assert all(leases)
+            # upstream refused the 101st: it had admitted the 100 granted in the second before it
+            rate = await mine.penalize("m", leases[-1], 1.0, "provider")  # type: ignore[arg-type]
+            again = await mine.penalize("m", leases[0], 1.0, "provider")  # sent before the cut
+            _, wait = await other.try_acquire("m", 10)  # 101 granted this second: over 90/s
+            return rate, again, wait
         finally:
             await a.aclose()
             await b.aclose()
 
-    wait, factor = run(penalized)
-    assert 1.0 < wait <= 2.0
-    assert factor == 0.5
+    rate, again, wait = run(refused_then_other_worker)
+    assert rate == again == pytest.approx(90.0)  # one cut per congestion
+    assert 0 < wait <= 1.0
+    state = sync_redis.hgetall("routerq:limit:{m}:state")
+    assert (int(state[b"refused"]), int(state[b"refused:provider"]), int(state[b"granted"])) == (2, 2, 101)
+    # the first refusal also stops the model for its Retry-After: upstream's window is full of the burst
+    assert 0 < int(state[b"cooldown"]) - int(state[b"refused_at"]) <= 1000
+
+
+def test_callers_pressing_the_rate_raise_it_a_step_at_a_time(redis_url: str, sync_redis: redis.Redis) -> None:
+    sync_redis.hset("routerq:limit:{m}:state", mapping={"rate": "5", "refused_at": "0"})
+
+    async def press(client: aredis.Redis) -> list[float]:
+        limiter = SharedLimiter(client, settings_for(redis_url))
+        rates = []
+        for _ in range(3):
+            while (await limiter.try_acquire("m", 10))[0] is not None:
+                pass
+            rates.append(float(await client.hget("routerq:limit:{m}:state", "rate") or 0))
+            await asyncio.sleep(INCREASE_S)
+        return rates
+
+    assert on_redis(redis_url, press) == [6.0, 7.0, 8.0]  # at least one call/s a step
+
+
+def test_a_long_retry_after_stops_every_call_of_the_model_until_it_ends(redis_url: str) -> None:
+    async def cooled(client: aredis.Redis) -> tuple[float, float]:
+        limiter = SharedLimiter(client, settings_for(redis_url))
+        lease, _ = await limiter.try_acquire("free-model", 10)
+        assert lease is not None
+        await limiter.penalize("free-model", lease, 30.0, "openrouter")
+        _, wait = await limiter.try_acquire("free-model", 10)
+        _, other = await limiter.try_acquire("another-model", 10)
+        return wait, other
+
+    wait, other = on_redis(redis_url, cooled)
+    assert 25 < wait <= 30 and other == 0.0
 
 
 def test_a_release_corrects_the_token_estimate_and_frees_the_call_in_flight(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
-    settings = settings_for(redis_url, ROUTERQ_MAX_IN_FLIGHT="1")
+    settings = settings_for(redis_url, ROUTERQ_MAX_IN_FLIGHT="1", ROUTERQ_RATE_LIMIT_TOKENS="100000")
 
     async def release_then_acquire(client: aredis.Redis) -> tuple[float, float]:
         limiter = SharedLimiter(client, settings)

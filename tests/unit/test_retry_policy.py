@@ -9,7 +9,7 @@ import pytest
 from routerq.core.jobs import JobError
 from routerq.core.settings import Settings
 from routerq.worker.execution.attempt import final_error
-from routerq.worker.upstream.retry import Action, Tries, backoff, decide, error_class
+from routerq.worker.upstream.retry import Action, Tries, backoff, decide, error_class, refusal
 
 SETTINGS = Settings(ROUTERQ_MAX_ATTEMPTS=6, ROUTERQ_RETRY_BASE_DELAY=1.0, ROUTERQ_RETRY_MAX_DELAY=60.0)
 NOW = 1_800_000_000.0
@@ -59,6 +59,32 @@ def test_a_402_without_retry_after_pauses_for_credit() -> None:
 def test_a_402_with_retry_after_is_waited_out() -> None:
     decision = decide(error(402, "insufficient_credits"), 7.0, at(1), SETTINGS, NOW)
     assert decision.action is Action.RETRY and decision.delay >= 7.0
+
+
+def test_the_in_flight_budget_402_slows_down_without_pausing_or_using_an_attempt() -> None:
+    refused = JobError(code="http_402", message="too many in flight", status_code=402,
+                       metadata={"limit_source": "openrouter_in_flight_budget", "reason": "in_flight_budget_exhausted"})  # fmt: skip
+    assert refusal(refused) == "in_flight"
+    decision = decide(refused, 1.0, at(6), SETTINGS, NOW)  # even on the last attempt
+    assert decision.action is Action.RETRY and decision.rate_limited and decision.delay >= 1.0
+
+
+def test_a_providers_429_is_told_from_openrouters_own() -> None:
+    provider = JobError(
+        code="http_429", message="x", status_code=429, metadata={"provider_name": "DeepInfra"}
+    )
+    assert (refusal(provider), refusal(error(429)), refusal(error(402)), refusal(error(500))) == (
+        "provider", "openrouter", None, None,
+    )  # fmt: skip
+
+
+def test_a_spent_budget_403_pauses_saying_until_when() -> None:
+    spent = JobError(code="http_403", message="Budget limit exceeded", status_code=403, metadata={
+        "limit_source": "openrouter_guardrail_budget", "scope": "guardrail", "resets_at": "2026-12-05T00:00:00Z",
+    })  # fmt: skip
+    decision = decide(spent, None, at(1), SETTINGS, NOW)
+    assert decision.action is Action.PAUSE and "until 2026-12-05T00:00:00Z" in decision.reason
+    assert decide(error(403, "moderation"), None, at(1), SETTINGS, NOW).action is Action.FAIL
 
 
 def test_retry_after_is_a_floor_under_the_backoff() -> None:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import redis
 from openinference.instrumentation import using_attributes
 from opentelemetry import trace
 
@@ -31,7 +32,15 @@ from routerq.worker.upstream.call_record import Recording, untraced
 from routerq.worker.upstream.cost_estimate import estimate_tokens
 from routerq.worker.upstream.limiter import Lease
 from routerq.worker.upstream.openrouter import UpstreamAnswer
-from routerq.worker.upstream.retry import Action, Decision, Tries, decide, error_class, wait_for_capacity
+from routerq.worker.upstream.retry import (
+    Action,
+    Decision,
+    Tries,
+    decide,
+    error_class,
+    refusal,
+    wait_for_capacity,
+)
 
 log = logging.getLogger(__name__)
 # A limiter wait longer than this gives the slot back and comes back later (re-published with a
@@ -94,8 +103,6 @@ async def attempt_job(
         answer, limited = await _call(rt, job, model, recording)
         if answer.error:
             decision = decide(answer.error, answer.retry_after, tries, rt.settings, time.time())
-            if answer.error.status_code == 429:
-                await rt.limiter.penalize(model, answer.retry_after or 1.0)
             if decision.action is Action.PAUSE and guard is not None:
                 await guard.pause(decision.reason)
     if answer.error and decision is not None:
@@ -148,6 +155,13 @@ async def _call(
     finally:
         usage = answer.usage if answer is not None else None
         await rt.limiter.release(lease, usage.total_tokens if usage else None)
+    source = refusal(answer.error) if answer.error else None
+    if source is not None:
+        try:
+            rate = await rt.limiter.penalize(model, lease, answer.retry_after, source)
+            log.debug("%s: refused upstream (%s); every worker paces it at %.1f calls/s", model, source, rate)
+        except redis.RedisError as exc:  # advice to the limiter: never the line's outcome
+            log.warning("%s: could not slow the model down after a refusal: %s", model, exc)
     return answer, limited
 
 

@@ -29,6 +29,7 @@ from routerq.core.embed_store import EmbedRun
 from routerq.core.errors import JobFailedError
 from routerq.core.job_chain import JobGo
 from routerq.core.jobs import Job, JobError, JobKind, JobResult
+from routerq.core.rate_state import model_rates_async
 from routerq.core.settings import VISIBILITY_SLACK
 from routerq.core.spans import (
     ATTEMPT,
@@ -405,7 +406,8 @@ async def summary_if_ended(rt: Runtime, batch_id: str, recorded: Recorded) -> No
     if recorded is Recorded.ENDED_BATCH and current is not None:
         batch = await rt.batches.get(batch_id)
         if batch is not None:
-            write_summary(current, batch, await rt.batches.stats(batch_id))
+            rates = await model_rates_async(rt.redis)
+            write_summary(current, batch, await rt.batches.stats(batch_id), rates)
 
 
 async def run_embed(

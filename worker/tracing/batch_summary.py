@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from openinference.semconv.trace import SpanAttributes
@@ -16,6 +17,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from routerq.core import telemetry
 from routerq.core.batch_store import Batch, BatchStats
+from routerq.core.rate_state import ModelRate
 from routerq.core.spans import BATCH_ID, chain_kind
 from routerq.worker.tracing.tail_sampler import TailSampler
 
@@ -45,9 +47,16 @@ def summary(batch: Batch, stats: BatchStats) -> dict[str, Any]:
     return data
 
 
-def write_summary(sampler: TailSampler, batch: Batch, stats: BatchStats) -> None:
-    """Always kept, whatever the budget: it is one span per batch."""
+def write_summary(
+    sampler: TailSampler, batch: Batch, stats: BatchStats, rates: Sequence[ModelRate] = ()
+) -> None:
+    """Always kept, whatever the budget: it is one span per batch. `rates`: what the shared limiter
+    found for each model it paces (routerq.core.rate_state), as the batch ended."""
     data = summary(batch, stats)
+    if rates:
+        data["model_rates"] = json.dumps([
+            {"model": r.model, "rate": r.rate, "refused_share": round(r.refused_share, 4)} for r in rates
+        ])  # fmt: skip
     attributes: dict[str, Any] = {
         **chain_kind(),
         **{PREFIX + key: value for key, value in data.items()},

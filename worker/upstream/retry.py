@@ -89,15 +89,41 @@ def wait_for_capacity(delay: float, tries: Tries, settings: Settings, now: float
     return Decision(Action.RETRY, delay=delay, rate_limited=True)
 
 
+def refusal(error: JobError) -> str | None:
+    """Who refused a call for capacity, when one did: a provider (a 429 naming it), OpenRouter itself
+    (another 429), or OpenRouter's in-flight spending budget (a temporary 402). Each slows the model
+    down (worker.upstream.limiter); none is the line's fault."""
+    metadata = error.metadata or {}
+    if error.status_code == 429:
+        return "provider" if metadata.get("provider_name") else "openrouter"
+    if error.status_code == 402 and "in_flight" in f"{metadata.get('limit_source')} {metadata.get('reason')}":
+        return "in_flight"
+    return None
+
+
+def budget_pause(error: JobError) -> str | None:
+    """A 403 for a spent budget (guardrail, workspace or key): why the batch pauses, and until when."""
+    metadata = error.metadata or {}
+    source = str(metadata.get("limit_source") or "")
+    if error.status_code != 403 or not source.endswith(("_budget", "_key_limit")):
+        return None
+    resets = metadata.get("resets_at")
+    until = f" until {resets}" if resets else ""
+    return f"OpenRouter budget ({metadata.get('scope') or source}) spent{until}: {error.message}"
+
+
 def decide(
     error: JobError, retry_after: float | None, tries: Tries, settings: Settings, now: float
 ) -> Decision:
     status = error.status_code
-    if status == 429:
+    if refusal(error) is not None:  # capacity, not the line: wait, never pause, attempts untouched
         return wait_for_capacity(
             max(backoff(tries.waits + 1, settings), retry_after or 0.0), tries, settings, now
         )
     attempt = tries.attempt
+    budget = budget_pause(error)
+    if budget is not None:
+        return Decision(Action.PAUSE, reason=budget)
     if status == 401 or (status == 402 and retry_after is None):
         return Decision(Action.PAUSE, reason=f"HTTP {status}: {error.message}")
     retryable = (

@@ -1,32 +1,33 @@
--- KEYS: 4 per scope (requests zset, tokens zset, in-flight zset, state hash)
--- ARGV: now_ms, window_ms, lease, lease_expiry_ms, tokens, recovery_ms, then 3 limits per scope
+-- May a call start now? KEYS: 5 per scope (requests zset, tokens zset, in-flight zset, state hash,
+-- grants of the last two seconds zset). ARGV: now_ms, window_ms, lease, lease_expiry_ms, tokens,
+-- increase_ms, increase_step, then per scope: max requests, max tokens, max in flight, discovers (0/1).
+-- Returns 0 (granted) or how many ms to wait.
+-- Configured limits (requests and tokens per window, calls in flight) are hard caps. A scope that
+-- discovers also paces calls at its discovered rate (state.rate, calls per second, set by
+-- limiter_penalize.lua at the first refusal): while callers press that rate and no refusal came in
+-- the last increase_ms, it grows by max(1, rate * step) every increase_ms (additive increase).
 local now, window, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local lease_until, tokens, recovery = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local lease_until, tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
+local increase_ms, step = tonumber(ARGV[6]), tonumber(ARGV[7])
 local wait = 0
-local scopes = #KEYS / 4
+local scopes = #KEYS / 5
 for s = 0, scopes - 1 do
-  local req, tok, fly, st = KEYS[s*4+1], KEYS[s*4+2], KEYS[s*4+3], KEYS[s*4+4]
-  local max_req, max_tok, max_fly = tonumber(ARGV[7+s*3]), tonumber(ARGV[8+s*3]), tonumber(ARGV[9+s*3])
-  local state = redis.call('HMGET', st, 'factor', 'last429', 'cooldown')
-  local cooldown = tonumber(state[3] or 0)
+  local req, tok, fly, st, recent = KEYS[s*5+1], KEYS[s*5+2], KEYS[s*5+3], KEYS[s*5+4], KEYS[s*5+5]
+  local max_req, max_tok = tonumber(ARGV[8+s*4]), tonumber(ARGV[9+s*4])
+  local max_fly, discovers = tonumber(ARGV[10+s*4]), ARGV[11+s*4] == '1'
+  local state = redis.call('HMGET', st, 'cooldown', 'rate', 'increased', 'refused_at')
+  local cooldown = tonumber(state[1] or 0)
   if cooldown > now then wait = math.max(wait, cooldown - now) end
-  local factor = 1
-  if state[1] then
-    factor = math.min(1, tonumber(state[1]) * math.pow(2, (now - tonumber(state[2])) / recovery))
-  end
-  redis.call('ZREMRANGEBYSCORE', req, '-inf', now - window)
-  redis.call('ZREMRANGEBYSCORE', tok, '-inf', now - window)
-  redis.call('ZREMRANGEBYSCORE', fly, '-inf', now)
   if max_req > 0 then
-    local allowed = math.max(1, math.floor(max_req * factor))
-    if redis.call('ZCARD', req) >= allowed then
-      local oldest = redis.call('ZRANGE', req, 0, 0, 'WITHSCORES')
-      local count = redis.call('ZCARD', req)
-      local nth = redis.call('ZRANGE', req, count - allowed, count - allowed, 'WITHSCORES')
-      wait = math.max(wait, tonumber(nth[2] or oldest[2]) + window - now)
+    redis.call('ZREMRANGEBYSCORE', req, '-inf', now - window)
+    local count = redis.call('ZCARD', req)
+    if count >= max_req then
+      local nth = redis.call('ZRANGE', req, count - max_req, count - max_req, 'WITHSCORES')
+      wait = math.max(wait, tonumber(nth[2]) + window - now)
     end
   end
   if max_tok > 0 then
+    redis.call('ZREMRANGEBYSCORE', tok, '-inf', now - window)
     local used = 0
     for _, member in ipairs(redis.call('ZRANGE', tok, 0, -1)) do
       used = used + tonumber(string.match(member, ':(%d+)$'))
@@ -36,16 +37,46 @@ for s = 0, scopes - 1 do
       wait = math.max(wait, tonumber(oldest[2]) + window - now)
     end
   end
-  if max_fly > 0 and redis.call('ZCARD', fly) >= max_fly then
-    wait = math.max(wait, 25)
+  if max_fly > 0 then
+    redis.call('ZREMRANGEBYSCORE', fly, '-inf', now)
+    if redis.call('ZCARD', fly) >= max_fly then wait = math.max(wait, 25) end
+  end
+  local rate = tonumber(state[2] or '')
+  if discovers and rate then
+    local allowed = math.max(1, math.floor(rate))
+    local count = redis.call('ZCOUNT', recent, now - 1000, '+inf')
+    if count >= allowed then
+      local since = math.min(now - tonumber(state[3] or 0), now - tonumber(state[4] or 0))
+      if since >= increase_ms then
+        redis.call('HSET', st, 'rate', tostring(rate + math.max(1, rate * step)), 'increased', now)
+      end
+      local nth = redis.call('ZRANGEBYSCORE', recent, now - 1000, '+inf', 'WITHSCORES', 'LIMIT', count - allowed, 1)
+      wait = math.max(wait, tonumber(nth[2]) + 1000 - now)
+    end
   end
 end
 if wait > 0 then return wait end
 for s = 0, scopes - 1 do
-  local req, tok, fly = KEYS[s*4+1], KEYS[s*4+2], KEYS[s*4+3]
-  redis.call('ZADD', req, now, lease)
-  redis.call('ZADD', tok, now, lease .. ':' .. tokens)
-  redis.call('ZADD', fly, lease_until, lease)
-  for _, k in ipairs({req, tok, fly}) do redis.call('PEXPIRE', k, math.floor(window * 2 + 600000)) end
+  local req, tok, fly, st, recent = KEYS[s*5+1], KEYS[s*5+2], KEYS[s*5+3], KEYS[s*5+4], KEYS[s*5+5]
+  local max_req, max_tok, max_fly = tonumber(ARGV[8+s*4]), tonumber(ARGV[9+s*4]), tonumber(ARGV[10+s*4])
+  if max_req > 0 then
+    redis.call('ZADD', req, now, lease)
+    redis.call('PEXPIRE', req, window * 2 + 600000)
+  end
+  if max_tok > 0 then
+    redis.call('ZADD', tok, now, lease .. ':' .. tokens)
+    redis.call('PEXPIRE', tok, window * 2 + 600000)
+  end
+  if max_fly > 0 then
+    redis.call('ZADD', fly, lease_until, lease)
+    redis.call('PEXPIRE', fly, lease_until - now + 600000)
+  end
+  if ARGV[11+s*4] == '1' then
+    redis.call('ZADD', recent, now, lease)
+    redis.call('ZREMRANGEBYSCORE', recent, '-inf', now - 2000)
+    redis.call('PEXPIRE', recent, 3000)
+    redis.call('HINCRBY', st, 'granted', 1)
+    redis.call('PEXPIRE', st, 3600000)
+  end
 end
 return 0

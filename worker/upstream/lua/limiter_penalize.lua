@@ -1,13 +1,30 @@
--- KEYS: state hash per scope; ARGV: now_ms, cooldown_ms, recovery_ms
-local now, cooldown, recovery = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-for _, st in ipairs(KEYS) do
-  local state = redis.call('HMGET', st, 'factor', 'last429', 'cooldown')
-  local factor = 1
-  if state[1] then
-    factor = math.min(1, tonumber(state[1]) * math.pow(2, (now - tonumber(state[2])) / recovery))
-  end
-  local until_ms = math.max(tonumber(state[3] or 0), now + cooldown)
-  redis.call('HSET', st, 'factor', math.max(0.05, factor / 2), 'last429', now, 'cooldown', until_ms)
-  redis.call('PEXPIRE', st, 3600000)
+-- Upstream refused a call (a 429, or a temporary 402 in-flight budget): slow the model down for
+-- every worker. KEYS: the model scope's state hash and its recent grants zset.
+-- ARGV: now_ms, the refused call's grant time (ms), beta, cooldown_ms (0: none), source, guard_ms,
+-- retry_after_ms.
+-- One decrease per congestion: a refusal of a call granted before the last decrease, or within
+-- guard_ms of it (upstream's window still holds what was sent at the old rate), is counted, not acted on. The first refusal seeds the rate from the grants of the
+-- second before the refused call's. A cooldown (a long Retry-After: the limit is a window of minutes, not a rate) stops
+-- every call of the model until it ends. Returns the rate now.
+local st, recent = KEYS[1], KEYS[2]
+local now, granted, beta, cooldown = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('HINCRBY', st, 'refused', 1)
+redis.call('HSET', st, 'refused_at', now)  -- no increase while refusals come in
+redis.call('HINCRBY', st, 'refused:' .. ARGV[5], 1)
+if cooldown > 0 then
+  local until_ms = math.max(tonumber(redis.call('HGET', st, 'cooldown') or 0), now + cooldown)
+  redis.call('HSET', st, 'cooldown', until_ms)
 end
-return 1
+redis.call('PEXPIRE', st, 3600000)
+local rate = tonumber(redis.call('HGET', st, 'rate') or '')
+local decreased = tonumber(redis.call('HGET', st, 'decreased') or 0)
+if rate and (granted < decreased or now - decreased < tonumber(ARGV[6])) then return tostring(rate) end
+if not rate then  -- what upstream had admitted when it refused: the grants of the second before this one
+  rate = math.max(1, redis.call('ZCOUNT', recent, granted - 1000, granted) - 1)
+  -- and until its Retry-After, upstream's window is full of the unpaced burst: nobody sends
+  local first = now + tonumber(ARGV[7])
+  redis.call('HSET', st, 'cooldown', math.max(tonumber(redis.call('HGET', st, 'cooldown') or 0), first))
+end
+rate = math.max(1, rate * beta)
+redis.call('HSET', st, 'rate', tostring(rate), 'decreased', now)
+return tostring(rate)

@@ -1,6 +1,7 @@
--- KEYS: 4 per scope; ARGV: lease, estimated tokens, actual tokens
-for s = 0, #KEYS / 4 - 1 do
-  local tok, fly = KEYS[s*4+2], KEYS[s*4+3]
+-- A call is over: its in-flight lease ends and its token estimate is replaced by what it used.
+-- KEYS: 5 per scope (limiter_acquire.lua); ARGV: lease, estimated tokens, actual tokens
+for s = 0, #KEYS / 5 - 1 do
+  local tok, fly = KEYS[s*5+2], KEYS[s*5+3]
   redis.call('ZREM', fly, ARGV[1])
   local estimated = ARGV[1] .. ':' .. ARGV[2]
   local at = redis.call('ZSCORE', tok, estimated)

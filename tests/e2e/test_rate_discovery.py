@@ -1,0 +1,83 @@
+"""Where rate limits bite: every worker paces a model at the rate upstream admits, found by itself
+(the fake's hidden per-model limit), tells a provider's 429 and OpenRouter's temporary 402 apart from
+a reason to pause, and shows what it found. Workers at default settings."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from conftest import (
+    DEFAULT_RETRIES,
+    MODELS,
+    Stack,
+    calls_with,
+    extra_worker,
+    line,
+    routerq,
+    wait_final,
+    write_jsonl,
+)
+
+from routerq.core.batch_store import BatchStatus
+from routerq.core.rate_state import limit_keys
+from routerq.producer.batch_client import BatchClient
+
+MODEL = MODELS["chat"]
+
+
+@pytest.fixture(autouse=True)
+def forget_rates(stack: Stack) -> Iterator[None]:
+    """What the limiter learns here would pace the model for the rest of the suite: forgotten after."""
+    yield
+    redis.Redis.from_url(stack.redis.url).delete(*limit_keys(MODEL))
+
+
+@pytest.fixture
+def hidden_limit(stack: Stack) -> Iterator[None]:
+    httpx.post(f"{stack.fake_base}/_fake/config", json={"rate_limits": {MODEL: 20}}).raise_for_status()
+    yield
+    httpx.post(f"{stack.fake_base}/_fake/config", json={"rate_limits": {}}).raise_for_status()
+
+
+def test_a_hidden_limit_is_found_and_held_by_every_worker_and_shown(
+    stack: Stack, tmp_path: Path, hidden_limit: None
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    rows = [line(f"r{i}", "chat", f"{marker} {i} [[slow:0.1]]") for i in range(200)]
+    queue = f"rates-{marker}"
+    with extra_worker(stack, queue, concurrency=16, **DEFAULT_RETRIES) as (_, settings):
+        client = BatchClient(settings, tracing=False)
+        batch = client.submit(write_jsonl(tmp_path / "rates.jsonl", rows)).batch
+        final = wait_final(client, batch.id, timeout=120)
+    assert (final.succeeded, final.failed, final.status) == (200, 0, BatchStatus.COMPLETED)
+    calls = calls_with(stack, marker)
+    refused = sum(1 for c in calls if c.get("status") == 429)
+    assert refused <= 0.1 * len(calls), f"{refused} of {len(calls)} calls refused"  # found, then held
+    per_second = Counter(int(c["t"]) for c in calls if c.get("status") == 200)
+    assert max(per_second.values()) <= 20 + 2  # never above the limit (a second's edges blur)
+    status = routerq(stack, "status", batch.id, env={"ROUTERQ_QUEUE": queue})
+    assert f"rate       {MODEL}: " in status.stdout and "calls/s discovered" in status.stdout, status.stdout
+
+
+def test_openrouters_in_flight_budget_402_slows_the_batch_down_and_never_pauses_it(
+    stack: Stack, tmp_path: Path
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    rows = [line(f"f{i}", "chat", f"{marker} {i} [[slow:0.2]]") for i in range(60)]
+    queue = f"in-flight-{marker}"
+    httpx.post(f"{stack.fake_base}/_fake/config", json={"in_flight_budget": 4}).raise_for_status()
+    try:
+        with extra_worker(stack, queue, concurrency=16, **DEFAULT_RETRIES) as (_, settings):
+            client = BatchClient(settings, tracing=False)
+            batch = client.submit(write_jsonl(tmp_path / "in-flight.jsonl", rows)).batch
+            final = wait_final(client, batch.id, timeout=180)
+    finally:
+        httpx.post(f"{stack.fake_base}/_fake/config", json={"in_flight_budget": 0}).raise_for_status()
+    assert (final.succeeded, final.failed, final.status) == (60, 0, BatchStatus.COMPLETED)
+    assert final.reason is None  # never paused
