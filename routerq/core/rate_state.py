@@ -9,6 +9,7 @@ Keys, per scope:
   routerq:limit:{scope}:state   hash  rate (discovered calls/s); increased, decreased, refused_at,
                                       cooldown (ms); granted, refused, refused:{provider|openrouter|in_flight}
   routerq:limit:{scope}:recent  zset  grants of the last two seconds (what the discovered rate paces)
+  routerq:limit:{scope}:ok      zset  calls upstream answered, of the last two seconds (what it admits)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ GLOBAL_SCOPE = "*"
 
 def limit_keys(scope: str) -> list[str]:
     base = f"routerq:limit:{{{scope}}}"
-    return [f"{base}:req", f"{base}:tok", f"{base}:fly", f"{base}:state", f"{base}:recent"]
+    return [f"{base}:req", f"{base}:tok", f"{base}:fly", f"{base}:state", f"{base}:recent", f"{base}:ok"]
 
 
 @dataclass(frozen=True)

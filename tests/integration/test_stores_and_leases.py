@@ -209,7 +209,7 @@ def test_the_first_refusal_paces_the_model_for_every_worker_at_beta_of_last_seco
 
 
 def test_callers_pressing_the_rate_raise_it_a_step_at_a_time(redis_url: str, sync_redis: redis.Redis) -> None:
-    sync_redis.hset("routerq:limit:{m}:state", mapping={"rate": "5", "refused_at": "0"})
+    sync_redis.hset("routerq:limit:{m}:state", mapping={"rate": "50", "refused_at": "0"})
 
     async def press(client: aredis.Redis) -> list[float]:
         limiter = SharedLimiter(client, settings_for(redis_url))
@@ -221,7 +221,7 @@ def test_callers_pressing_the_rate_raise_it_a_step_at_a_time(redis_url: str, syn
             await asyncio.sleep(INCREASE_S)
         return rates
 
-    assert on_redis(redis_url, press) == [6.0, 7.0, 8.0]  # at least one call/s a step
+    assert on_redis(redis_url, press) == pytest.approx([51.0, 52.02, 53.0604])  # 2 % a step
 
 
 def test_a_long_retry_after_stops_every_call_of_the_model_until_it_ends(redis_url: str) -> None:

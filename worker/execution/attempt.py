@@ -154,7 +154,11 @@ async def _call(
                     recording.finished = time.time()
     finally:
         usage = answer.usage if answer is not None else None
-        await rt.limiter.release(lease, usage.total_tokens if usage else None)
+        error = answer.error if answer is not None else None
+        answered = answer is not None and (
+            error is None or (error.status_code is not None and not refusal(error))
+        )
+        await rt.limiter.release(lease, usage.total_tokens if usage else None, answered)
     source = refusal(answer.error) if answer.error else None
     if source is not None:
         try:

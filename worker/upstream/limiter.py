@@ -26,8 +26,9 @@ LEASE_TTL_S = 300.0
 SKEW_S = 0.25
 # Rate discovery (routerq.core.rate_state): after a refusal the model's rate is cut to BETA of itself
 # (an AIMD sawtooth between BETA*L and L averages (1+BETA)/2 of the hidden limit L); while callers
-# press it, it grows by INCREASE_STEP of itself (at least 1 call/s) every INCREASE_S: 8 % a second, so a
-# cut is won back in about 1.3 s and a limit that doubled is found in about 9 s.
+# press it, it grows by INCREASE_STEP of itself every INCREASE_S: 8 % a second, so a cut is won back in
+# about 1.3 s and a limit that doubled is found in about 9 s. A cut starts from the lower of the rate and
+# what upstream answered in the last second: a limit that halved is found at once.
 BETA = 0.9
 INCREASE_S = 0.25
 INCREASE_STEP = 0.02
@@ -93,15 +94,25 @@ class SharedLimiter:
             return None, wait_ms / 1000.0
         return Lease(lease, tuple(scope for scope, _ in scopes), max(0, tokens), now), 0.0
 
-    async def release(self, lease: Lease, actual_tokens: int | None) -> None:
+    async def release(self, lease: Lease, actual_tokens: int | None, answered: bool = False) -> None:
+        """The call is over; `answered`: upstream answered it (it was admitted, not refused)."""
         keys = [key for scope in lease.scopes for key in limit_keys(scope)]
         actual = lease.tokens if actual_tokens is None else actual_tokens
-        await self._release(keys=keys, args=[lease.id, lease.tokens, actual])
+        discovers = [int(scope != GLOBAL_SCOPE) for scope in lease.scopes]
+        args: list[str | int] = [
+            lease.id,
+            lease.tokens,
+            actual,
+            int(time.time() * 1000),
+            int(answered),
+            *discovers,
+        ]
+        await self._release(keys=keys, args=args)
 
     async def penalize(self, model: str, lease: Lease, retry_after: float | None, source: str) -> float:
         """Upstream refused a call of `model` (granted under `lease`): every worker slows down.
         Returns the model's rate now (calls/s)."""
-        state, recent = limit_keys(model)[3:5]
+        state, recent, answered = limit_keys(model)[3:6]
         cooldown = retry_after if retry_after and retry_after > COOLDOWN_AFTER_S else 0.0
         args: list[int | float | str] = [
             int(time.time() * 1000),
@@ -112,4 +123,4 @@ class SharedLimiter:
             int(DECREASE_GUARD_S * 1000),
             int((retry_after or 1.0) * 1000),
         ]
-        return float(await self._penalize(keys=[state, recent], args=args))
+        return float(await self._penalize(keys=[state, recent, answered], args=args))

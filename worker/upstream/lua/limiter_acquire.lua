@@ -1,18 +1,18 @@
--- May a call start now? KEYS: 5 per scope (requests zset, tokens zset, in-flight zset, state hash,
--- grants of the last two seconds zset). ARGV: now_ms, window_ms, lease, lease_expiry_ms, tokens,
+-- May a call start now? KEYS: 6 per scope (requests zset, tokens zset, in-flight zset, state hash,
+-- grants of the last two seconds zset, answered calls zset). ARGV: now_ms, window_ms, lease, lease_expiry_ms, tokens,
 -- increase_ms, increase_step, then per scope: max requests, max tokens, max in flight, discovers (0/1).
 -- Returns 0 (granted) or how many ms to wait.
 -- Configured limits (requests and tokens per window, calls in flight) are hard caps. A scope that
 -- discovers also paces calls at its discovered rate (state.rate, calls per second, set by
 -- limiter_penalize.lua at the first refusal): while callers press that rate and no refusal came in
--- the last increase_ms, it grows by max(1, rate * step) every increase_ms (additive increase).
+-- the last increase_ms, it grows by rate * step every increase_ms.
 local now, window, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local lease_until, tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
 local increase_ms, step = tonumber(ARGV[6]), tonumber(ARGV[7])
 local wait = 0
-local scopes = #KEYS / 5
+local scopes = #KEYS / 6
 for s = 0, scopes - 1 do
-  local req, tok, fly, st, recent = KEYS[s*5+1], KEYS[s*5+2], KEYS[s*5+3], KEYS[s*5+4], KEYS[s*5+5]
+  local req, tok, fly, st, recent = KEYS[s*6+1], KEYS[s*6+2], KEYS[s*6+3], KEYS[s*6+4], KEYS[s*6+5]
   local max_req, max_tok = tonumber(ARGV[8+s*4]), tonumber(ARGV[9+s*4])
   local max_fly, discovers = tonumber(ARGV[10+s*4]), ARGV[11+s*4] == '1'
   local state = redis.call('HMGET', st, 'cooldown', 'rate', 'increased', 'refused_at')
@@ -48,7 +48,7 @@ for s = 0, scopes - 1 do
     if count >= allowed then
       local since = math.min(now - tonumber(state[3] or 0), now - tonumber(state[4] or 0))
       if since >= increase_ms then
-        redis.call('HSET', st, 'rate', tostring(rate + math.max(1, rate * step)), 'increased', now)
+        redis.call('HSET', st, 'rate', tostring(rate * (1 + step)), 'increased', now)
       end
       local nth = redis.call('ZRANGEBYSCORE', recent, now - 1000, '+inf', 'WITHSCORES', 'LIMIT', count - allowed, 1)
       wait = math.max(wait, tonumber(nth[2]) + 1000 - now)
@@ -57,7 +57,7 @@ for s = 0, scopes - 1 do
 end
 if wait > 0 then return wait end
 for s = 0, scopes - 1 do
-  local req, tok, fly, st, recent = KEYS[s*5+1], KEYS[s*5+2], KEYS[s*5+3], KEYS[s*5+4], KEYS[s*5+5]
+  local req, tok, fly, st, recent = KEYS[s*6+1], KEYS[s*6+2], KEYS[s*6+3], KEYS[s*6+4], KEYS[s*6+5]
   local max_req, max_tok, max_fly = tonumber(ARGV[8+s*4]), tonumber(ARGV[9+s*4]), tonumber(ARGV[10+s*4])
   if max_req > 0 then
     redis.call('ZADD', req, now, lease)

@@ -1,5 +1,5 @@
 -- Upstream refused a call (a 429, or a temporary 402 in-flight budget): slow the model down for
--- every worker. KEYS: the model scope's state hash and its recent grants zset.
+-- every worker. KEYS: the model scope's state hash, its recent grants and answered calls zsets.
 -- ARGV: now_ms, the refused call's grant time (ms), beta, cooldown_ms (0: none), source, guard_ms,
 -- retry_after_ms.
 -- One decrease per congestion: a refusal of a call granted before the last decrease, or within
@@ -19,7 +19,13 @@ redis.call('PEXPIRE', st, 3600000)
 local rate = tonumber(redis.call('HGET', st, 'rate') or '')
 local decreased = tonumber(redis.call('HGET', st, 'decreased') or 0)
 if rate and (granted < decreased or now - decreased < tonumber(ARGV[6])) then return tostring(rate) end
-if not rate then  -- what upstream had admitted when it refused: the grants of the second before this one
+if rate then
+  -- when upstream answered far fewer in the last second than the rate (its limit fell), a cut starts
+  -- from what it answered, but never below half the rate (a second just after a pause is thin)
+  local answered = redis.call('ZCOUNT', KEYS[3], now - 1000, now)
+  if answered < 0.6 * rate then rate = math.max(answered, rate / 2) end
+else
+  -- the first: what upstream had admitted when it refused, the grants of the second before this one
   rate = math.max(1, redis.call('ZCOUNT', recent, granted - 1000, granted) - 1)
   -- and until its Retry-After, upstream's window is full of the unpaced burst: nobody sends
   local first = now + tonumber(ARGV[7])
