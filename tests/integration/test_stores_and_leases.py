@@ -224,6 +224,17 @@ def test_callers_pressing_the_rate_raise_it_a_step_at_a_time(redis_url: str, syn
     assert on_redis(redis_url, press) == pytest.approx([51.0, 52.02, 53.0604])  # 2 % a step
 
 
+def test_a_refusal_amid_a_trickle_of_calls_does_not_pace_the_model(redis_url: str) -> None:
+    async def trickle(client: aredis.Redis) -> tuple[float, float]:
+        limiter = SharedLimiter(client, settings_for(redis_url))
+        lease, _ = await limiter.try_acquire("quiet", 10)
+        assert lease is not None
+        rate = await limiter.penalize("quiet", lease, 1.0, "provider")
+        return rate, (await limiter.try_acquire("quiet", 10))[1]
+
+    assert on_redis(redis_url, trickle) == (0.0, 0.0)
+
+
 def test_a_long_retry_after_stops_every_call_of_the_model_until_it_ends(redis_url: str) -> None:
     async def cooled(client: aredis.Redis) -> tuple[float, float]:
         limiter = SharedLimiter(client, settings_for(redis_url))

@@ -32,6 +32,10 @@ SKEW_S = 0.25
 BETA = 0.9
 INCREASE_S = 0.25
 INCREASE_STEP = 0.02
+# A model is paced from its first refusal only when that second saw at least this many of its calls:
+# a 429 amid a trickle (a provider's hiccup, one job) says nothing of a rate, and pacing a quiet model
+# at one call a second would slow its next batch for a minute.
+MIN_SEED = 10
 # After a decrease, refusals for this long are upstream's window still full of calls sent at the old
 # rate: counted, not cut again (else one burst cuts the rate several times over).
 DECREASE_GUARD_S = 1.0
@@ -111,7 +115,7 @@ class SharedLimiter:
 
     async def penalize(self, model: str, lease: Lease, retry_after: float | None, source: str) -> float:
         """Upstream refused a call of `model` (granted under `lease`): every worker slows down.
-        Returns the model's rate now (calls/s)."""
+        Returns the model's rate now (calls/s; 0 when it is not paced)."""
         state, recent, answered = limit_keys(model)[3:6]
         cooldown = retry_after if retry_after and retry_after > COOLDOWN_AFTER_S else 0.0
         args: list[int | float | str] = [
@@ -122,5 +126,6 @@ class SharedLimiter:
             source,
             int(DECREASE_GUARD_S * 1000),
             int((retry_after or 1.0) * 1000),
+            MIN_SEED,
         ]
         return float(await self._penalize(keys=[state, recent, answered], args=args))

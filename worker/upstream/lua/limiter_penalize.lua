@@ -1,7 +1,7 @@
 -- Upstream refused a call (a 429, or a temporary 402 in-flight budget): slow the model down for
 -- every worker. KEYS: the model scope's state hash, its recent grants and answered calls zsets.
 -- ARGV: now_ms, the refused call's grant time (ms), beta, cooldown_ms (0: none), source, guard_ms,
--- retry_after_ms.
+-- retry_after_ms, min_seed. Returns the rate now ('0': not paced).
 -- One decrease per congestion: a refusal of a call granted before the last decrease, or within
 -- guard_ms of it (upstream's window still holds what was sent at the old rate), is counted, not acted on. The first refusal seeds the rate from the grants of the
 -- second before the refused call's. A cooldown (a long Retry-After: the limit is a window of minutes, not a rate) stops
@@ -25,8 +25,10 @@ if rate then
   local answered = redis.call('ZCOUNT', KEYS[3], now - 1000, now)
   if answered < 0.6 * rate then rate = math.max(answered, rate / 2) end
 else
-  -- the first: what upstream had admitted when it refused, the grants of the second before this one
-  rate = math.max(1, redis.call('ZCOUNT', recent, granted - 1000, granted) - 1)
+  -- the first: what upstream had admitted when it refused, the grants of the second before this one;
+  -- a refusal amid a trickle of calls (fewer than min_seed that second) says nothing of a rate
+  rate = redis.call('ZCOUNT', recent, granted - 1000, granted) - 1
+  if rate < tonumber(ARGV[8]) then return '0' end
   -- and until its Retry-After, upstream's window is full of the unpaced burst: nobody sends
   local first = now + tonumber(ARGV[7])
   redis.call('HSET', st, 'cooldown', math.max(tonumber(redis.call('HGET', st, 'cooldown') or 0), first))
