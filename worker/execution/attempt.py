@@ -12,10 +12,9 @@ event loop cost ~15 % of the calls in flight (measured at C=64).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,10 +43,9 @@ from routerq.worker.upstream.retry import (
 )
 
 log = logging.getLogger(__name__)
-# A line that would wait for the limiter longer than this in all goes back to the queue with a countdown
-# (its message no longer holds a place in the worker's prefetch, which lines of other models need);
-# shorter waits are slept in place, without the call slot, cheaper than a round trip through the queue.
-LIMITER_DEFER_S = 2.0
+# A limiter wait longer than this gives the slot back and comes back later (re-published with a
+# countdown); shorter waits are slept in place, cheaper than a round trip through the queue.
+LIMITER_DEFER_S = 5.0
 # A line whose call does not fit its batch's budget yet (calls in flight hold reservations) comes back
 # after this long: about what a call takes, so the reservations ahead of it have settled.
 BUDGET_WAIT_S = 1.0
@@ -196,22 +194,10 @@ async def _acquire(rt: Runtime, model: str, tokens: int) -> tuple[Lease, bool]:
         lease, wait = await rt.limiter.try_acquire(model, tokens)
         if lease is not None:
             return lease, waited > 0
-        if waited + wait > LIMITER_DEFER_S:
+        if wait > LIMITER_DEFER_S or waited + wait > LIMITER_DEFER_S * 4:
             raise Deferred(wait)
-        async with _slot_lent(rt.slots):  # a line waiting for its model's rate leaves the slot to others
-            await asyncio.sleep(wait)
+        await asyncio.sleep(wait)
         waited += wait
-
-
-@contextlib.asynccontextmanager
-async def _slot_lent(slots: asyncio.Semaphore) -> AsyncIterator[None]:
-    """Give the held call slot back for a while, and take one again. Taking it again is shielded: if the
-    task is cancelled meanwhile, its `async with slots` still gives back the slot it will hold."""
-    slots.release()
-    try:
-        yield
-    finally:
-        await asyncio.shield(slots.acquire())
 
 
 def final_error(error: JobError | None, decision: Decision | None) -> JobError | None:
