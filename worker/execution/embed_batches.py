@@ -32,6 +32,7 @@ from routerq.core.vectors import to_float32
 from routerq.worker.execution.pool import Delivery
 from routerq.worker.execution.republish import republish
 from routerq.worker.execution.runtime import Runtime
+from routerq.worker.execution.upstream_batches import look_at
 from routerq.worker.tracing.upstream_batch_span import mapping, upstream_batch_span
 from routerq.worker.upstream.batch_api import POLL_FIRST_S, TERMINAL, next_poll_s, parse_result
 from routerq.worker.upstream.retry import RETRYABLE_STATUS, Action, Tries, decide
@@ -146,13 +147,7 @@ async def _poll(
     attempt: int,
 ) -> dict[str, Any]:
     owner, upstream_id = embed_owner(run.id), state["upstream_id"]
-    try:
-        found = await rt.batch_api.get(upstream_id)
-    except UpstreamBatchError as exc:
-        log.warning("embedding run %s: looking at OpenRouter batch %s failed: %s", run.id, upstream_id, exc)
-        found = {"status": state.get("upstream_status") or "in_progress"}
-    status = str(found.get("status"))
-    polls = await rt.chunks.polled(owner, chunk_id, status)
+    found, status, polls = await look_at(rt, owner, chunk_id, upstream_id, state)
     if status not in TERMINAL:
         await republish(rt, delivery, args, {"attempt": attempt}, next_poll_s(polls))
         return {"run": run.id, "chunk": chunk_id, "status": status}

@@ -35,7 +35,7 @@ from routerq.core.jobs import Job, JobError, JobKind, JobResult, Usage
 from routerq.core.redaction import redact
 from routerq.core.spans import BATCH_ID, BATCH_LINE, annotate_llm_span, chain_attributes, context_attributes
 from routerq.core.staged_enqueue import batched
-from routerq.core.upstream_batch import BATCH_ENDPOINTS, ChunkStatus, batch_owner, new_chunk_id
+from routerq.core.upstream_batch import BATCH_ENDPOINTS, ChunkOwner, ChunkStatus, batch_owner, new_chunk_id
 from routerq.worker.execution.pool import Delivery
 from routerq.worker.execution.republish import republish
 from routerq.worker.execution.runtime import Runtime
@@ -217,13 +217,7 @@ async def _poll(
     if cancelled and todo:  # the routerq batch ends now; what OpenRouter still bills is counted later
         await _cancel_lines(rt, batch, todo, enqueued_at)
         todo = {}
-    try:
-        found = await rt.batch_api.get(upstream_id)
-    except UpstreamBatchError as exc:
-        log.warning("batch %s: looking at OpenRouter batch %s failed: %s", batch.id, upstream_id, exc)
-        found = {"status": state.get("upstream_status") or "in_progress"}
-    status = str(found.get("status"))
-    polls = await rt.chunks.polled(batch_owner(batch.id), chunk_id, status)
+    found, status, polls = await look_at(rt, batch_owner(batch.id), chunk_id, upstream_id, state)
     if status not in TERMINAL:
         await republish(rt, delivery, args, {"attempt": attempt}, next_poll_s(polls))
         return {"batch_id": batch.id, "chunk": chunk_id, "status": status}
@@ -257,6 +251,20 @@ async def _poll(
     with upstream_batch_span(found, upstream_id, submitted_at, session, batch.project, {BATCH_ID: batch.id}):
         pass
     return {"batch_id": batch.id, "chunk": chunk_id, "status": status, "again": len(again)}
+
+
+async def look_at(
+    rt: Runtime, owner: ChunkOwner, chunk_id: str, upstream_id: str, state: dict[str, str]
+) -> tuple[dict[str, Any], str, int]:
+    """The upstream batch as OpenRouter says it is now (as last known when it cannot be asked), its
+    status, and the polls so far, this one counted."""
+    try:
+        found = await rt.batch_api.get(upstream_id)
+    except UpstreamBatchError as exc:
+        log.warning("%s: looking at OpenRouter batch %s failed: %s", owner, upstream_id, exc)
+        found = {"status": state.get("upstream_status") or "in_progress"}
+    status = str(found.get("status"))
+    return found, status, await rt.chunks.polled(owner, chunk_id, status)
 
 
 async def _record_results(
