@@ -4,7 +4,8 @@ upstream that admits R requests of a model per rolling second and answers 429 (R
     python -m bench.rate_discovery                       # every scenario
     python -m bench.rate_discovery --only one-host       # one of: one-host two-hosts moving two-models
 
-Scenarios (3,000 lines unless said, 200 ms calls, --concurrency 64 per worker, default settings):
+Scenarios (3,000 lines unless said, 200 ms calls, --concurrency 64 per worker, default settings but
+ROUTERQ_RATE_DISCOVERY=true, which is opt-in for now):
   one-host    R = 100/s; the script (AsyncOpenAI, default retries, semaphore of 64) then one worker.
               Floors: succeeded lines/s >= 1.2x the script's and >= 0.85 R after the first 10 s;
               refused calls (429) <= 5 % of calls.
@@ -101,7 +102,7 @@ def write(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 def routerq_run(stack: UpstreamStack, name: str, rows: list[tuple[str, str]], hosts: int = 1) -> float:
     """The rows as one batch on `hosts` workers; returns the seconds it took."""
-    env = {**stack.env, "ROUTERQ_QUEUE": name, "ROUTERQ_TRACING": "false"}
+    env = {**stack.env, "ROUTERQ_QUEUE": name, "ROUTERQ_TRACING": "false", "ROUTERQ_RATE_DISCOVERY": "true"}
     workers: list[Service] = [
         start_worker(env, stack.tmp, name=f"{name}-{i}", concurrency=CONCURRENCY) for i in range(hosts)
     ]
@@ -222,7 +223,7 @@ def main() -> None:
     setup = (
         "Command: `python -m bench.rate_discovery`; the fake at 200 ms +-20 % a call, admitting R requests "
         "of a model per rolling second (429 + Retry-After: 1 beyond); one `routerq worker --concurrency "
-        f"{CONCURRENCY}` per host, default settings, tracing off."
+        f"{CONCURRENCY}` per host, default settings but `ROUTERQ_RATE_DISCOVERY=true`, tracing off."
     )
     if args.only is None:
         put_section(

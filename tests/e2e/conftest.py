@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from routerq.core import telemetry
 from routerq.core.batch_store import Batch
@@ -103,6 +104,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def forget_rates(stack: Stack) -> Iterator[None]:
+    """What the shared limiter learns of a model's rate in one test (its refusals, on purpose) would
+    pace that model in the next ones for minutes: each test starts with nothing learned."""
+    yield
+    client = redis.Redis.from_url(stack.redis.url)
+    stale = list(client.scan_iter(match="routerq:limit:*"))
+    if stale:
+        client.delete(*stale)
 
 
 ROUTERQ = str(Path(sys.executable).with_name("routerq"))

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from conftest import (
     DEFAULT_RETRIES,
     MODELS,
@@ -25,17 +24,10 @@ from conftest import (
 )
 
 from routerq.core.batch_store import BatchStatus
-from routerq.core.rate_state import limit_keys
 from routerq.producer.batch_client import BatchClient
 
 MODEL = MODELS["chat"]
-
-
-@pytest.fixture(autouse=True)
-def forget_rates(stack: Stack) -> Iterator[None]:
-    """What the limiter learns here would pace the model for the rest of the suite: forgotten after."""
-    yield
-    redis.Redis.from_url(stack.redis.url).delete(*limit_keys(MODEL))
+DISCOVERY = {"ROUTERQ_RATE_DISCOVERY": "true"}  # opt-in for now (docs/reliability.md)
 
 
 @pytest.fixture
@@ -51,7 +43,7 @@ def test_a_hidden_limit_is_found_and_held_by_every_worker_and_shown(
     marker = uuid.uuid4().hex[:8]
     rows = [line(f"r{i}", "chat", f"{marker} {i} [[slow:0.1]]") for i in range(200)]
     queue = f"rates-{marker}"
-    with extra_worker(stack, queue, concurrency=16, **DEFAULT_RETRIES) as (_, settings):
+    with extra_worker(stack, queue, concurrency=16, **DEFAULT_RETRIES, **DISCOVERY) as (_, settings):
         client = BatchClient(settings, tracing=False)
         batch = client.submit(write_jsonl(tmp_path / "rates.jsonl", rows)).batch
         final = wait_final(client, batch.id, timeout=120)
@@ -73,7 +65,7 @@ def test_openrouters_in_flight_budget_402_slows_the_batch_down_and_never_pauses_
     queue = f"in-flight-{marker}"
     httpx.post(f"{stack.fake_base}/_fake/config", json={"in_flight_budget": 4}).raise_for_status()
     try:
-        with extra_worker(stack, queue, concurrency=16, **DEFAULT_RETRIES) as (_, settings):
+        with extra_worker(stack, queue, concurrency=16, **DEFAULT_RETRIES, **DISCOVERY) as (_, settings):
             client = BatchClient(settings, tracing=False)
             batch = client.submit(write_jsonl(tmp_path / "in-flight.jsonl", rows)).batch
             final = wait_final(client, batch.id, timeout=180)

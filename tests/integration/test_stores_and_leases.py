@@ -171,9 +171,23 @@ def grants(limiter: SharedLimiter, model: str, n: int) -> list[Lease | None]:
     return run(take)
 
 
+DISCOVERY = {"ROUTERQ_RATE_DISCOVERY": "true"}
+
+
+def test_by_default_a_429_makes_every_worker_wait_its_retry_after_and_paces_nothing(redis_url: str) -> None:
+    async def refused(client: aredis.Redis) -> tuple[float, float]:
+        limiter = SharedLimiter(client, settings_for(redis_url))
+        leases = [(await limiter.try_acquire("m", 10))[0] for _ in range(50)]
+        rate = await limiter.penalize("m", leases[-1], 2.0, "provider")  # type: ignore[arg-type]
+        return rate, (await SharedLimiter(client, settings_for(redis_url)).try_acquire("m", 10))[1]
+
+    rate, wait = on_redis(redis_url, refused)
+    assert rate == 0.0 and 1.0 < wait <= 2.0
+
+
 def test_a_model_is_not_paced_until_upstream_refuses_one_of_its_calls(redis_url: str) -> None:
     async def many(client: aredis.Redis) -> list[float]:
-        limiter = SharedLimiter(client, settings_for(redis_url))
+        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
         return [(await limiter.try_acquire("m", 10))[1] for _ in range(300)]
 
     assert set(on_redis(redis_url, many)) == {0.0}
@@ -182,7 +196,7 @@ def test_a_model_is_not_paced_until_upstream_refuses_one_of_its_calls(redis_url:
 def test_the_first_refusal_paces_the_model_for_every_worker_at_beta_of_last_seconds_grants(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
-    settings = settings_for(redis_url)
+    settings = settings_for(redis_url, **DISCOVERY)
 
     async def refused_then_other_worker() -> tuple[float, float, float]:
         a, b = aredis.Redis.from_url(redis_url), aredis.Redis.from_url(redis_url)
@@ -212,7 +226,7 @@ def test_callers_pressing_the_rate_raise_it_a_step_at_a_time(redis_url: str, syn
     sync_redis.hset("routerq:limit:{m}:state", mapping={"rate": "50", "refused_at": "0"})
 
     async def press(client: aredis.Redis) -> list[float]:
-        limiter = SharedLimiter(client, settings_for(redis_url))
+        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
         rates = []
         for _ in range(3):
             while (await limiter.try_acquire("m", 10))[0] is not None:
@@ -226,7 +240,7 @@ def test_callers_pressing_the_rate_raise_it_a_step_at_a_time(redis_url: str, syn
 
 def test_a_refusal_amid_a_trickle_of_calls_does_not_pace_the_model(redis_url: str) -> None:
     async def trickle(client: aredis.Redis) -> tuple[float, float]:
-        limiter = SharedLimiter(client, settings_for(redis_url))
+        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
         lease, _ = await limiter.try_acquire("quiet", 10)
         assert lease is not None
         rate = await limiter.penalize("quiet", lease, 1.0, "provider")
@@ -237,7 +251,7 @@ def test_a_refusal_amid_a_trickle_of_calls_does_not_pace_the_model(redis_url: st
 
 def test_a_long_retry_after_stops_every_call_of_the_model_until_it_ends(redis_url: str) -> None:
     async def cooled(client: aredis.Redis) -> tuple[float, float]:
-        limiter = SharedLimiter(client, settings_for(redis_url))
+        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
         lease, _ = await limiter.try_acquire("free-model", 10)
         assert lease is not None
         await limiter.penalize("free-model", lease, 30.0, "openrouter")

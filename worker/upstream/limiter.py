@@ -36,6 +36,9 @@ INCREASE_STEP = 0.02
 # a 429 amid a trickle (a provider's hiccup, one job) says nothing of a rate, and pacing a quiet model
 # at one call a second would slow its next batch for a minute.
 MIN_SEED = 10
+# A model's discovered rate (and its counts) is forgotten this long after its last refusal: a limit
+# that no longer bites should not pace the next batch, which would ramp up from it at 8 % a second.
+RATE_MEMORY_S = 120.0
 # After a decrease, refusals for this long are upstream's window still full of calls sent at the old
 # rate: counted, not cut again (else one burst cuts the rate several times over).
 DECREASE_GUARD_S = 1.0
@@ -73,7 +76,7 @@ class SharedLimiter:
         mine = (limits.requests, limits.tokens, limits.in_flight) if limits is not None else (0, 0, 0)
         return [
             (GLOBAL_SCOPE, (s.rate_limit_requests, s.rate_limit_tokens, s.max_in_flight, 0)),
-            (model, (*mine, 1)),
+            (model, (*mine, int(s.rate_discovery))),
         ]
 
     async def try_acquire(self, model: str, tokens: int) -> tuple[Lease | None, float]:
@@ -117,7 +120,9 @@ class SharedLimiter:
         """Upstream refused a call of `model` (granted under `lease`): every worker slows down.
         Returns the model's rate now (calls/s; 0 when it is not paced)."""
         state, recent, answered = limit_keys(model)[3:6]
-        cooldown = retry_after if retry_after and retry_after > COOLDOWN_AFTER_S else 0.0
+        discovers = self._settings.rate_discovery
+        long_wait = bool(retry_after and retry_after > COOLDOWN_AFTER_S)
+        cooldown = (retry_after or 1.0) if long_wait or not discovers else 0.0
         args: list[int | float | str] = [
             int(time.time() * 1000),
             lease.granted_ms,
@@ -126,6 +131,7 @@ class SharedLimiter:
             source,
             int(DECREASE_GUARD_S * 1000),
             int((retry_after or 1.0) * 1000),
-            MIN_SEED,
+            MIN_SEED if discovers else 2**31,  # without discovery, never paced
+            int(RATE_MEMORY_S * 1000),
         ]
         return float(await self._penalize(keys=[state, recent, answered], args=args))

@@ -76,7 +76,7 @@ for s = 0, scopes - 1 do
     redis.call('ZREMRANGEBYSCORE', recent, '-inf', now - 2000)
     redis.call('PEXPIRE', recent, 3000)
     redis.call('HINCRBY', st, 'granted', 1)
-    redis.call('PEXPIRE', st, 3600000)
+    if redis.call('PTTL', st) < 0 then redis.call('PEXPIRE', st, 3600000) end  -- counters of an unpaced model
   end
 end
 return 0

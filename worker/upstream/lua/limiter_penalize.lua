@@ -1,7 +1,7 @@
 -- Upstream refused a call (a 429, or a temporary 402 in-flight budget): slow the model down for
 -- every worker. KEYS: the model scope's state hash, its recent grants and answered calls zsets.
 -- ARGV: now_ms, the refused call's grant time (ms), beta, cooldown_ms (0: none), source, guard_ms,
--- retry_after_ms, min_seed. Returns the rate now ('0': not paced).
+-- retry_after_ms, min_seed, memory_ms. Returns the rate now ('0': not paced).
 -- One decrease per congestion: a refusal of a call granted before the last decrease, or within
 -- guard_ms of it (upstream's window still holds what was sent at the old rate), is counted, not acted on. The first refusal seeds the rate from the grants of the
 -- second before the refused call's. A cooldown (a long Retry-After: the limit is a window of minutes, not a rate) stops
@@ -15,7 +15,7 @@ if cooldown > 0 then
   local until_ms = math.max(tonumber(redis.call('HGET', st, 'cooldown') or 0), now + cooldown)
   redis.call('HSET', st, 'cooldown', until_ms)
 end
-redis.call('PEXPIRE', st, 3600000)
+redis.call('PEXPIRE', st, tonumber(ARGV[9]))  -- a model's rate is forgotten this long after its last refusal
 local rate = tonumber(redis.call('HGET', st, 'rate') or '')
 local decreased = tonumber(redis.call('HGET', st, 'decreased') or 0)
 if rate and (granted < decreased or now - decreased < tonumber(ARGV[6])) then return tostring(rate) end
