@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ from routerq.core import envelope
 from routerq.core.batch_store import Batch, BatchStatus
 from routerq.core.broker import LINE_TASK_NAME, LINES_PER_MESSAGE, TASK_NAME
 from routerq.core.jobs import Job, JobKind
+from routerq.devstack.fake_upstream import roll
 from routerq.devstack.localstack import free_port, start_redis, start_worker
 from routerq.producer import Producer
 from routerq.producer.batch_client import BatchClient
@@ -93,20 +95,46 @@ def submit(client: BatchClient, tmp_path: Path, marker: str, n: int, suffix: str
     return client.submit(write_jsonl(tmp_path / f"{marker}.jsonl", rows)).batch
 
 
+def fair_seed(rule: dict[str, Any], prompts: list[str], max_attempts: int) -> str:
+    """A seed for the fake's fault dice under which no prompt meets `max_attempts` failures (5xx,
+    200-with-error) before its first success: with 120 lines about 1 run in 130 would otherwise fail
+    a line by the dice alone, and a line that fails here must be routerq's doing."""
+    failing = rule["rate_429"] + rule["rate_502"] + rule["rate_200_error"]
+
+    def succeeds(seed: str, prompt: str) -> bool:
+        failures = 0
+        for attempt in itertools.count(1):
+            rolled = roll(seed, prompt, attempt)
+            if rolled < rule["rate_429"]:
+                continue  # a wait, not an attempt
+            if rolled >= failing:
+                return True
+            failures += 1
+            if failures >= max_attempts:
+                return False
+        return False
+
+    return next(
+        seed for n in itertools.count() if all(succeeds(seed := f"{rule['match']}-{n}", p) for p in prompts)
+    )
+
+
 def test_a_429_storm_at_default_settings_fails_no_line(
     stack: Stack, tmp_path: Path, fake_rules: None
 ) -> None:
     """25 % 429 (Retry-After 1), 10 % 502, 5 % 200-with-error, default retry settings: rate limits are
     back-pressure (they never use up the attempt budget), so every line succeeds, none early."""
     marker = uuid.uuid4().hex[:8]
-    rule = {
+    rule: dict[str, Any] = {
         "match": marker,
-        "seed": marker,
         "rate_429": 0.25,
         "retry_after": 1,
         "rate_502": 0.1,
         "rate_200_error": 0.05,
     }
+    rule["seed"] = fair_seed(
+        rule, [f"{marker} {i}" for i in range(120)], int(DEFAULT_RETRIES["ROUTERQ_MAX_ATTEMPTS"])
+    )
     configure_fake(stack, rules=[rule])
     queue = f"faults-{marker}"
     with extra_worker(stack, queue, concurrency=8, **DEFAULT_RETRIES) as (_, settings):
