@@ -39,6 +39,8 @@ class EmbedRun(BaseModel):
 
 
 _CLAIM = lua_script("routerq.core", "embed_claim")
+_STORE = lua_script("routerq.core", "embed_store")
+_RECOUNT = lua_script("routerq.core", "embed_recount")
 
 
 def embed_key(run_id: str, part: str = "") -> str:
@@ -49,6 +51,7 @@ class EmbedStore:
     def __init__(self, client: redis.Redis, ttl: int) -> None:
         self._redis = client
         self._ttl = ttl
+        self._recount = client.register_script(_RECOUNT)
 
     key = staticmethod(embed_key)
 
@@ -56,8 +59,7 @@ class EmbedStore:
         fields = {k: v for k, v in run.model_dump(exclude_none=True).items() if k not in ("done", "failed")}
         pipe = self._redis.pipeline()
         pipe.hset(self.key(run.id), mapping=fields)  # type: ignore[arg-type]
-        pipe.hsetnx(self.key(run.id), "done", 0)
-        pipe.hset(self.key(run.id), "failed", 0)
+        self._recount(keys=[self.key(run.id), self.key(run.id, "vec")], client=pipe)
         pipe.expire(self.key(run.id), self._ttl)
         pipe.execute()
 
@@ -101,6 +103,7 @@ class AsyncEmbedStore:
         self._ttl = ttl
         self._claim_s = claim_s
         self._claim = client.register_script(_CLAIM)
+        self._store = client.register_script(_STORE)
 
     async def get(self, run_id: str) -> EmbedRun | None:
         raw = await self._redis.hgetall(self.key(run_id))
@@ -122,25 +125,12 @@ class AsyncEmbedStore:
         return [int(index) for index in await self._claim(keys=keys, args=args)]
 
     async def store_vectors(self, run_id: str, vectors: dict[int, bytes], tokens: int, cost: float) -> int:
-        """Store new vectors only (HSETNX): a redelivered request never double-counts."""
-        key = self.key(run_id, "vec")
-        pipe = self._redis.pipeline(transaction=False)
+        """Store new vectors only and count them, in one step (embed_store.lua)."""
+        keys = [self.key(run_id, "vec"), self.key(run_id, "claim"), self.key(run_id), COUNTERS_KEY]
+        args: list[str | int | float | bytes] = [self._ttl, tokens, cost]
         for index, raw in vectors.items():
-            pipe.hsetnx(key, str(index), raw)
-        added = sum(1 for created in await pipe.execute() if created)
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.expire(key, self._ttl)
-        if vectors:
-            pipe.hdel(self.key(run_id, "claim"), *vectors)
-        pipe.hincrby(self.key(run_id), "done", added)
-        if added:
-            pipe.hincrby(self.key(run_id), "prompt_tokens", tokens)
-            pipe.hincrbyfloat(self.key(run_id), "cost", cost)
-            pipe.hincrby(COUNTERS_KEY, "texts:embedded", added)
-            pipe.hincrby(COUNTERS_KEY, "prompt_tokens", tokens)
-            pipe.hincrbyfloat(COUNTERS_KEY, "cost", cost)
-        await pipe.execute()
-        return added
+            args += [index, raw]
+        return int(await self._store(keys=keys, args=args))
 
     async def let_go(self, run_id: str, indexes: list[int]) -> None:
         """Drop the claims on these texts: another request (a retry) may take them."""

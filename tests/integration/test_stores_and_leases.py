@@ -17,7 +17,7 @@ from harness import on_redis, run, settings_for
 
 from routerq.api.file_store import SWEEP_IDLE_S, FileStore, StoredFile, new_file_id
 from routerq.core.counters import COUNTERS_KEY, parse_counters
-from routerq.core.embed_store import AsyncEmbedStore, embed_key
+from routerq.core.embed_store import AsyncEmbedStore, EmbedRun, EmbedStore, embed_key
 from routerq.core.jobs import JobKind, JobResult
 from routerq.core.result_store import PENDING_KEY, RESULT_KEY, AsyncResultStore
 from routerq.core.staged_enqueue import StagedEnqueue
@@ -67,6 +67,48 @@ def test_a_failed_request_lets_go_of_its_texts(redis_url: str, sync_redis: redis
 
     assert on_redis(redis_url, fail_then_claim) == [0, 1]
     assert sync_redis.hget(embed_key("run1"), "failed") == b"2"
+
+
+# --- embedding vectors and counts (embed_store.lua, embed_recount.lua) ---
+
+
+def test_vectors_are_counted_with_the_store_and_a_stored_text_is_never_counted_twice(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    async def store_twice(client: aredis.Redis) -> tuple[int, int]:
+        store = AsyncEmbedStore(client, TTL, claim_s=60)
+        await store.claim("run1", [0, 1, 2], "req-a")
+        first = await store.store_vectors("run1", {0: b"\0\1", 1: b"\2\3"}, tokens=10, cost=0.5)
+        again = await store.store_vectors("run1", {1: b"\7\7", 2: b"\4\5"}, tokens=7, cost=0.25)
+        return first, again
+
+    assert on_redis(redis_url, store_twice) == (2, 1)
+    run = {k.decode(): v.decode() for k, v in sync_redis.hgetall(embed_key("run1")).items()}
+    assert (run["done"], run["prompt_tokens"], float(run["cost"])) == ("3", "17", 0.75)
+    assert sync_redis.hget(embed_key("run1", "vec"), "1") == b"\2\3"  # the first vector stays
+    assert not sync_redis.exists(embed_key("run1", "claim"))
+    assert parse_counters(sync_redis.hgetall(COUNTERS_KEY))["texts:embedded"] == 3
+
+
+def test_a_request_whose_texts_all_have_vectors_counts_nothing(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    sync_redis.hset(embed_key("run1", "vec"), "0", b"\0")
+    stored = on_redis(
+        redis_url,
+        lambda client: AsyncEmbedStore(client, TTL, claim_s=60).store_vectors("run1", {0: b"\1"}, 5, 0.1),
+    )
+    assert stored == 0
+    assert sync_redis.hget(embed_key("run1"), "prompt_tokens") is None
+
+
+def test_a_rerun_counts_as_done_exactly_the_texts_with_vectors(sync_redis: redis.Redis) -> None:
+    """A worker killed mid-store by an older routerq, or a counter lost: the re-run's count is the truth,
+    so it ends when every text has its vector."""
+    sync_redis.hset(embed_key("run1", "vec"), mapping={"0": b"\0", "1": b"\1", "2": b"\2"})
+    sync_redis.hset(embed_key("run1"), mapping={"done": 1, "failed": 2})
+    EmbedStore(sync_redis, TTL).save(EmbedRun(id="run1", model="m", total=5))
+    assert sync_redis.hmget(embed_key("run1"), ["done", "failed", "total"]) == [b"3", b"0", b"5"]
 
 
 # --- single-job results (result_put.lua) ---
