@@ -41,6 +41,7 @@ from routerq.devstack.localstack import free_port, start_redis, start_worker
 from routerq.producer import Producer
 from routerq.producer.batch_client import BatchClient
 from routerq.worker.execution.app import create_app
+from routerq.worker.upkeep.leases import GRACE_S
 
 CHAT = "meta-llama/llama-3.1-8b-instruct"
 FAST_RECOVERY = {  # a worker tuned to get lost lines back within ~30 s
@@ -242,6 +243,48 @@ def test_sigkill_of_the_whole_worker_loses_no_line_and_its_lines_are_back_within
     assert recovered < 60, f"the batch finished {recovered:.0f} s after the kill"
 
 
+# The lease sweep's own view, read in one step: this queue's unacknowledged messages past the grace
+# that no live lease holds. Any such message at any moment can be put back while its holder lives.
+_UNLEASED = """
+local old = redis.call('ZRANGEBYSCORE', 'unacked_index', '-inf', ARGV[1])
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')
+local held = {}
+for _, worker in ipairs(live) do
+  for _, tag in ipairs(redis.call('SMEMBERS', ARGV[3] .. worker)) do held[tag] = true end
+end
+local found = {}
+for _, tag in ipairs(old) do
+  local raw = redis.call('HGET', 'unacked', tag)
+  if not held[tag] and raw and string.find(raw, ARGV[4], 1, true) then found[#found + 1] = tag end
+end
+return found
+"""
+
+
+@contextmanager
+def unleased_messages(stack: Stack, queue: str) -> Iterator[set[str]]:
+    """Every 10 ms while the block runs, the delivery tags of `queue` the lease sweep would take for a
+    dead worker's; the set is filled as they are seen."""
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    script = client.register_script(_UNLEASED)
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.01):
+            now = time.time()
+            args = [now - GRACE_S, int(now * 1000), f"routerq:lease:{queue}:", f'"{queue}"']
+            seen.update(t.decode() for t in script(keys=[f"routerq:leases:{queue}"], args=args))
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(5)
+
+
 def test_a_retry_waiting_out_a_long_retry_after_is_not_taken_for_a_dead_workers_message(
     stack: Stack, tmp_path: Path
 ) -> None:
@@ -251,14 +294,50 @@ def test_a_retry_waiting_out_a_long_retry_after_is_not_taken_for_a_dead_workers_
     queue = f"long-wait-{marker}"
     env = {"ROUTERQ_QUEUE": queue, **DEFAULT_RETRIES}
     client = BatchClient(stack.settings(**env))
-    with extra_worker(stack, queue, concurrency=2, **env) as (worker, _):
+    with (
+        extra_worker(stack, queue, concurrency=2, **env) as (worker, _),
+        unleased_messages(stack, queue) as gaps,
+    ):
         batch = submit(client, tmp_path, marker, 1, " [[flaky:1:429]] [[retry-after:25]]")
         final = wait_final(client, batch.id, timeout=90)
         assert "put back on" not in worker.log()
+    assert not gaps, f"messages out of their live holder's lease: {gaps}"
     assert (final.succeeded, final.failed) == (1, 0)
     calls = calls_with(stack, marker)
     assert [c["status"] for c in calls] == [429, 200], calls
     assert calls[1]["t"] - calls[0]["t_end"] >= 25 - 0.01
+
+
+def test_a_long_running_message_stays_in_its_holders_lease_until_its_acknowledgement_lands(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Celery acknowledges on a later turn of its event loop, not when the task returns: a message
+    older than the lease grace (a long call, a long countdown) must stay in its holder's lease until
+    then, or a lease renewal and another worker's sweep in between put it back on the queue while its
+    holder lives, and it is run twice (issue 21). Eight calls end at different moments past the grace;
+    at no moment is any of their messages outside the worker's lease."""
+    marker = uuid.uuid4().hex[:8]
+    queue = f"ack-lands-{marker}"
+    env = {"ROUTERQ_QUEUE": queue, **DEFAULT_RETRIES}
+    producer = Producer(stack.settings(**env), tracing=False)
+    with (
+        extra_worker(stack, queue, concurrency=8, **env) as (worker, _),
+        unleased_messages(stack, queue) as gaps,
+    ):
+        handles = [
+            producer.enqueue(
+                {
+                    "model": CHAT,
+                    "messages": [{"role": "user", "content": f"{marker} {i} [[slow:{slow:.1f}]]"}],
+                }
+            )
+            for i, slow in enumerate(GRACE_S + 0.5 + 0.6 * i for i in range(8))
+        ]  # one message each: eight acknowledgements at different moments
+        results = [handle.get(timeout=60) for handle in handles]
+        assert "put back on" not in worker.log()
+    assert not gaps, f"messages out of their live holder's lease: {gaps}"
+    assert all(result.ok for result in results)
+    assert len(calls_with(stack, marker)) == 8
 
 
 def test_redis_killed_and_restarted_mid_batch_loses_nothing(stack: Stack, tmp_path: Path) -> None:

@@ -363,6 +363,32 @@ def test_a_message_a_live_lease_holds_young_or_of_another_queue_stays(
     assert sync_redis.hlen(UNACKED_KEY) == 3
 
 
+def test_a_finished_message_whose_ack_has_not_landed_is_not_put_back(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    """Celery acknowledges on a later turn of its loop: between the task's end and the ack, the message
+    is still in `unacked`, and its holder's lease must still hold it (issue 21's false put-backs)."""
+    settings = settings_for(redis_url)
+    holdings = Holdings()
+    message = SimpleNamespace(delivery_tag="acking", acknowledged=False)
+    holdings.received(SimpleNamespace(message=message))
+    unacked(sync_redis, "acking", settings.queue, age_s=60)  # a retry that waited out a long countdown
+    holder, sweeper = (
+        LeaseKeeper(settings, sync_redis, holdings),
+        LeaseKeeper(settings, sync_redis, Holdings()),
+    )
+    holdings.done("acking", message)
+    holder.renew()
+    sweeper.renew()
+    assert sweeper.restore_orphans() == []
+    assert sync_redis.hexists(UNACKED_KEY, "acking")
+    sync_redis.hdel(UNACKED_KEY, "acking")  # the ack lands, as kombu's does
+    sync_redis.zrem(UNACKED_INDEX_KEY, "acking")
+    message.acknowledged = True
+    holder.renew()
+    assert sync_redis.smembers(f"routerq:lease:{settings.queue}:{holder.worker_id}") == {b"alive"}
+
+
 def test_only_one_worker_of_a_queue_sweeps_per_tick(redis_url: str, sync_redis: redis.Redis) -> None:
     settings = settings_for(redis_url)
     unacked(sync_redis, "orphan", settings.queue, age_s=60)

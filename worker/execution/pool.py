@@ -94,11 +94,9 @@ def _decode(body: Any, content_type: str) -> tuple[list[Any], dict[str, Any]] | 
     return list(args), dict(kwargs)
 
 
-def _delivery_tag(callback: Callable[..., Any] | None) -> str | None:
-    """The kombu delivery tag of the message a callback acknowledges (Celery's Request.on_success)."""
-    message = getattr(getattr(callback, "__self__", None), "message", None)
-    tag = getattr(message, "delivery_tag", None)
-    return str(tag) if tag else None
+def _message(callback: Callable[..., Any] | None) -> Any:
+    """The kombu message a callback acknowledges (Celery's Request.on_success)."""
+    return getattr(getattr(callback, "__self__", None), "message", None)
 
 
 class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type information
@@ -207,10 +205,13 @@ class AsyncioPool(BasePool):  # type: ignore[misc]  # Celery ships no type infor
         return self._runtime
 
     def _complete(self, callback: Callable[..., Any] | None, outcome: tuple[Any, ...], lent: Lent) -> None:
-        """Acknowledge (Celery's Request.on_success), stop holding the message, give back its slots."""
+        """Acknowledge (Celery's Request.on_success), hold the message until the ack lands, give back
+        its slots."""
         if callback is not None:
-            callback(outcome)
-            HELD.done(_delivery_tag(callback))
+            callback(outcome)  # Celery schedules the ack on its hub: held until it has landed
+            message = _message(callback)
+            tag = getattr(message, "delivery_tag", None)
+            HELD.done(str(tag) if tag else None, message)
         lent.rest()
 
     def _give_back(self, count: int) -> None:

@@ -1,13 +1,14 @@
 """Worker leases: a dead worker's messages come back in seconds, not after the visibility timeout.
 
-Kombu's Redis transport keeps every delivered, unacknowledged message in its `unacked` hash and
-puts it back on the queue only once it is older than the visibility timeout (300 s by default), since
-it cannot tell a running job from an orphan. Each worker process therefore keeps a lease in Redis,
-renewed every LEASE_RENEW_S: the delivery tags of the messages it holds (running, or waiting for a
-retry's countdown). A lease not renewed for LEASE_TTL_S is dead; every renewal tick, one worker of
-the queue (a short Redis lock) puts back on the queue each unacknowledged message of that queue that
-is older than GRACE_S and held by no live lease. Sidekiq's super_fetch and Temporal's heartbeat
-timeouts work the same way. The visibility timeout stays as the last resort.
+Kombu's Redis transport keeps every delivered, unacknowledged message in its `unacked` hash and puts it
+back on the queue only once it is older than the visibility timeout (300 s by default), since it cannot
+tell a running job from an orphan. Each worker process therefore keeps a lease in Redis, renewed every
+LEASE_RENEW_S: the delivery tags of the messages it holds (running, waiting for a retry's countdown, or
+finished with their acknowledgement not yet landed: Celery acks on a later turn of its loop, see
+execution.holdings). A lease not renewed for LEASE_TTL_S is dead; every renewal tick, one worker of the
+queue (a short Redis lock) puts back on the queue each unacknowledged message of that queue that is
+older than GRACE_S and held by no live lease. Sidekiq's super_fetch and Temporal's heartbeat timeouts
+work the same way. The visibility timeout stays as the last resort.
 
 Keys:
   routerq:leases:{queue}           zset  worker id -> lease expiry (ms)
