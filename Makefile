@@ -28,9 +28,12 @@ demo: install
 down:
 	$(VENV)/bin/routerq down
 
-# Both tiers: tests/unit (pure logic, no services, seconds) and tests/e2e (the whole local stack).
+# Every tier: tests/unit (pure logic), tests/integration (a real Redis), tests/e2e (the whole local
+# stack). Two pytest sessions side by side, each with its own stack: most e2e time is waiting (retry
+# countdowns, lease expiry, slow fake answers), so two halve the wall time on CI's two cores.
+TEST_WORKERS ?= 2
 test: install
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist load
 
 test-unit: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest tests/unit

@@ -308,38 +308,6 @@ def test_a_retry_waiting_out_a_long_retry_after_is_not_taken_for_a_dead_workers_
     assert calls[1]["t"] - calls[0]["t_end"] >= 25 - 0.01
 
 
-def test_a_long_running_message_stays_in_its_holders_lease_until_its_acknowledgement_lands(
-    stack: Stack, tmp_path: Path
-) -> None:
-    """Celery acknowledges on a later turn of its event loop, not when the task returns: a message
-    older than the lease grace (a long call, a long countdown) must stay in its holder's lease until
-    then, or a lease renewal and another worker's sweep in between put it back on the queue while its
-    holder lives, and it is run twice (issue 21). Eight calls end at different moments past the grace;
-    at no moment is any of their messages outside the worker's lease."""
-    marker = uuid.uuid4().hex[:8]
-    queue = f"ack-lands-{marker}"
-    env = {"ROUTERQ_QUEUE": queue, **DEFAULT_RETRIES}
-    producer = Producer(stack.settings(**env), tracing=False)
-    with (
-        extra_worker(stack, queue, concurrency=8, **env) as (worker, _),
-        unleased_messages(stack, queue) as gaps,
-    ):
-        handles = [
-            producer.enqueue(
-                {
-                    "model": CHAT,
-                    "messages": [{"role": "user", "content": f"{marker} {i} [[slow:{slow:.1f}]]"}],
-                }
-            )
-            for i, slow in enumerate(GRACE_S + 0.5 + 0.6 * i for i in range(8))
-        ]  # one message each: eight acknowledgements at different moments
-        results = [handle.get(timeout=60) for handle in handles]
-        assert "put back on" not in worker.log()
-    assert not gaps, f"messages out of their live holder's lease: {gaps}"
-    assert all(result.ok for result in results)
-    assert len(calls_with(stack, marker)) == 8
-
-
 def test_redis_killed_and_restarted_mid_batch_loses_nothing(stack: Stack, tmp_path: Path) -> None:
     marker = uuid.uuid4().hex[:8]
     port, data = free_port(), tmp_path / "redis"
