@@ -7,6 +7,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from routerq.devstack.localstack import (
     start_worker,
 )
 from routerq.producer.batch_client import BatchClient
+from routerq.worker.upkeep.leases import GRACE_S
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -221,3 +223,45 @@ def wait_final(client: BatchClient, batch_id: str, timeout: float = 180) -> Batc
             return batch
         time.sleep(0.2)
     raise AssertionError(f"batch {batch_id} still {client.get(batch_id)} after {timeout} s")
+
+
+# The lease sweep's own view, read in one step: this queue's unacknowledged messages past the grace
+# that no live lease holds. Any such message at any moment can be put back while its holder lives.
+_UNLEASED = """
+local old = redis.call('ZRANGEBYSCORE', 'unacked_index', '-inf', ARGV[1])
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')
+local held = {}
+for _, worker in ipairs(live) do
+  for _, tag in ipairs(redis.call('SMEMBERS', ARGV[3] .. worker)) do held[tag] = true end
+end
+local found = {}
+for _, tag in ipairs(old) do
+  local raw = redis.call('HGET', 'unacked', tag)
+  if not held[tag] and raw and string.find(raw, ARGV[4], 1, true) then found[#found + 1] = tag end
+end
+return found
+"""
+
+
+@contextmanager
+def unleased_messages(stack: Stack, queue: str) -> Iterator[set[str]]:
+    """Every 10 ms while the block runs, the delivery tags of `queue` the lease sweep would take for a
+    dead worker's; the set is filled as they are seen."""
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    script = client.register_script(_UNLEASED)
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.01):
+            now = time.time()
+            args = [now - GRACE_S, int(now * 1000), f"routerq:lease:{queue}:", f'"{queue}"']
+            seen.update(t.decode() for t in script(keys=[f"routerq:leases:{queue}"], args=args))
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(5)

@@ -27,6 +27,7 @@ from conftest import (
     extra_worker,
     line,
     routerq,
+    unleased_messages,
     wait_final,
     wait_for,
     write_jsonl,
@@ -41,7 +42,6 @@ from routerq.devstack.localstack import free_port, start_redis, start_worker
 from routerq.producer import Producer
 from routerq.producer.batch_client import BatchClient
 from routerq.worker.execution.app import create_app
-from routerq.worker.upkeep.leases import GRACE_S
 
 CHAT = "meta-llama/llama-3.1-8b-instruct"
 FAST_RECOVERY = {  # a worker tuned to get lost lines back within ~30 s
@@ -241,48 +241,6 @@ def test_sigkill_of_the_whole_worker_loses_no_line_and_its_lines_are_back_within
     assert (final.succeeded, final.failed, final.cancelled) == (500, 0, 0)
     assert duplicates <= max(in_flight, 8)
     assert recovered < 60, f"the batch finished {recovered:.0f} s after the kill"
-
-
-# The lease sweep's own view, read in one step: this queue's unacknowledged messages past the grace
-# that no live lease holds. Any such message at any moment can be put back while its holder lives.
-_UNLEASED = """
-local old = redis.call('ZRANGEBYSCORE', 'unacked_index', '-inf', ARGV[1])
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')
-local held = {}
-for _, worker in ipairs(live) do
-  for _, tag in ipairs(redis.call('SMEMBERS', ARGV[3] .. worker)) do held[tag] = true end
-end
-local found = {}
-for _, tag in ipairs(old) do
-  local raw = redis.call('HGET', 'unacked', tag)
-  if not held[tag] and raw and string.find(raw, ARGV[4], 1, true) then found[#found + 1] = tag end
-end
-return found
-"""
-
-
-@contextmanager
-def unleased_messages(stack: Stack, queue: str) -> Iterator[set[str]]:
-    """Every 10 ms while the block runs, the delivery tags of `queue` the lease sweep would take for a
-    dead worker's; the set is filled as they are seen."""
-    client = redis.Redis.from_url(stack.env["REDIS_URL"])
-    script = client.register_script(_UNLEASED)
-    seen: set[str] = set()
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.wait(0.01):
-            now = time.time()
-            args = [now - GRACE_S, int(now * 1000), f"routerq:lease:{queue}:", f'"{queue}"']
-            seen.update(t.decode() for t in script(keys=[f"routerq:leases:{queue}"], args=args))
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
-        yield seen
-    finally:
-        stop.set()
-        thread.join(5)
 
 
 def test_a_retry_waiting_out_a_long_retry_after_is_not_taken_for_a_dead_workers_message(
