@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,11 +20,13 @@ from routerq.api.file_store import SWEEP_IDLE_S, FileStore, StoredFile, new_file
 from routerq.core.counters import COUNTERS_KEY, parse_counters
 from routerq.core.embed_store import AsyncEmbedStore, EmbedRun, EmbedStore, embed_key
 from routerq.core.jobs import JobKind, JobResult
+from routerq.core.rate_state import limit_keys
 from routerq.core.result_store import PENDING_KEY, RESULT_KEY, AsyncResultStore
 from routerq.core.staged_enqueue import StagedEnqueue
 from routerq.worker.execution.holdings import Holdings
 from routerq.worker.upkeep.leases import UNACKED_INDEX_KEY, UNACKED_KEY, LeaseKeeper
 from routerq.worker.upstream.limiter import INCREASE_S, Lease, SharedLimiter
+from routerq.worker.upstream.pace_waiters import IN_PLACE_S, PaceWaiters
 
 TTL = 3600
 
@@ -323,6 +326,40 @@ def test_a_release_corrects_the_token_estimate_and_frees_the_call_in_flight(
     assert blocked > 0 and after == 0.0
     members = sync_redis.zrange("routerq:limit:{*}:tok", 0, -1)
     assert any(m.endswith(b":7") for m in members)
+
+
+# --- lines waiting for a model's pace (worker.upstream.pace_waiters) ---
+
+
+def turns_with_waiting(redis_url: str, waiting: int, rate: str | None, **env: str) -> float:
+    """What a line that starts waiting for model "m" is told, with `waiting` lines of this process
+    already waiting and the model paced at `rate` (None: not paced)."""
+    if rate is not None:
+        redis.Redis.from_url(redis_url).hset(limit_keys("m")[3], "rate", rate)
+
+    async def turn(client: aredis.Redis) -> float:
+        pace = PaceWaiters(SharedLimiter(client, settings_for(redis_url, **env)))
+        with ExitStack() as stack:
+            for _ in range(waiting):
+                stack.enter_context(pace.waiting("m"))
+            return await pace.turn("m")
+
+    return on_redis(redis_url, turn)
+
+
+def test_a_line_waits_in_place_while_less_than_its_models_in_place_pace_waits_ahead(redis_url: str) -> None:
+    assert turns_with_waiting(redis_url, 0, "10", **DISCOVERY) == 0.0
+    assert turns_with_waiting(redis_url, int(10 * IN_PLACE_S) - 1, "10", **DISCOVERY) == 0.0
+
+
+def test_a_line_with_more_than_the_in_place_pace_ahead_is_told_about_its_turn(redis_url: str) -> None:
+    ahead = int(10 * IN_PLACE_S) + 5
+    assert turns_with_waiting(redis_url, ahead, "10", **DISCOVERY) == pytest.approx(ahead / 10)
+
+
+def test_a_model_not_paced_or_without_discovery_never_sends_a_line_away(redis_url: str) -> None:
+    assert turns_with_waiting(redis_url, 500, None, **DISCOVERY) == 0.0
+    assert turns_with_waiting(redis_url, 500, "10") == 0.0  # ROUTERQ_RATE_DISCOVERY off: the default
 
 
 # --- leases (lease_restore.lua) ---

@@ -188,16 +188,25 @@ def attempt_attributes(job: Job, tries: Tries, attempt: Attempt) -> dict[str, An
 
 
 async def _acquire(rt: Runtime, model: str, tokens: int) -> tuple[Lease, bool]:
-    """A lease, and whether it had to wait for it."""
+    """A lease, and whether it had to wait for it. A line that finds more than a second of its model's
+    pace already waiting in this process goes back with a countdown to about its turn instead of
+    taking one more of the worker's held lines (upstream.pace_waiters)."""
+    lease, wait = await rt.limiter.try_acquire(model, tokens)
+    if lease is not None:
+        return lease, False
+    turn = await rt.pace.turn(model)
+    if turn > 0:
+        raise Deferred(max(wait, turn), f"{model}'s pace, lines ahead of it")
     waited = 0.0
-    while True:
-        lease, wait = await rt.limiter.try_acquire(model, tokens)
-        if lease is not None:
-            return lease, waited > 0
-        if wait > LIMITER_DEFER_S or waited + wait > LIMITER_DEFER_S * 4:
-            raise Deferred(wait)
-        await asyncio.sleep(wait)
-        waited += wait
+    with rt.pace.waiting(model):
+        while True:
+            if wait > LIMITER_DEFER_S or waited + wait > LIMITER_DEFER_S * 4:
+                raise Deferred(wait)
+            await asyncio.sleep(wait)
+            waited += wait
+            lease, wait = await rt.limiter.try_acquire(model, tokens)
+            if lease is not None:
+                return lease, True
 
 
 def final_error(error: JobError | None, decision: Decision | None) -> JobError | None:

@@ -22,6 +22,7 @@ from routerq.worker.upstream.batch_api import OpenRouterBatches
 from routerq.worker.upstream.limiter import SharedLimiter
 from routerq.worker.upstream.model_prices import ModelPrices
 from routerq.worker.upstream.openrouter import OpenRouterClient
+from routerq.worker.upstream.pace_waiters import PaceWaiters
 from routerq.worker.upstream.pricing import PhoenixPricing
 
 
@@ -42,6 +43,7 @@ class Runtime:
     pricing: PhoenixPricing
     slots: asyncio.Semaphore  # upstream calls this process may have in flight: its share of --concurrency
     slow_lines: SlowLines
+    pace: PaceWaiters  # this process's lines waiting for a model's discovered pace
 
     async def ensure_priced(self, models: Iterable[str]) -> None:
         """A model's first call registers its price in Phoenix (blocking HTTP): off the loop."""
@@ -62,11 +64,12 @@ def build_runtime(
     client = connect_async(settings.redis_url, max_connections=concurrency + REDIS_HEADROOM)
     batches = AsyncBatchStore(client, settings.result_ttl)
     prices = ModelPrices(settings)
+    limiter = SharedLimiter(client, settings)
     return Runtime(
         app=app,
         settings=settings,
         redis=client,
-        limiter=SharedLimiter(client, settings),
+        limiter=limiter,
         store=AsyncResultStore(client, settings.result_ttl, settings.queue),
         chains=AsyncJobChain(client, settings.result_ttl),
         batches=batches,
@@ -81,4 +84,5 @@ def build_runtime(
         pricing=PhoenixPricing(settings, connect(settings.redis_url), prices),
         slots=asyncio.Semaphore(concurrency),
         slow_lines=SlowLines(settings.trace_slow_s, batches.latency_p99),
+        pace=PaceWaiters(limiter),
     )

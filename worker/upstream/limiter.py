@@ -69,6 +69,7 @@ class SharedLimiter:
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._penalize = client.register_script(_PENALIZE)
+        self._rates: dict[str, tuple[float | None, float]] = {}  # model -> (rate, read at, monotonic)
 
     def _scopes(self, model: str) -> list[tuple[str, tuple[int, int, int, int]]]:
         s = self._settings
@@ -100,6 +101,20 @@ class SharedLimiter:
         if wait_ms > 0:
             return None, wait_ms / 1000.0
         return Lease(lease, tuple(scope for scope, _ in scopes), max(0, tokens), now), 0.0
+
+    async def paced_rate(self, model: str) -> float | None:
+        """The model's discovered rate (calls/s), None while it is not paced; read at most every
+        INCREASE_S (the rate changes no faster)."""
+        if not self._settings.rate_discovery:
+            return None
+        now = time.monotonic()
+        cached = self._rates.get(model)
+        if cached is not None and now - cached[1] < INCREASE_S:
+            return cached[0]
+        raw = await self._redis.hget(limit_keys(model)[3], "rate")
+        rate = float(raw) if raw else None
+        self._rates[model] = (rate, now)
+        return rate
 
     async def release(self, lease: Lease, actual_tokens: int | None, answered: bool = False) -> None:
         """The call is over; `answered`: upstream answered it (it was admitted, not refused)."""
