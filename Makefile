@@ -33,7 +33,7 @@ down:
 # countdowns, lease expiry, slow fake answers), so two halve the wall time on CI's two cores.
 TEST_WORKERS ?= 2
 test: install
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist load
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-unit: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest tests/unit

@@ -6,11 +6,15 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import ROUTERQ
 
 from routerq.devstack.fake_openrouter import fake_answer
 
 
+# `routerq demo` takes Redis's and Phoenix's usual ports when they are free: two demos at once would
+# race for them, so the demo tests run one after the other in one pytest-xdist session.
+@pytest.mark.xdist_group("routerq-demo")
 def test_demo_runs_every_kind_and_prints_the_phoenix_url(tmp_path: Path) -> None:
     env = {
         k: v

@@ -24,6 +24,9 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 
 
+# `routerq demo` takes Redis's and Phoenix's usual ports when they are free: two demos at once would
+# race for them, so the demo tests run one after the other in one pytest-xdist session.
+@pytest.mark.xdist_group("routerq-demo")
 def test_phoenix_screenshots_of_the_demo_stack(tmp_path: Path) -> None:
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -69,7 +72,11 @@ def test_phoenix_screenshots_of_the_demo_stack(tmp_path: Path) -> None:
             page.screenshot(path=IMAGES / "phoenix-failed-job.png")
             page.keyboard.press("Escape")
             page.get_by_role("tab", name="Sessions").click()
-            page.get_by_text("batch_").first.wait_for(timeout=30_000)
+            # the sessions table and its stats drawn: a loading skeleton comes first, and "batch_" is also
+            # on the traces page behind it (a screenshot of the skeleton passed for one of the table)
+            for drawn in ("session id", "Total Sessions"):
+                page.get_by_text(drawn, exact=True).first.wait_for(state="visible", timeout=60_000)
+            page.get_by_text("batch_").first.wait_for(state="visible", timeout=30_000)
             page.screenshot(path=IMAGES / "phoenix-sessions.png")
             browser.close()
     finally:

@@ -188,7 +188,7 @@ def attempt_attributes(job: Job, tries: Tries, attempt: Attempt) -> dict[str, An
 
 
 async def _acquire(rt: Runtime, model: str, tokens: int) -> tuple[Lease, bool]:
-    """A lease, and whether it had to wait for it. A line that finds more than a second of its model's
+    """A lease, and whether it had to wait for it. A line that finds more than IN_PLACE_S of its model's
     pace already waiting in this process goes back with a countdown to about its turn instead of
     taking one more of the worker's held lines (upstream.pace_waiters)."""
     lease, wait = await rt.limiter.try_acquire(model, tokens)
