@@ -2,10 +2,9 @@
 upstream that admits R requests of a model per rolling second and answers 429 (Retry-After: 1) beyond.
 
     python -m bench.rate_discovery                       # every scenario
-    python -m bench.rate_discovery --only one-host       # one of: one-host two-hosts moving two-models
+    python -m bench.rate_discovery --only one-host       # one of: one-host two-hosts moving two-models flaky
 
-Scenarios (3,000 lines unless said, 200 ms calls, --concurrency 64 per worker, default settings but
-ROUTERQ_RATE_DISCOVERY=true, which is opt-in for now):
+Scenarios (3,000 lines unless said, 200 ms calls, --concurrency 64 per worker, default settings):
   one-host    R = 100/s; the script (AsyncOpenAI, default retries, semaphore of 64) then one worker.
               Floors: succeeded lines/s >= 1.2x the script's and >= 0.85 R after the first 10 s;
               refused calls (429) <= 5 % of calls.
@@ -14,6 +13,9 @@ ROUTERQ_RATE_DISCOVERY=true, which is opt-in for now):
               succeeded calls per second are within 10 % of the new R (floor: 10 s each way).
   two-models  one batch over two models hidden at 100/s and 10/s (2,000 and 300 lines): each runs at
               >= 0.8 of its own limit while both run.
+  flaky       no limit, but a provider that refuses 25 % of calls at random (429, Retry-After: 1):
+              routerq at default settings against routerq with ROUTERQ_RATE_DISCOVERY=false and the
+              script; discovery must not slow it down (>= 0.9x discovery off).
 Rates are read from the fake's call log (arrival times and statuses). The table goes into
 bench/RESULTS.md between markers. It measures; it does not pass or fail.
 """
@@ -33,6 +35,7 @@ from typing import Any
 import httpx
 import httpx2
 import openai
+import redis
 
 from bench.__main__ import KEY, MODEL
 from bench.results import put_section, section, table
@@ -50,6 +53,14 @@ WARMUP_S = 10.0
 
 def configure(stack: UpstreamStack, limits: dict[str, float]) -> None:
     httpx.post(f"{stack.fake_base}/_fake/config", json={"rate_limits": limits}).raise_for_status()
+
+
+def forget_rates(stack: UpstreamStack) -> None:
+    """Every model's pace and counts gone: each run starts as a first one (a pace lives 2 min)."""
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    for key in client.scan_iter(match="routerq:limit:*"):
+        client.delete(key)
+    client.close()
 
 
 def calls(stack: UpstreamStack, tag: str) -> list[dict[str, Any]]:
@@ -100,9 +111,11 @@ def write(path: Path, rows: list[tuple[str, str]]) -> Path:
     return path
 
 
-def routerq_run(stack: UpstreamStack, name: str, rows: list[tuple[str, str]], hosts: int = 1) -> float:
+def routerq_run(
+    stack: UpstreamStack, name: str, rows: list[tuple[str, str]], hosts: int = 1, **settings: str
+) -> float:
     """The rows as one batch on `hosts` workers; returns the seconds it took."""
-    env = {**stack.env, "ROUTERQ_QUEUE": name, "ROUTERQ_TRACING": "false", "ROUTERQ_RATE_DISCOVERY": "true"}
+    env = {**stack.env, "ROUTERQ_QUEUE": name, "ROUTERQ_TRACING": "false", **settings}
     workers: list[Service] = [
         start_worker(env, stack.tmp, name=f"{name}-{i}", concurrency=CONCURRENCY) for i in range(hosts)
     ]
@@ -198,7 +211,36 @@ def two_models(stack: UpstreamStack, lines: int) -> list[tuple[str, str]]:
     ]
 
 
-SCENARIOS = {"one-host": one_host, "two-hosts": two_hosts, "moving": moving, "two-models": two_models}
+def flaky(stack: UpstreamStack, lines: int) -> list[tuple[str, str]]:
+    rule = {"match": "flaky-", "rate_429": 0.25, "retry_after": 1, "seed": "flaky"}
+    httpx.post(f"{stack.fake_base}/_fake/config", json={"rules": [rule]}).raise_for_status()
+    results = []
+    ok = asyncio.run(script(stack.fake.url, MODEL, [f"flaky-script-{i}: hi" for i in range(lines)]))
+    script_rate, script_refused, script_s = rates(calls(stack, "flaky-script-"))
+    results.append(("flaky: the script", f"{script_rate:.1f} ok lines/s, {script_refused:.1%} refused, "
+                    f"{ok} of {lines} ok in {script_s:.1f} s"))  # fmt: skip
+    measured = {}
+    for label, discovery in (("discovery off", "false"), ("default", "true")):
+        tag = f"flaky-{discovery}-"
+        time.sleep(2)  # the fake's rolling window empties
+        forget_rates(stack)
+        seconds = routerq_run(
+            stack, f"flaky-{discovery}", [(MODEL, f"{tag}{i}: hi") for i in range(lines)],
+            ROUTERQ_RATE_DISCOVERY=discovery,
+        )  # fmt: skip
+        measured[label], refused, _ = rates(calls(stack, tag))
+        row = f"{measured[label]:.1f} ok lines/s, {refused:.1%} refused, all {lines} ok in {seconds:.0f} s"
+        results.append((f"flaky: routerq, {label}", row))
+    ratio = measured["default"] / measured["discovery off"]
+    results.append(("flaky: default / discovery off", f"{ratio:.2f}x (floor 0.9x); "
+                    f"{measured['default'] / script_rate:.2f}x the script"))  # fmt: skip
+    httpx.post(f"{stack.fake_base}/_fake/config", json={"rules": []}).raise_for_status()
+    return results
+
+
+SCENARIOS = {
+    "one-host": one_host, "two-hosts": two_hosts, "moving": moving, "two-models": two_models, "flaky": flaky,
+}  # fmt: skip
 
 
 def main() -> None:
@@ -217,13 +259,14 @@ def main() -> None:
                     rows += scenario(stack, lines)
                     print(table(rows), flush=True)
                     stack.reset_fake()
+                    forget_rates(stack)
                     time.sleep(2)
         finally:
             stack.close()
     setup = (
         "Command: `python -m bench.rate_discovery`; the fake at 200 ms +-20 % a call, admitting R requests "
         "of a model per rolling second (429 + Retry-After: 1 beyond); one `routerq worker --concurrency "
-        f"{CONCURRENCY}` per host, default settings but `ROUTERQ_RATE_DISCOVERY=true`, tracing off."
+        f"{CONCURRENCY}` per host, default settings (rate discovery on), tracing off."
     )
     if args.only is None:
         put_section(

@@ -68,6 +68,8 @@ def metrics_text(client: redis.Redis, queue: str) -> str:
     quoted = {r.model: '{model="' + r.model.replace("\\", "\\\\").replace('"', '\\"') + '"}' for r in rates}
     metric("routerq_model_rate", "calls/s the shared limiter paces a model at (discovered)", "gauge",
            {quoted[r.model]: r.rate for r in rates if r.rate is not None})  # fmt: skip
+    metric("routerq_model_noise", "share of a model's calls refused at any pace (a flaky provider)", "gauge",
+           {quoted[r.model]: r.noise for r in rates if r.noise is not None})  # fmt: skip
     metric("routerq_model_calls_total", "calls started, by model", "counter",
            {quoted[r.model]: r.granted for r in rates})  # fmt: skip
     metric("routerq_model_refused_total", "calls upstream refused (429, temporary 402), by model", "counter",

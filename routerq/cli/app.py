@@ -452,14 +452,20 @@ def _traces(batch: Batch, export: "ExportCounts") -> str:
 
 
 def _rates(rates: list["ModelRate"]) -> list[str]:
-    """Each model the limiter paces: its discovered rate and the share of its calls upstream refused."""
+    """Each model the limiter paces: its discovered rate and the share of its calls upstream refused;
+    and a provider's share refused at any pace (not a limit: not paced for)."""
     return [
         f"rate       {printable(r.model, 100)}: "
-        + (f"{r.rate:.1f} calls/s discovered" if r.rate is not None else "not paced (never refused)")
+        + (f"{r.rate:.1f} calls/s discovered" if r.rate is not None else _unpaced(r))
         + f", {r.refused} of {r.granted} calls refused ({r.refused_share:.1%})"
+        + (f"; about {r.noise:.0%} refused at any pace (a flaky provider, not a limit)" if r.noise else "")
         for r in rates
         if r.rate is not None or r.refused
     ]
+
+
+def _unpaced(rate: "ModelRate") -> str:
+    return "not paced" if rate.noise else "not paced (never refused)"
 
 
 def _describe(

@@ -7,9 +7,13 @@ Keys, per scope:
   routerq:limit:{scope}:tok     zset  token estimates in that window
   routerq:limit:{scope}:fly     zset  calls in flight, by lease expiry
   routerq:limit:{scope}:state   hash  rate (discovered calls/s); increased, decreased, refused_at,
-                                      cooldown (ms); granted, refused, refused:{provider|openrouter|in_flight}
+                                      cooldown (ms); granted, refused,
+                                      refused:{provider|openrouter|in_flight}; noise (the share
+                                      refused at any pace); episode_rate, episode_share (where the
+                                      congestion being cut began), hold (no increase until then, ms)
   routerq:limit:{scope}:recent  zset  grants of the last two seconds (what the discovered rate paces)
-  routerq:limit:{scope}:ok      zset  calls upstream answered, of the last two seconds (what it admits)
+  routerq:limit:{scope}:ok      zset  calls upstream answered, of the last five seconds (what it admits)
+  routerq:limit:{scope}:no      zset  calls upstream refused, of the last five seconds
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ GLOBAL_SCOPE = "*"
 
 def limit_keys(scope: str) -> list[str]:
     base = f"routerq:limit:{{{scope}}}"
-    return [f"{base}:req", f"{base}:tok", f"{base}:fly", f"{base}:state", f"{base}:recent", f"{base}:ok"]
+    return [f"{base}:{name}" for name in ("req", "tok", "fly", "state", "recent", "ok", "no")]
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class ModelRate:
     rate: float | None  # calls per second routerq paces this model at; None until upstream refused one
     granted: int  # calls started (the last hour, as the state lives)
     refused: int  # of which upstream refused (429, temporary 402)
+    noise: float | None = None  # the share a flaky provider refuses at any pace, once told from a limit
 
     @property
     def refused_share(self) -> float:
@@ -45,15 +50,21 @@ class ModelRate:
 
 
 STATE_MATCH = "routerq:limit:{*}:state"
-STATE_FIELDS = ("rate", "granted", "refused")
+STATE_FIELDS = ("rate", "granted", "refused", "noise")
 
 
 def _model_rate(key: Any, values: list[Any]) -> ModelRate | None:
     scope = as_text(key)[len("routerq:limit:{") : -len("}:state")]
     if scope == GLOBAL_SCOPE:
         return None
-    rate, granted, refused = values
-    return ModelRate(scope, float(rate) if rate else None, int(granted or 0), int(refused or 0))
+    rate, granted, refused, noise = values
+    return ModelRate(
+        scope,
+        float(rate) if rate else None,
+        int(granted or 0),
+        int(refused or 0),
+        float(noise) if noise else None,
+    )
 
 
 def model_rates(client: redis.Redis) -> list[ModelRate]:

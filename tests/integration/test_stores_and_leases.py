@@ -25,7 +25,7 @@ from routerq.core.result_store import PENDING_KEY, RESULT_KEY, AsyncResultStore
 from routerq.core.staged_enqueue import StagedEnqueue
 from routerq.worker.execution.holdings import Holdings
 from routerq.worker.upkeep.leases import UNACKED_INDEX_KEY, UNACKED_KEY, LeaseKeeper
-from routerq.worker.upstream.limiter import INCREASE_S, Lease, SharedLimiter
+from routerq.worker.upstream.limiter import EPISODE_GAP_S, INCREASE_S, Lease, SharedLimiter
 from routerq.worker.upstream.pace_waiters import IN_PLACE_S, PaceWaiters
 
 TTL = 3600
@@ -216,15 +216,16 @@ def grants(limiter: SharedLimiter, model: str, n: int) -> list[Lease | None]:
     return run(take)
 
 
-DISCOVERY = {"ROUTERQ_RATE_DISCOVERY": "true"}
+def test_without_discovery_a_429_makes_every_worker_wait_its_retry_after_and_paces_nothing(
+    redis_url: str,
+) -> None:
+    settings = settings_for(redis_url, ROUTERQ_RATE_DISCOVERY="false")
 
-
-def test_by_default_a_429_makes_every_worker_wait_its_retry_after_and_paces_nothing(redis_url: str) -> None:
     async def refused(client: aredis.Redis) -> tuple[float, float]:
-        limiter = SharedLimiter(client, settings_for(redis_url))
+        limiter = SharedLimiter(client, settings)
         leases = [(await limiter.try_acquire("m", 10))[0] for _ in range(50)]
         rate = await limiter.penalize("m", leases[-1], 2.0, "provider")  # type: ignore[arg-type]
-        return rate, (await SharedLimiter(client, settings_for(redis_url)).try_acquire("m", 10))[1]
+        return rate, (await SharedLimiter(client, settings).try_acquire("m", 10))[1]
 
     rate, wait = on_redis(redis_url, refused)
     assert rate == 0.0 and 1.0 < wait <= 2.0
@@ -232,7 +233,7 @@ def test_by_default_a_429_makes_every_worker_wait_its_retry_after_and_paces_noth
 
 def test_a_model_is_not_paced_until_upstream_refuses_one_of_its_calls(redis_url: str) -> None:
     async def many(client: aredis.Redis) -> list[float]:
-        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
+        limiter = SharedLimiter(client, settings_for(redis_url))
         return [(await limiter.try_acquire("m", 10))[1] for _ in range(300)]
 
     assert set(on_redis(redis_url, many)) == {0.0}
@@ -241,7 +242,7 @@ def test_a_model_is_not_paced_until_upstream_refuses_one_of_its_calls(redis_url:
 def test_the_first_refusal_paces_the_model_for_every_worker_at_beta_of_last_seconds_grants(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
-    settings = settings_for(redis_url, **DISCOVERY)
+    settings = settings_for(redis_url)
 
     async def refused_then_other_worker() -> tuple[float, float, float]:
         a, b = aredis.Redis.from_url(redis_url), aredis.Redis.from_url(redis_url)
@@ -271,7 +272,7 @@ def test_callers_pressing_the_rate_raise_it_a_step_at_a_time(redis_url: str, syn
     sync_redis.hset("routerq:limit:{m}:state", mapping={"rate": "50", "refused_at": "0"})
 
     async def press(client: aredis.Redis) -> list[float]:
-        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
+        limiter = SharedLimiter(client, settings_for(redis_url))
         rates = []
         for _ in range(3):
             while (await limiter.try_acquire("m", 10))[0] is not None:
@@ -285,7 +286,7 @@ def test_callers_pressing_the_rate_raise_it_a_step_at_a_time(redis_url: str, syn
 
 def test_a_refusal_amid_a_trickle_of_calls_does_not_pace_the_model(redis_url: str) -> None:
     async def trickle(client: aredis.Redis) -> tuple[float, float]:
-        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
+        limiter = SharedLimiter(client, settings_for(redis_url))
         lease, _ = await limiter.try_acquire("quiet", 10)
         assert lease is not None
         rate = await limiter.penalize("quiet", lease, 1.0, "provider")
@@ -296,7 +297,7 @@ def test_a_refusal_amid_a_trickle_of_calls_does_not_pace_the_model(redis_url: st
 
 def test_a_long_retry_after_stops_every_call_of_the_model_until_it_ends(redis_url: str) -> None:
     async def cooled(client: aredis.Redis) -> tuple[float, float]:
-        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
+        limiter = SharedLimiter(client, settings_for(redis_url))
         lease, _ = await limiter.try_acquire("free-model", 10)
         assert lease is not None
         await limiter.penalize("free-model", lease, 30.0, "openrouter")
@@ -306,6 +307,150 @@ def test_a_long_retry_after_stops_every_call_of_the_model_until_it_ends(redis_ur
 
     wait, other = on_redis(redis_url, cooled)
     assert 25 < wait <= 30 and other == 0.0
+
+
+def paced_last_second(
+    redis_url: str, sync_redis: redis.Redis, state: dict[str, float], answered: int, refused: int
+) -> dict[bytes, bytes]:
+    """Model "m" paced with `state` (a field `x_ago`: `x` that many ms before now; `decreased` a minute
+    ago unless said): `answered` calls answered and `refused` refused in the last second (all but the
+    last granted before the last cut: counted, not acted on), then the state the last refusal left."""
+    now = int(time.time() * 1000)
+    fields = {"decreased": str(now - 60_000)}
+    for name, value in state.items():
+        fields[name.removesuffix("_ago")] = str(now - int(value) if name.endswith("_ago") else value)
+    sync_redis.hset(limit_keys("m")[3], mapping=fields)
+
+    async def outcomes(client: aredis.Redis) -> None:
+        limiter = SharedLimiter(client, settings_for(redis_url))
+        scopes, total = ("*", "m"), answered + refused - 1
+        for n in range(total):  # the refusals spread evenly among the answers, as upstream sends them
+            if (n + 1) * (refused - 1) // total > n * (refused - 1) // total:
+                await limiter.penalize("m", Lease(f"old-{n}", scopes, 10, 0), 1.0, "provider")
+                continue
+            lease, _ = await limiter.try_acquire("m", 10)
+            assert lease is not None
+            await limiter.release(lease, 10, answered=True)
+        await limiter.penalize("m", Lease("last", scopes, 10, int(time.time() * 1000)), 1.0, "provider")
+
+    on_redis(redis_url, outcomes)
+    return sync_redis.hgetall(limit_keys("m")[3])
+
+
+def test_refusals_within_the_models_noise_neither_cut_its_rate_nor_hold_its_increase(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    state = paced_last_second(redis_url, sync_redis, {"rate": 50, "noise": 0.25, "refused_at": 0}, 30, 10)
+    assert (float(state[b"rate"]), state[b"refused_at"], state[b"refused"]) == (50.0, b"0", b"10")
+
+
+def test_refusals_beyond_the_models_noise_cut_its_rate(redis_url: str, sync_redis: redis.Redis) -> None:
+    state = paced_last_second(redis_url, sync_redis, {"rate": 50, "noise": 0.05}, 30, 20)
+    assert float(state[b"rate"]) == pytest.approx(45.0)
+
+
+def test_a_cut_starts_from_what_upstream_answered_when_it_refused_most_calls(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    state = paced_last_second(redis_url, sync_redis, {"rate": 70}, 40, 60)  # its limit fell
+    assert float(state[b"rate"]) == pytest.approx(40 * 0.9)
+    assert float(state[b"episode_rate"]) == pytest.approx(40 * 0.9)  # a new episode starts there
+
+
+def test_a_cut_from_what_upstream_answered_is_never_below_half_the_rate(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    state = paced_last_second(redis_url, sync_redis, {"rate": 100}, 20, 60)
+    assert float(state[b"rate"]) == pytest.approx(50 * 0.9)
+
+
+def test_most_of_a_few_calls_refused_is_chance_and_cut_by_a_step(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    state = paced_last_second(redis_url, sync_redis, {"rate": 20}, 8, 12)
+    assert float(state[b"rate"]) == pytest.approx(18.0)
+
+
+EPISODE = {"episode_rate": 50, "episode_share": 0.25, "decreased_ago": 1500}
+
+
+def test_cuts_that_did_not_lower_the_refused_share_unpace_the_model_and_the_share_becomes_its_noise(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    state = paced_last_second(redis_url, sync_redis, {**EPISODE, "rate": 36.45}, 30, 10)  # still 25 %
+    assert b"rate" not in state and float(state[b"noise"]) == pytest.approx(0.25, abs=0.05)
+
+
+def test_refusals_within_an_unpaced_models_noise_do_not_pace_it(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    state = paced_last_second(redis_url, sync_redis, {"noise": 0.25}, 30, 10)
+    assert b"rate" not in state and b"cooldown" not in state
+
+
+def test_refusals_beyond_an_unpaced_models_noise_pace_it_again(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    state = paced_last_second(redis_url, sync_redis, {"noise": 0.05}, 30, 20)
+    assert float(state[b"rate"]) == pytest.approx(0.9 * 29)  # the grants of the second before, less itself
+
+
+def test_cuts_that_lowered_the_refused_share_are_a_limit(redis_url: str, sync_redis: redis.Redis) -> None:
+    episode = {**EPISODE, "rate": 36.45, "episode_share": 0.39, "noise": 0.02}
+    state = paced_last_second(redis_url, sync_redis, episode, 35, 5)  # 39 % fell to 12 %: over the noise
+    assert b"noise" not in state and b"episode_rate" not in state  # the next congestion starts an episode
+    assert float(state[b"rate"]) == 36.45  # a verdict is no cut
+
+
+def test_a_probe_at_its_depth_is_cut_no_more_until_enough_calls_give_its_verdict(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    state = paced_last_second(redis_url, sync_redis, {**EPISODE, "rate": 36.45}, 10, 5)  # 15 calls
+    assert float(state[b"rate"]) == 36.45 and b"noise" not in state and b"hold" in state
+
+
+def test_a_cut_above_the_probe_depth_gives_no_verdict(redis_url: str, sync_redis: redis.Redis) -> None:
+    state = paced_last_second(redis_url, sync_redis, {**EPISODE, "rate": 45}, 40, 10)
+    assert float(state[b"rate"]) == pytest.approx(40.5) and b"noise" not in state
+
+
+def test_a_refusal_long_after_the_last_cut_starts_a_new_episode(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    state = paced_last_second(
+        redis_url, sync_redis, {**EPISODE, "rate": 36.45, "decreased_ago": 5000}, 30, 10
+    )
+    assert float(state[b"rate"]) == pytest.approx(36.45 * 0.9) and b"noise" not in state
+    assert float(state[b"episode_rate"]) == 36.45
+
+
+def test_a_probe_holds_the_rate_from_growing_between_its_cuts(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    state = paced_last_second(redis_url, sync_redis, {**EPISODE, "rate": 45}, 40, 10)  # its second cut
+    assert int(state[b"hold"]) - int(state[b"decreased"]) == EPISODE_GAP_S * 1000
+    key = limit_keys("m")[3]
+    sync_redis.hset(key, "refused_at", 0)  # no refusal since: only the hold keeps it
+
+    async def press(client: aredis.Redis) -> float:
+        limiter = SharedLimiter(client, settings_for(redis_url))
+        while (await limiter.try_acquire("m", 1))[0] is not None:
+            pass
+        return float(await client.hget(key, "rate") or 0)
+
+    assert on_redis(redis_url, press) == pytest.approx(40.5)
+    sync_redis.hdel(key, "hold")
+    assert on_redis(redis_url, press) == pytest.approx(40.5 * 1.02)
+
+
+def test_a_limit_that_fell_far_is_no_probe_and_holds_nothing(redis_url: str, sync_redis: redis.Redis) -> None:
+    state = paced_last_second(redis_url, sync_redis, {**EPISODE, "rate": 45, "episode_share": 0.5}, 40, 10)
+    assert float(state[b"rate"]) == pytest.approx(40.5) and b"hold" not in state and b"noise" not in state
+
+
+def test_a_cut_riding_a_limit_holds_nothing(redis_url: str, sync_redis: redis.Redis) -> None:
+    state = paced_last_second(redis_url, sync_redis, {"rate": 50}, 49, 1)  # 2 % refused: a sawtooth's cut
+    assert float(state[b"rate"]) == pytest.approx(45.0) and b"hold" not in state
 
 
 def test_a_release_corrects_the_token_estimate_and_frees_the_call_in_flight(
@@ -348,18 +493,18 @@ def turns_with_waiting(redis_url: str, waiting: int, rate: str | None, **env: st
 
 
 def test_a_line_waits_in_place_while_less_than_its_models_in_place_pace_waits_ahead(redis_url: str) -> None:
-    assert turns_with_waiting(redis_url, 0, "10", **DISCOVERY) == 0.0
-    assert turns_with_waiting(redis_url, int(10 * IN_PLACE_S) - 1, "10", **DISCOVERY) == 0.0
+    assert turns_with_waiting(redis_url, 0, "10") == 0.0
+    assert turns_with_waiting(redis_url, int(10 * IN_PLACE_S) - 1, "10") == 0.0
 
 
 def test_a_line_with_more_than_the_in_place_pace_ahead_is_told_about_its_turn(redis_url: str) -> None:
     ahead = int(10 * IN_PLACE_S) + 5
-    assert turns_with_waiting(redis_url, ahead, "10", **DISCOVERY) == pytest.approx(ahead / 10)
+    assert turns_with_waiting(redis_url, ahead, "10") == pytest.approx(ahead / 10)
 
 
 def test_a_model_not_paced_or_without_discovery_never_sends_a_line_away(redis_url: str) -> None:
-    assert turns_with_waiting(redis_url, 500, None, **DISCOVERY) == 0.0
-    assert turns_with_waiting(redis_url, 500, "10") == 0.0  # ROUTERQ_RATE_DISCOVERY off: the default
+    assert turns_with_waiting(redis_url, 500, None) == 0.0
+    assert turns_with_waiting(redis_url, 500, "10", ROUTERQ_RATE_DISCOVERY="false") == 0.0
 
 
 # --- leases (lease_restore.lua) ---

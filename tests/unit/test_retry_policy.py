@@ -9,7 +9,15 @@ import pytest
 from routerq.core.jobs import JobError
 from routerq.core.settings import Settings
 from routerq.worker.execution.attempt import final_error
-from routerq.worker.upstream.retry import Action, Tries, backoff, decide, error_class, refusal
+from routerq.worker.upstream.retry import (
+    CAPACITY_BACKOFF_STEPS,
+    Action,
+    Tries,
+    backoff,
+    decide,
+    error_class,
+    refusal,
+)
 
 SETTINGS = Settings(ROUTERQ_MAX_ATTEMPTS=6, ROUTERQ_RETRY_BASE_DELAY=1.0, ROUTERQ_RETRY_MAX_DELAY=60.0)
 NOW = 1_800_000_000.0
@@ -147,3 +155,13 @@ def test_error_classes_name_rate_limits_and_auth_for_dashboards() -> None:
     assert error_class(error(429, "rate_limit_exceeded")) == "rate_limited"
     assert error_class(error(401, "authentication_error")) == "auth"
     assert error_class(error(None, "timeout")) == "timeout"
+
+
+def test_a_line_refused_again_and_again_waits_its_retry_after_plus_at_most_a_few_seconds() -> None:
+    for waits in (10, 50):
+        delays = [
+            decide(error(429, "rate_limit_exceeded"), 1.0, at(1, waits), SETTINGS, NOW).delay
+            for _ in range(200)
+        ]
+        assert max(delays) <= max(1.0, SETTINGS.retry_base_delay * 2 ** (CAPACITY_BACKOFF_STEPS - 1))
+        assert max(delays) > 2.0  # still a backoff, with jitter, beyond the floor

@@ -55,7 +55,8 @@ def write_summary(
     data = summary(batch, stats)
     if rates:
         data["model_rates"] = json.dumps([
-            {"model": r.model, "rate": r.rate, "refused_share": round(r.refused_share, 4)} for r in rates
+            {"model": r.model, "rate": r.rate, "refused_share": round(r.refused_share, 4), "noise": r.noise}
+            for r in rates
         ])  # fmt: skip
     attributes: dict[str, Any] = {
         **chain_kind(),

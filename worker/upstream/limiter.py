@@ -5,7 +5,8 @@ per-worker limits can neither hold nor find them. Configured limits (all models,
 hard caps over a sliding window: a request count, a token count (estimated before the call, corrected
 from `usage` after), and in-flight leases that expire by themselves if a worker dies. Below them, each
 model's rate is discovered: unpaced until upstream first refuses a call, then paced at a rate that
-grows while calls succeed and drops by BETA at each refusal (AIMD), one value for every host.
+grows while calls succeed and drops by BETA at each refusal (AIMD), one value for every host; a share
+of refusals that cutting does not lower is a flaky provider's, tolerated rather than cut for.
 """
 
 from __future__ import annotations
@@ -42,6 +43,23 @@ RATE_MEMORY_S = 120.0
 # After a decrease, refusals for this long are upstream's window still full of calls sent at the old
 # rate: counted, not cut again (else one burst cuts the rate several times over).
 DECREASE_GUARD_S = 1.0
+# Refusals that are not a rate (a flaky provider refuses a share of calls at any pace) must not cut
+# the rate down to nothing. Cuts each within EPISODE_GAP_S of the last are an episode; one that began
+# with at least NOISE_MIN of the calls refused is a probe: from its second cut the rate is held, and
+# once it is down to PROBE_DEPTH of where it began (three cuts) it is cut no more until the calls that
+# end from DECREASE_GUARD_S after its last cut (upstream's window then holds only calls sent at the
+# new rate; at least PROBE_CALLS of them) give the verdict. A limit refuses a much smaller share of
+# them than it did at the start (none, if the rate is now under it); a share still at least
+# PROBE_RATIO of the first is the provider's: the model is not paced any more, and refusals within
+# NOISE_Z standard deviations of that share neither pace, nor cut, nor hold it. Riding a limit,
+# refusals are few (a share under NOISE_MIN) and a cut is won back before the next, so the sawtooth
+# never probes; a limit that fell far (over 40 % refused) is cut to what upstream answered.
+EPISODE_GAP_S = 2.0
+PROBE_DEPTH = 0.75
+PROBE_RATIO = 0.5  # a limit probed from under 40 % refused refuses under half of that at 0.75
+NOISE_MIN = 0.05
+NOISE_Z = 3.0
+PROBE_CALLS = 20  # fewer than this make a share too rough to judge (the probe waits up to two gaps)
 # A Retry-After longer than this means a window of minutes (a free model's requests per minute), not a
 # rate: every call of the model waits it out. Shorter ones are the refused call's own wait.
 COOLDOWN_AFTER_S = 5.0
@@ -134,7 +152,7 @@ class SharedLimiter:
     async def penalize(self, model: str, lease: Lease, retry_after: float | None, source: str) -> float:
         """Upstream refused a call of `model` (granted under `lease`): every worker slows down.
         Returns the model's rate now (calls/s; 0 when it is not paced)."""
-        state, recent, answered = limit_keys(model)[3:6]
+        state, recent, answered, refused = limit_keys(model)[3:7]
         discovers = self._settings.rate_discovery
         long_wait = bool(retry_after and retry_after > COOLDOWN_AFTER_S)
         cooldown = (retry_after or 1.0) if long_wait or not discovers else 0.0
@@ -148,5 +166,12 @@ class SharedLimiter:
             int((retry_after or 1.0) * 1000),
             MIN_SEED if discovers else 2**31,  # without discovery, never paced
             int(RATE_MEMORY_S * 1000),
+            lease.id,
+            NOISE_MIN,
+            int(EPISODE_GAP_S * 1000),
+            NOISE_Z,
+            PROBE_RATIO,
+            PROBE_DEPTH,
+            PROBE_CALLS,
         ]
-        return float(await self._penalize(keys=[state, recent, answered], args=args))
+        return float(await self._penalize(keys=[state, recent, answered, refused], args=args))

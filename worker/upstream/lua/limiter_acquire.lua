@@ -1,21 +1,21 @@
--- May a call start now? KEYS: 6 per scope (requests zset, tokens zset, in-flight zset, state hash,
--- grants of the last two seconds zset, answered calls zset). ARGV: now_ms, window_ms, lease, lease_expiry_ms, tokens,
+-- May a call start now? KEYS: 7 per scope (requests zset, tokens zset, in-flight zset, state hash,
+-- grants of the last two seconds zset, answered calls zset, refused calls zset). ARGV: now_ms, window_ms, lease, lease_expiry_ms, tokens,
 -- increase_ms, increase_step, then per scope: max requests, max tokens, max in flight, discovers (0/1).
 -- Returns 0 (granted) or how many ms to wait.
 -- Configured limits (requests and tokens per window, calls in flight) are hard caps. A scope that
 -- discovers also paces calls at its discovered rate (state.rate, calls per second, set by
--- limiter_penalize.lua at the first refusal): while callers press that rate and no refusal came in
--- the last increase_ms, it grows by rate * step every increase_ms.
+-- limiter_penalize.lua at the first refusal): while callers press that rate, no refusal came in
+-- the last increase_ms and no probe holds it (state.hold), it grows by rate * step every increase_ms.
 local now, window, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local lease_until, tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
 local increase_ms, step = tonumber(ARGV[6]), tonumber(ARGV[7])
 local wait = 0
-local scopes = #KEYS / 6
+local scopes = #KEYS / 7
 for s = 0, scopes - 1 do
-  local req, tok, fly, st, recent = KEYS[s*6+1], KEYS[s*6+2], KEYS[s*6+3], KEYS[s*6+4], KEYS[s*6+5]
+  local req, tok, fly, st, recent = KEYS[s*7+1], KEYS[s*7+2], KEYS[s*7+3], KEYS[s*7+4], KEYS[s*7+5]
   local max_req, max_tok = tonumber(ARGV[8+s*4]), tonumber(ARGV[9+s*4])
   local max_fly, discovers = tonumber(ARGV[10+s*4]), ARGV[11+s*4] == '1'
-  local state = redis.call('HMGET', st, 'cooldown', 'rate', 'increased', 'refused_at')
+  local state = redis.call('HMGET', st, 'cooldown', 'rate', 'increased', 'refused_at', 'hold')
   local cooldown = tonumber(state[1] or 0)
   if cooldown > now then wait = math.max(wait, cooldown - now) end
   if max_req > 0 then
@@ -46,7 +46,7 @@ for s = 0, scopes - 1 do
     local allowed = math.max(1, math.floor(rate))
     local count = redis.call('ZCOUNT', recent, now - 1000, '+inf')
     if count >= allowed then
-      local since = math.min(now - tonumber(state[3] or 0), now - tonumber(state[4] or 0))
+      local since = math.min(now - tonumber(state[3] or 0), now - tonumber(state[4] or 0), now - tonumber(state[5] or 0))
       if since >= increase_ms then
         redis.call('HSET', st, 'rate', tostring(rate * (1 + step)), 'increased', now)
       end
@@ -57,7 +57,7 @@ for s = 0, scopes - 1 do
 end
 if wait > 0 then return wait end
 for s = 0, scopes - 1 do
-  local req, tok, fly, st, recent = KEYS[s*6+1], KEYS[s*6+2], KEYS[s*6+3], KEYS[s*6+4], KEYS[s*6+5]
+  local req, tok, fly, st, recent = KEYS[s*7+1], KEYS[s*7+2], KEYS[s*7+3], KEYS[s*7+4], KEYS[s*7+5]
   local max_req, max_tok, max_fly = tonumber(ARGV[8+s*4]), tonumber(ARGV[9+s*4]), tonumber(ARGV[10+s*4])
   if max_req > 0 then
     redis.call('ZADD', req, now, lease)
