@@ -378,7 +378,7 @@ def test_cuts_that_did_not_lower_the_refused_share_unpace_the_model_and_the_shar
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
     state = paced_last_second(redis_url, sync_redis, {**EPISODE, "rate": 36.45}, 30, 10)  # still 25 %
-    assert b"rate" not in state and float(state[b"noise"]) == pytest.approx(0.25, abs=0.05)
+    assert b"rate" not in state and 0.25 <= float(state[b"noise"]) <= 0.35  # its share, one standard error up
 
 
 def test_refusals_within_an_unpaced_models_noise_do_not_pace_it(

@@ -59,7 +59,7 @@ PROBE_DEPTH = 0.75
 PROBE_RATIO = 0.5  # a limit probed from under 40 % refused refuses under half of that at 0.75
 NOISE_MIN = 0.05
 NOISE_Z = 3.0
-PROBE_CALLS = 20  # fewer than this make a share too rough to judge (the probe waits up to two gaps)
+PROBE_CALLS = 40  # fewer make a share too rough to judge (+-0.07 at 25 %; the probe waits up to two gaps)
 # A Retry-After longer than this means a window of minutes (a free model's requests per minute), not a
 # rate: every call of the model waits it out. Shorter ones are the refused call's own wait.
 COOLDOWN_AFTER_S = 5.0

@@ -73,8 +73,10 @@ if probe and rate <= tonumber(ARGV[15]) * first_rate and now - decreased <= 2 * 
   if at_depth >= noise_min and at_depth >= tonumber(ARGV[14]) * first_share then
     -- cutting did not lower the refused share: not a limit, nothing to pace (until refusals beyond
     -- this share seed a rate again)
+    -- (its share one standard error up: an estimate from a few dozen calls that came out low would
+    -- read the provider's usual refusals as a limit again)
     redis.call('HDEL', st, 'rate', 'decreased', 'hold', 'episode_rate', 'episode_share')
-    redis.call('HSET', st, 'noise', tostring(at_depth))
+    redis.call('HSET', st, 'noise', tostring(at_depth + math.sqrt(at_depth * (1 - at_depth) / calls_since)))
     return '0'
   end
   -- the share fell: a limit, and no earlier noise explains these refusals; the next congestion starts
