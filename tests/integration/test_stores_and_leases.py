@@ -170,7 +170,7 @@ def test_each_status_a_job_reaches_is_counted_once_for_metrics(
 def test_staged_messages_reach_the_queue_together_in_order_with_the_owner_in_progress(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
-    settings = settings_for(redis_url)
+    settings = settings_for(redis_url, **DISCOVERY)
     staged = StagedEnqueue(sync_redis, settings, "routerq:batch:b1")
     for i in range(3):
         staged.add("routerq.run_line", ["b1", [i], 1.0])
@@ -184,7 +184,7 @@ def test_staged_messages_reach_the_queue_together_in_order_with_the_owner_in_pro
 
 
 def test_a_release_without_start_leaves_the_owner_as_it_was(redis_url: str, sync_redis: redis.Redis) -> None:
-    staged = StagedEnqueue(sync_redis, settings_for(redis_url), "routerq:embed:e1")
+    staged = StagedEnqueue(sync_redis, settings_for(redis_url, **DISCOVERY), "routerq:embed:e1")
     staged.add("routerq.run_embed", ["e1", [0], 1.0])
     assert staged.release(start=False) == 1
     assert sync_redis.hget("routerq:embed:e1", "status") is None
@@ -207,6 +207,9 @@ def test_the_limiter_grants_up_to_the_rpm_then_says_how_long_to_wait(redis_url: 
     first, second, third = on_redis(redis_url, three)
     assert (first, second) == (0.0, 0.0)
     assert 50 < third <= settings.rate_limit_window + 1
+
+
+DISCOVERY = {"ROUTERQ_RATE_DISCOVERY": "true"}  # opt-in for now (docs/reliability.md)
 
 
 def grants(limiter: SharedLimiter, model: str, n: int) -> list[Lease | None]:
@@ -233,7 +236,7 @@ def test_without_discovery_a_429_makes_every_worker_wait_its_retry_after_and_pac
 
 def test_a_model_is_not_paced_until_upstream_refuses_one_of_its_calls(redis_url: str) -> None:
     async def many(client: aredis.Redis) -> list[float]:
-        limiter = SharedLimiter(client, settings_for(redis_url))
+        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
         return [(await limiter.try_acquire("m", 10))[1] for _ in range(300)]
 
     assert set(on_redis(redis_url, many)) == {0.0}
@@ -242,7 +245,7 @@ def test_a_model_is_not_paced_until_upstream_refuses_one_of_its_calls(redis_url:
 def test_the_first_refusal_paces_the_model_for_every_worker_at_beta_of_last_seconds_grants(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
-    settings = settings_for(redis_url)
+    settings = settings_for(redis_url, **DISCOVERY)
 
     async def refused_then_other_worker() -> tuple[float, float, float]:
         a, b = aredis.Redis.from_url(redis_url), aredis.Redis.from_url(redis_url)
@@ -272,7 +275,7 @@ def test_callers_pressing_the_rate_raise_it_a_step_at_a_time(redis_url: str, syn
     sync_redis.hset("routerq:limit:{m}:state", mapping={"rate": "50", "refused_at": "0"})
 
     async def press(client: aredis.Redis) -> list[float]:
-        limiter = SharedLimiter(client, settings_for(redis_url))
+        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
         rates = []
         for _ in range(3):
             while (await limiter.try_acquire("m", 10))[0] is not None:
@@ -286,7 +289,7 @@ def test_callers_pressing_the_rate_raise_it_a_step_at_a_time(redis_url: str, syn
 
 def test_a_refusal_amid_a_trickle_of_calls_does_not_pace_the_model(redis_url: str) -> None:
     async def trickle(client: aredis.Redis) -> tuple[float, float]:
-        limiter = SharedLimiter(client, settings_for(redis_url))
+        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
         lease, _ = await limiter.try_acquire("quiet", 10)
         assert lease is not None
         rate = await limiter.penalize("quiet", lease, 1.0, "provider")
@@ -297,7 +300,7 @@ def test_a_refusal_amid_a_trickle_of_calls_does_not_pace_the_model(redis_url: st
 
 def test_a_long_retry_after_stops_every_call_of_the_model_until_it_ends(redis_url: str) -> None:
     async def cooled(client: aredis.Redis) -> tuple[float, float]:
-        limiter = SharedLimiter(client, settings_for(redis_url))
+        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
         lease, _ = await limiter.try_acquire("free-model", 10)
         assert lease is not None
         await limiter.penalize("free-model", lease, 30.0, "openrouter")
@@ -322,7 +325,7 @@ def paced_last_second(
     sync_redis.hset(limit_keys("m")[3], mapping=fields)
 
     async def outcomes(client: aredis.Redis) -> None:
-        limiter = SharedLimiter(client, settings_for(redis_url))
+        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
         scopes, total = ("*", "m"), answered + refused - 1
         for n in range(total):  # the refusals spread evenly among the answers, as upstream sends them
             if (n + 1) * (refused - 1) // total > n * (refused - 1) // total:
@@ -433,7 +436,7 @@ def test_a_probe_holds_the_rate_from_growing_between_its_cuts(
     sync_redis.hset(key, "refused_at", 0)  # no refusal since: only the hold keeps it
 
     async def press(client: aredis.Redis) -> float:
-        limiter = SharedLimiter(client, settings_for(redis_url))
+        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
         while (await limiter.try_acquire("m", 1))[0] is not None:
             pass
         return float(await client.hget(key, "rate") or 0)
@@ -483,7 +486,7 @@ def turns_with_waiting(redis_url: str, waiting: int, rate: str | None, **env: st
         redis.Redis.from_url(redis_url).hset(limit_keys("m")[3], "rate", rate)
 
     async def turn(client: aredis.Redis) -> float:
-        pace = PaceWaiters(SharedLimiter(client, settings_for(redis_url, **env)))
+        pace = PaceWaiters(SharedLimiter(client, settings_for(redis_url, **{**DISCOVERY, **env})))
         with ExitStack() as stack:
             for _ in range(waiting):
                 stack.enter_context(pace.waiting("m"))
@@ -519,7 +522,7 @@ def unacked(client: redis.Redis, tag: str, queue: str, age_s: float) -> None:
 def test_a_message_no_live_lease_holds_goes_back_to_the_head_of_its_queue(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
-    settings = settings_for(redis_url)
+    settings = settings_for(redis_url, **DISCOVERY)
     sync_redis.rpush(settings.queue, "older")
     unacked(sync_redis, "orphan", settings.queue, age_s=60)
     keeper = LeaseKeeper(settings, sync_redis, Holdings())
@@ -533,7 +536,7 @@ def test_a_message_no_live_lease_holds_goes_back_to_the_head_of_its_queue(
 def test_a_message_a_live_lease_holds_young_or_of_another_queue_stays(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
-    settings = settings_for(redis_url)
+    settings = settings_for(redis_url, **DISCOVERY)
     holdings = Holdings()
     holdings.received(SimpleNamespace(message=SimpleNamespace(delivery_tag="held")))  # as task_received does
     unacked(sync_redis, "held", settings.queue, age_s=60)
@@ -550,7 +553,7 @@ def test_a_finished_message_whose_ack_has_not_landed_is_not_put_back(
 ) -> None:
     """Celery acknowledges on a later turn of its loop: between the task's end and the ack, the message
     is still in `unacked`, and its holder's lease must still hold it (issue 21's false put-backs)."""
-    settings = settings_for(redis_url)
+    settings = settings_for(redis_url, **DISCOVERY)
     holdings = Holdings()
     message = SimpleNamespace(delivery_tag="acking", acknowledged=False)
     holdings.received(SimpleNamespace(message=message))
@@ -572,7 +575,7 @@ def test_a_finished_message_whose_ack_has_not_landed_is_not_put_back(
 
 
 def test_only_one_worker_of_a_queue_sweeps_per_tick(redis_url: str, sync_redis: redis.Redis) -> None:
-    settings = settings_for(redis_url)
+    settings = settings_for(redis_url, **DISCOVERY)
     unacked(sync_redis, "orphan", settings.queue, age_s=60)
     first, second = (
         LeaseKeeper(settings, sync_redis, Holdings()),

@@ -71,10 +71,9 @@ if probe and rate <= tonumber(ARGV[15]) * first_rate and now - decreased <= 2 * 
   if calls_since < tonumber(ARGV[16]) then return tostring(rate) end
   local at_depth = refused_since / calls_since
   if at_depth >= noise_min and at_depth >= tonumber(ARGV[14]) * first_share then
-    -- cutting did not lower the refused share: not a limit, nothing to pace (until refusals beyond
-    -- this share seed a rate again)
-    -- (its share one standard error up: an estimate from a few dozen calls that came out low would
-    -- read the provider's usual refusals as a limit again)
+    -- cutting did not lower the refused share: not a limit, nothing to pace until refusals beyond
+    -- this share (kept one standard error up: an estimate from a few dozen calls that came out low
+    -- would read the provider's usual refusals as a limit again) seed a rate again
     redis.call('HDEL', st, 'rate', 'decreased', 'hold', 'episode_rate', 'episode_share')
     redis.call('HSET', st, 'noise', tostring(at_depth + math.sqrt(at_depth * (1 - at_depth) / calls_since)))
     return '0'
