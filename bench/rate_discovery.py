@@ -214,6 +214,7 @@ def two_models(stack: UpstreamStack, lines: int) -> list[tuple[str, str]]:
 
 
 def flaky(stack: UpstreamStack, lines: int) -> list[tuple[str, str]]:
+    configure(stack, {})  # no limit: only the provider's random refusals
     rule = {"match": "flaky-", "rate_429": 0.25, "retry_after": 1, "seed": "flaky"}
     httpx.post(f"{stack.fake_base}/_fake/config", json={"rules": [rule]}).raise_for_status()
     results = []
