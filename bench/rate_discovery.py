@@ -4,8 +4,7 @@ upstream that admits R requests of a model per rolling second and answers 429 (R
     python -m bench.rate_discovery                       # every scenario
     python -m bench.rate_discovery --only one-host       # one of: one-host two-hosts moving two-models flaky
 
-Scenarios (3,000 lines unless said, 200 ms calls, --concurrency 64 per worker, default settings but
-ROUTERQ_RATE_DISCOVERY=true, which is opt-in for now):
+Scenarios (3,000 lines unless said, 200 ms calls, --concurrency 64 per worker, default settings):
   one-host    R = 100/s; the script (AsyncOpenAI, default retries, semaphore of 64) then one worker.
               Floors: succeeded lines/s >= 1.2x the script's and >= 0.85 R after the first 10 s;
               refused calls (429) <= 5 % of calls.
@@ -15,7 +14,7 @@ ROUTERQ_RATE_DISCOVERY=true, which is opt-in for now):
   two-models  one batch over two models hidden at 100/s and 10/s (2,000 and 300 lines): each runs at
               >= 0.8 of its own limit while both run.
   flaky       no limit, but a provider that refuses 25 % of calls at random (429, Retry-After: 1):
-              routerq with discovery on against routerq with it off (the default) and the script;
+              routerq with discovery on (the default) against routerq with it off and the script;
               discovery must not slow it down (>= 0.9x discovery off).
 Rates are read from the fake's call log (arrival times and statuses). The table goes into
 bench/RESULTS.md between markers. It measures; it does not pass or fail.
@@ -116,7 +115,7 @@ def routerq_run(
     stack: UpstreamStack, name: str, rows: list[tuple[str, str]], hosts: int = 1, **settings: str
 ) -> float:
     """The rows as one batch on `hosts` workers; returns the seconds it took."""
-    env = {**stack.env, "ROUTERQ_QUEUE": name, "ROUTERQ_TRACING": "false", "ROUTERQ_RATE_DISCOVERY": "true"}
+    env = {**stack.env, "ROUTERQ_QUEUE": name, "ROUTERQ_TRACING": "false"}
     env.update(settings)
     workers: list[Service] = [
         start_worker(env, stack.tmp, name=f"{name}-{i}", concurrency=CONCURRENCY) for i in range(hosts)
@@ -269,7 +268,7 @@ def main() -> None:
     setup = (
         "Command: `python -m bench.rate_discovery`; the fake at 200 ms +-20 % a call, admitting R requests "
         "of a model per rolling second (429 + Retry-After: 1 beyond); one `routerq worker --concurrency "
-        f"{CONCURRENCY}` per host, default settings but `ROUTERQ_RATE_DISCOVERY=true`, tracing off."
+        f"{CONCURRENCY}` per host, default settings, tracing off."
     )
     if args.only is None:
         put_section(

@@ -63,10 +63,9 @@ class Settings(BaseSettings):
     rate_limit_window: Annotated[float, Field(alias="ROUTERQ_RATE_LIMIT_WINDOW", gt=0)] = 60.0
     max_in_flight: Annotated[int, Field(alias="ROUTERQ_MAX_IN_FLIGHT", ge=0)] = 0
     model_limits: Annotated[dict[str, ModelLimits], Field(alias="ROUTERQ_MODEL_LIMITS")] = {}
-    # Find each model's rate and pace it (worker.upstream.limiter). Off by default until a flaky
-    # provider's random refusals can no longer collapse the pace under load (docs/reliability.md);
-    # off, a 429 makes every worker wait out its Retry-After for that model and nothing is paced.
-    rate_discovery: Annotated[bool, Field(alias="ROUTERQ_RATE_DISCOVERY")] = False
+    # Find each model's rate and pace it (worker.upstream.limiter); off, a 429 makes every worker
+    # wait out its Retry-After for that model and nothing is paced.
+    rate_discovery: Annotated[bool, Field(alias="ROUTERQ_RATE_DISCOVERY")] = True
 
     openrouter_api_key: Annotated[SecretStr | None, Field(alias="OPENROUTER_API_KEY")] = None
     openrouter_base_url: Annotated[str, Field(alias="OPENROUTER_BASE_URL")] = OPENROUTER_BASE_URL

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from conftest import (
     DEFAULT_RETRIES,
     MODELS,
@@ -24,10 +25,10 @@ from conftest import (
 )
 
 from routerq.core.batch_store import BatchStatus
+from routerq.core.rate_state import limit_keys
 from routerq.producer.batch_client import BatchClient
 
 MODEL = MODELS["chat"]
-DISCOVERY = {"ROUTERQ_RATE_DISCOVERY": "true"}  # opt-in for now (docs/reliability.md)
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def test_a_hidden_limit_is_found_and_held_by_every_worker_and_shown(
     marker = uuid.uuid4().hex[:8]
     rows = [line(f"r{i}", "chat", f"{marker} {i} [[slow:0.1]]") for i in range(200)]
     queue = f"rates-{marker}"
-    with extra_worker(stack, queue, concurrency=16, **DEFAULT_RETRIES, **DISCOVERY) as (_, settings):
+    with extra_worker(stack, queue, concurrency=16, **DEFAULT_RETRIES) as (_, settings):
         client = BatchClient(settings, tracing=False)
         batch = client.submit(write_jsonl(tmp_path / "rates.jsonl", rows)).batch
         final = wait_final(client, batch.id, timeout=120)
@@ -66,7 +67,7 @@ def test_openrouters_in_flight_budget_402_slows_the_batch_down_and_never_pauses_
     queue = f"in-flight-{marker}"
     httpx.post(f"{stack.fake_base}/_fake/config", json={"in_flight_budget": 4}).raise_for_status()
     try:
-        with extra_worker(stack, queue, concurrency=16, **DEFAULT_RETRIES, **DISCOVERY) as (_, settings):
+        with extra_worker(stack, queue, concurrency=16, **DEFAULT_RETRIES) as (_, settings):
             client = BatchClient(settings, tracing=False)
             batch = client.submit(write_jsonl(tmp_path / "in-flight.jsonl", rows)).batch
             final = wait_final(client, batch.id, timeout=180)
@@ -74,3 +75,38 @@ def test_openrouters_in_flight_budget_402_slows_the_batch_down_and_never_pauses_
         httpx.post(f"{stack.fake_base}/_fake/config", json={"in_flight_budget": 0}).raise_for_status()
     assert (final.succeeded, final.failed, final.status) == (60, 0, BatchStatus.COMPLETED)
     assert final.reason is None  # never paused
+
+
+def test_a_flaky_providers_random_refusals_are_told_from_a_limit_and_pace_nothing(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A provider that refuses 25 % of calls at random, with no limit: cutting the pace does not lower
+    that share, so the model is not paced any more, its refusals are tolerated (each refused call
+    still waits its Retry-After) and `routerq status` says what share the provider refuses."""
+    marker = uuid.uuid4().hex[:8]
+    rule = {"match": marker, "rate_429": 0.25, "retry_after": 1, "seed": marker}
+    rows = [line(f"k{i}", "chat", f"{marker} {i} [[slow:0.1]]") for i in range(1500)]
+    queue = f"flaky-{marker}"
+    httpx.post(f"{stack.fake_base}/_fake/config", json={"rules": [rule]}).raise_for_status()
+    try:
+        with extra_worker(stack, queue, concurrency=32, **DEFAULT_RETRIES) as (_, settings):
+            client = BatchClient(settings, tracing=False)
+            batch = client.submit(write_jsonl(tmp_path / "flaky.jsonl", rows)).batch
+            final = wait_final(client, batch.id, timeout=180)
+            status = routerq(stack, "status", batch.id, env={"ROUTERQ_QUEUE": queue})
+    finally:
+        httpx.post(f"{stack.fake_base}/_fake/config", json={"rules": []}).raise_for_status()
+    assert (final.succeeded, final.failed, final.status) == (1500, 0, BatchStatus.COMPLETED)
+    calls = calls_with(stack, marker)
+    refused = sum(1 for c in calls if c.get("status") == 429)
+    assert 0.2 <= refused / len(calls) <= 0.3, f"{refused} of {len(calls)}"  # the fake's dice, not a pace
+    state = redis.Redis.from_url(stack.redis.url).hgetall(limit_keys(MODEL)[3])
+    found = {k.decode(): v.decode() for k, v in state.items()}
+    assert 0.15 <= float(found["noise"]) <= 0.5, found  # told from a limit
+    # not paced at the end; or paced again from a full second's calls (a noise estimate that came out
+    # low), never cut down towards nothing (a collapse paced it at 2-4 calls/s under load); calls per
+    # second of this run, not a number: a loaded machine runs it at a fraction of an idle one's
+    times = [c["t"] for c in calls]
+    per_second = len(calls) / (max(times) - min(times))
+    assert float(found.get("rate", "inf")) >= per_second / 2, (found, per_second)
+    assert "refused at any pace" in status.stdout, status.stdout

@@ -170,7 +170,7 @@ def test_each_status_a_job_reaches_is_counted_once_for_metrics(
 def test_staged_messages_reach_the_queue_together_in_order_with_the_owner_in_progress(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
-    settings = settings_for(redis_url, **DISCOVERY)
+    settings = settings_for(redis_url)
     staged = StagedEnqueue(sync_redis, settings, "routerq:batch:b1")
     for i in range(3):
         staged.add("routerq.run_line", ["b1", [i], 1.0])
@@ -184,7 +184,7 @@ def test_staged_messages_reach_the_queue_together_in_order_with_the_owner_in_pro
 
 
 def test_a_release_without_start_leaves_the_owner_as_it_was(redis_url: str, sync_redis: redis.Redis) -> None:
-    staged = StagedEnqueue(sync_redis, settings_for(redis_url, **DISCOVERY), "routerq:embed:e1")
+    staged = StagedEnqueue(sync_redis, settings_for(redis_url), "routerq:embed:e1")
     staged.add("routerq.run_embed", ["e1", [0], 1.0])
     assert staged.release(start=False) == 1
     assert sync_redis.hget("routerq:embed:e1", "status") is None
@@ -207,9 +207,6 @@ def test_the_limiter_grants_up_to_the_rpm_then_says_how_long_to_wait(redis_url: 
     first, second, third = on_redis(redis_url, three)
     assert (first, second) == (0.0, 0.0)
     assert 50 < third <= settings.rate_limit_window + 1
-
-
-DISCOVERY = {"ROUTERQ_RATE_DISCOVERY": "true"}  # opt-in for now (docs/reliability.md)
 
 
 def grants(limiter: SharedLimiter, model: str, n: int) -> list[Lease | None]:
@@ -236,7 +233,7 @@ def test_without_discovery_a_429_makes_every_worker_wait_its_retry_after_and_pac
 
 def test_a_model_is_not_paced_until_upstream_refuses_one_of_its_calls(redis_url: str) -> None:
     async def many(client: aredis.Redis) -> list[float]:
-        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
+        limiter = SharedLimiter(client, settings_for(redis_url))
         return [(await limiter.try_acquire("m", 10))[1] for _ in range(300)]
 
     assert set(on_redis(redis_url, many)) == {0.0}
@@ -245,7 +242,7 @@ def test_a_model_is_not_paced_until_upstream_refuses_one_of_its_calls(redis_url:
 def test_the_first_refusal_paces_the_model_for_every_worker_at_beta_of_last_seconds_grants(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
-    settings = settings_for(redis_url, **DISCOVERY)
+    settings = settings_for(redis_url)
 
     async def refused_then_other_worker() -> tuple[float, float, float]:
         a, b = aredis.Redis.from_url(redis_url), aredis.Redis.from_url(redis_url)
@@ -275,7 +272,7 @@ def test_callers_pressing_the_rate_raise_it_a_step_at_a_time(redis_url: str, syn
     sync_redis.hset("routerq:limit:{m}:state", mapping={"rate": "50", "refused_at": "0"})
 
     async def press(client: aredis.Redis) -> list[float]:
-        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
+        limiter = SharedLimiter(client, settings_for(redis_url))
         rates = []
         for _ in range(3):
             while (await limiter.try_acquire("m", 10))[0] is not None:
@@ -289,7 +286,7 @@ def test_callers_pressing_the_rate_raise_it_a_step_at_a_time(redis_url: str, syn
 
 def test_a_refusal_amid_a_trickle_of_calls_does_not_pace_the_model(redis_url: str) -> None:
     async def trickle(client: aredis.Redis) -> tuple[float, float]:
-        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
+        limiter = SharedLimiter(client, settings_for(redis_url))
         lease, _ = await limiter.try_acquire("quiet", 10)
         assert lease is not None
         rate = await limiter.penalize("quiet", lease, 1.0, "provider")
@@ -300,7 +297,7 @@ def test_a_refusal_amid_a_trickle_of_calls_does_not_pace_the_model(redis_url: st
 
 def test_a_long_retry_after_stops_every_call_of_the_model_until_it_ends(redis_url: str) -> None:
     async def cooled(client: aredis.Redis) -> tuple[float, float]:
-        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
+        limiter = SharedLimiter(client, settings_for(redis_url))
         lease, _ = await limiter.try_acquire("free-model", 10)
         assert lease is not None
         await limiter.penalize("free-model", lease, 30.0, "openrouter")
@@ -325,7 +322,7 @@ def paced_last_second(
     sync_redis.hset(limit_keys("m")[3], mapping=fields)
 
     async def outcomes(client: aredis.Redis) -> None:
-        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
+        limiter = SharedLimiter(client, settings_for(redis_url))
         scopes, total = ("*", "m"), answered + refused - 1
         for n in range(total):  # the refusals spread evenly among the answers, as upstream sends them
             if (n + 1) * (refused - 1) // total > n * (refused - 1) // total:
@@ -421,7 +418,7 @@ def test_a_refusal_long_after_the_last_cut_starts_a_new_episode(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
     state = paced_last_second(
-        redis_url, sync_redis, {**EPISODE, "rate": 36.45, "decreased_ago": 5000}, 30, 10
+        redis_url, sync_redis, {**EPISODE, "rate": 36.45, "decreased_ago": 10_000}, 30, 10
     )
     assert float(state[b"rate"]) == pytest.approx(36.45 * 0.9) and b"noise" not in state
     assert float(state[b"episode_rate"]) == 36.45
@@ -436,7 +433,7 @@ def test_a_probe_holds_the_rate_from_growing_between_its_cuts(
     sync_redis.hset(key, "refused_at", 0)  # no refusal since: only the hold keeps it
 
     async def press(client: aredis.Redis) -> float:
-        limiter = SharedLimiter(client, settings_for(redis_url, **DISCOVERY))
+        limiter = SharedLimiter(client, settings_for(redis_url))
         while (await limiter.try_acquire("m", 1))[0] is not None:
             pass
         return float(await client.hget(key, "rate") or 0)
@@ -447,8 +444,57 @@ def test_a_probe_holds_the_rate_from_growing_between_its_cuts(
 
 
 def test_a_limit_that_fell_far_is_no_probe_and_holds_nothing(redis_url: str, sync_redis: redis.Redis) -> None:
-    state = paced_last_second(redis_url, sync_redis, {**EPISODE, "rate": 45, "episode_share": 0.5}, 40, 10)
+    state = paced_last_second(redis_url, sync_redis, {**EPISODE, "rate": 45, "episode_share": 0.5}, 12, 12)
     assert float(state[b"rate"]) == pytest.approx(40.5) and b"hold" not in state and b"noise" not in state
+    assert float(state[b"episode_share"]) == 0.5  # still one
+
+
+def test_an_episode_begun_over_40_percent_refused_is_a_probe_from_a_cut_that_refused_less(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    """A share over 40 % can be chance at a few calls: one unlucky start must not make the rest of the
+    episode cut without a verdict."""
+    state = paced_last_second(redis_url, sync_redis, {**EPISODE, "rate": 45, "episode_share": 0.5}, 40, 10)
+    assert (float(state[b"episode_rate"]), float(state[b"episode_share"])) == (45.0, 0.2)
+    assert float(state[b"rate"]) == pytest.approx(40.5) and b"hold" not in state  # its first cut
+
+
+def ended_calls(sync_redis: redis.Redis, answered: int, refused: int, span_ms: int) -> None:
+    """`answered` and `refused` calls of model "m" that ended spread over the last `span_ms`."""
+    now, total = int(time.time() * 1000), answered + refused
+    ok, no = limit_keys("m")[5:7]
+    for n in range(total):
+        refusal = (n + 1) * refused // total > n * refused // total
+        sync_redis.zadd(no if refusal else ok, {f"ended-{n}": now - span_ms + span_ms * n // total})
+
+
+def refused_now(redis_url: str, sync_redis: redis.Redis, state: dict[str, float]) -> dict[bytes, bytes]:
+    """Model "m" paced with `state` (as `paced_last_second`) refuses a call granted now."""
+    return paced_last_second(redis_url, sync_redis, state, 0, 1)
+
+
+def test_at_a_few_calls_a_second_a_new_episodes_share_counts_as_many_seconds_back_as_40_calls_take(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    ended_calls(sync_redis, 30, 10, 7000)  # 25 % of 40 calls in 7 s; the last 2 s hold 11 of them
+    state = refused_now(redis_url, sync_redis, {"rate": 6})
+    assert float(state[b"episode_share"]) == pytest.approx(11 / 41)
+
+
+def test_a_probe_at_a_few_calls_a_second_waits_for_its_40_calls_and_then_judges(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    slow = {"episode_rate": 10, "episode_share": 0.25, "rate": 7.29, "decreased_ago": 9000}
+    ended_calls(sync_redis, 22, 7, 7000)  # since the guard after the last cut: 29 calls, 30 with this one
+    waiting = refused_now(redis_url, sync_redis, slow)
+    assert float(waiting[b"rate"]) == 7.29 and b"noise" not in waiting  # no cut, no verdict yet
+    assert int(waiting[b"hold"]) - int(waiting[b"decreased"]) == pytest.approx(
+        9000 + EPISODE_GAP_S * 1000, abs=50
+    )
+    sync_redis.delete(*limit_keys("m")[5:7])
+    ended_calls(sync_redis, 30, 10, 7000)
+    judged = refused_now(redis_url, sync_redis, slow)
+    assert b"rate" not in judged and float(judged[b"noise"]) >= 0.25
 
 
 def test_a_cut_riding_a_limit_holds_nothing(redis_url: str, sync_redis: redis.Redis) -> None:
@@ -486,7 +532,7 @@ def turns_with_waiting(redis_url: str, waiting: int, rate: str | None, **env: st
         redis.Redis.from_url(redis_url).hset(limit_keys("m")[3], "rate", rate)
 
     async def turn(client: aredis.Redis) -> float:
-        pace = PaceWaiters(SharedLimiter(client, settings_for(redis_url, **{**DISCOVERY, **env})))
+        pace = PaceWaiters(SharedLimiter(client, settings_for(redis_url, **env)))
         with ExitStack() as stack:
             for _ in range(waiting):
                 stack.enter_context(pace.waiting("m"))
@@ -522,7 +568,7 @@ def unacked(client: redis.Redis, tag: str, queue: str, age_s: float) -> None:
 def test_a_message_no_live_lease_holds_goes_back_to_the_head_of_its_queue(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
-    settings = settings_for(redis_url, **DISCOVERY)
+    settings = settings_for(redis_url)
     sync_redis.rpush(settings.queue, "older")
     unacked(sync_redis, "orphan", settings.queue, age_s=60)
     keeper = LeaseKeeper(settings, sync_redis, Holdings())
@@ -536,7 +582,7 @@ def test_a_message_no_live_lease_holds_goes_back_to_the_head_of_its_queue(
 def test_a_message_a_live_lease_holds_young_or_of_another_queue_stays(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
-    settings = settings_for(redis_url, **DISCOVERY)
+    settings = settings_for(redis_url)
     holdings = Holdings()
     holdings.received(SimpleNamespace(message=SimpleNamespace(delivery_tag="held")))  # as task_received does
     unacked(sync_redis, "held", settings.queue, age_s=60)
@@ -553,7 +599,7 @@ def test_a_finished_message_whose_ack_has_not_landed_is_not_put_back(
 ) -> None:
     """Celery acknowledges on a later turn of its loop: between the task's end and the ack, the message
     is still in `unacked`, and its holder's lease must still hold it (issue 21's false put-backs)."""
-    settings = settings_for(redis_url, **DISCOVERY)
+    settings = settings_for(redis_url)
     holdings = Holdings()
     message = SimpleNamespace(delivery_tag="acking", acknowledged=False)
     holdings.received(SimpleNamespace(message=message))
@@ -575,7 +621,7 @@ def test_a_finished_message_whose_ack_has_not_landed_is_not_put_back(
 
 
 def test_only_one_worker_of_a_queue_sweeps_per_tick(redis_url: str, sync_redis: redis.Redis) -> None:
-    settings = settings_for(redis_url, **DISCOVERY)
+    settings = settings_for(redis_url)
     unacked(sync_redis, "orphan", settings.queue, age_s=60)
     first, second = (
         LeaseKeeper(settings, sync_redis, Holdings()),

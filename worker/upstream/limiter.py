@@ -45,7 +45,8 @@ RATE_MEMORY_S = 120.0
 DECREASE_GUARD_S = 1.0
 # Refusals that are not a rate (a flaky provider refuses a share of calls at any pace) must not cut
 # the rate down to nothing. Cuts each within EPISODE_GAP_S of the last are an episode; one that began
-# with at least NOISE_MIN of the calls refused is a probe: from its second cut the rate is held, and
+# with NOISE_MIN to 40 % of the calls refused (or fell into that range after beginning higher) is a
+# probe: from its second cut the rate is held, and
 # once it is down to PROBE_DEPTH of where it began (three cuts) it is cut no more until the calls that
 # end from DECREASE_GUARD_S after its last cut (upstream's window then holds only calls sent at the
 # new rate; at least PROBE_CALLS of them) give the verdict. A limit refuses a much smaller share of
@@ -59,7 +60,12 @@ PROBE_DEPTH = 0.75
 PROBE_RATIO = 0.5  # a limit probed from under 40 % refused refuses under half of that at 0.75
 NOISE_MIN = 0.05
 NOISE_Z = 3.0
-PROBE_CALLS = 40  # fewer make a share too rough to judge (+-0.07 at 25 %; the probe waits up to two gaps)
+PROBE_CALLS = 40  # fewer make a share too rough to judge (+-0.07 at 25 %)
+# Answered and refused calls are kept this long: a probe's shares are counted over PROBE_CALLS calls
+# however long they take to come, and under load (a shared CI machine) a model that should run at
+# hundreds of calls a second may run at a few; a probe whose calls took longer than a whole second
+# each window (as before) never gave a verdict, and its episode went on cutting to nothing.
+CALLS_KEPT_S = 30.0
 # A Retry-After longer than this means a window of minutes (a free model's requests per minute), not a
 # rate: every call of the model waits it out. Shorter ones are the refused call's own wait.
 COOLDOWN_AFTER_S = 5.0
@@ -145,6 +151,7 @@ class SharedLimiter:
             actual,
             int(time.time() * 1000),
             int(answered),
+            int(CALLS_KEPT_S * 1000),
             *discovers,
         ]
         await self._release(keys=keys, args=args)
@@ -173,5 +180,6 @@ class SharedLimiter:
             PROBE_RATIO,
             PROBE_DEPTH,
             PROBE_CALLS,
+            int(CALLS_KEPT_S * 1000),
         ]
         return float(await self._penalize(keys=[state, recent, answered, refused], args=args))

@@ -3,7 +3,8 @@
 -- KEYS: the model scope's state hash, its recent grants, answered calls and refused calls zsets.
 -- ARGV: now_ms, the refused call's grant time (ms), beta, cooldown_ms (0: none), source, guard_ms,
 -- retry_after_ms, min_seed, memory_ms, the refused call's lease, noise_min, episode_gap_ms, noise_z,
--- probe_ratio, probe_depth, probe_calls. Returns the rate now ('0': not paced).
+-- probe_ratio, probe_depth, probe_calls, keep_ms (how long answered and refused calls are kept).
+-- Returns the rate now ('0': not paced).
 --
 -- One decrease per congestion: a refusal of a call granted before the last decrease, or within
 -- guard_ms of it (upstream's window still holds what was sent at the old rate), is counted, not
@@ -14,32 +15,44 @@
 -- (and under 40 %: more is a limit that fell) of the calls refused is a probe: from its second cut the
 -- rate is held (no increase), so it only falls; once it is down to probe_depth of where the episode
 -- began it is cut no more, and the calls that end from guard_ms after its last cut (at least
--- probe_calls of them, within two gaps) give the verdict. A limit refuses a much smaller share of them
--- than it did at the episode's start (none, if the rate is now under it): the next congestion starts a
--- new episode. A share that stayed (at least probe_ratio of the first, and at least noise_min) is
--- refused at any pace: the model is not paced any more and that share becomes its noise; refusals
--- within noise_z standard deviations of it neither seed a rate, nor cut one, nor hold its increase.
+-- probe_calls of them, however long they take at that rate) give the verdict. A limit refuses a much
+-- smaller share of them than it did at the episode's start (none, if the rate is now under it): the
+-- next congestion starts a new episode. A share that stayed (at least probe_ratio of the first, and
+-- at least noise_min) is refused at any pace: the model is not paced any more and that share becomes
+-- its noise; refusals within noise_z standard deviations of it neither seed a rate, nor cut one, nor
+-- hold its increase. Shares are counted over at least probe_calls calls (the last 2 s, or as many
+-- seconds back as that takes): at a few calls a second, a share of one or two seconds is chance.
 
 -- A cooldown (a long Retry-After: the limit is a window of minutes, not a rate) stops every call of
 -- the model until it ends.
 local st, recent, ok, no = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now, granted, beta, cooldown = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local guard, min_seed, noise_min, gap = tonumber(ARGV[6]), tonumber(ARGV[8]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local probe_calls, keep = tonumber(ARGV[16]), tonumber(ARGV[17])
 redis.call('HINCRBY', st, 'refused', 1)
 redis.call('HINCRBY', st, 'refused:' .. ARGV[5], 1)
 redis.call('ZADD', no, now, ARGV[10])
-redis.call('ZREMRANGEBYSCORE', no, '-inf', now - 5000)
-redis.call('PEXPIRE', no, 6000)
+redis.call('ZREMRANGEBYSCORE', no, '-inf', now - keep)
+redis.call('PEXPIRE', no, keep + 1000)
 if cooldown > 0 then
   local until_ms = math.max(tonumber(redis.call('HGET', st, 'cooldown') or 0), now + cooldown)
   redis.call('HSET', st, 'cooldown', until_ms)
 end
 redis.call('PEXPIRE', st, tonumber(ARGV[9]))  -- a model's rate is forgotten this long after its last refusal
 
--- the last two seconds' refused share (less noisy than one), against the provider's usual share
-local refused2 = redis.call('ZCOUNT', no, now - 2000, now)
-local calls2 = refused2 + redis.call('ZCOUNT', ok, now - 2000, now)
-local share = refused2 / calls2
+-- the refused share of the last two seconds' calls, or of as many seconds back as hold min_calls
+local function refused_share(min_calls)
+  local window = 2000
+  while true do
+    local refused = redis.call('ZCOUNT', no, now - window, now)
+    local calls = refused + redis.call('ZCOUNT', ok, now - window, now)
+    if calls >= min_calls or window * 2 > keep then return refused, calls end
+    window = window * 2
+  end
+end
+
+-- against the provider's usual share, the last two seconds' refusals (less noisy than one)
+local refused2, calls2 = refused_share(0)
 local state = redis.call('HMGET', st, 'rate', 'noise', 'decreased', 'episode_rate', 'episode_share')
 local rate, noise = tonumber(state[1] or ''), tonumber(state[2] or 0)
 if noise > 0 and refused2 <= calls2 * noise + tonumber(ARGV[13]) * math.sqrt(calls2 * noise * (1 - noise)) + 1 then
@@ -53,7 +66,8 @@ if not rate then
   -- until its Retry-After, upstream's window is full of the unpaced burst: nobody sends
   local first = now + tonumber(ARGV[7])
   redis.call('HSET', st, 'cooldown', math.max(tonumber(redis.call('HGET', st, 'cooldown') or 0), first))
-  redis.call('HSET', st, 'episode_rate', tostring(rate), 'episode_share', tostring(share))  -- its first cut
+  local r, c = refused_share(probe_calls)
+  redis.call('HSET', st, 'episode_rate', tostring(rate), 'episode_share', tostring(r / c))  -- its first cut
   rate = math.max(1, rate * beta)
   redis.call('HSET', st, 'rate', tostring(rate), 'decreased', now)
   return tostring(rate)
@@ -62,13 +76,16 @@ end
 local decreased = tonumber(state[3] or 0)
 local first_rate, first_share = tonumber(state[4] or 0), tonumber(state[5] or 0)
 local probe = first_share >= noise_min and first_share < 0.4
-if probe and rate <= tonumber(ARGV[15]) * first_rate and now - decreased <= 2 * gap then
-  -- a probe at its depth: no more cuts; its verdict on the calls that ended since its last cut settled
-  redis.call('HSET', st, 'hold', now + gap)
+-- the time probe_calls calls take at the rate (ms), within what is kept of them
+local gather = math.min(1000 * probe_calls / rate, keep / 2)
+if probe and rate <= tonumber(ARGV[15]) * first_rate and now - decreased <= guard + 2 * gather + gap then
+  -- a probe at its depth: no more cuts (nor increases) until the calls that ended since its last cut
+  -- settled give their verdict
+  redis.call('HSET', st, 'hold', math.max(now + gap, decreased + guard + 1.5 * gather))
   local since = decreased + guard
   local refused_since = redis.call('ZCOUNT', no, since, now)
   local calls_since = refused_since + redis.call('ZCOUNT', ok, since, now)
-  if calls_since < tonumber(ARGV[16]) then return tostring(rate) end
+  if calls_since < probe_calls then return tostring(rate) end
   local at_depth = refused_since / calls_since
   if at_depth >= noise_min and at_depth >= tonumber(ARGV[14]) * first_share then
     -- cutting did not lower the refused share: not a limit, nothing to pace until refusals beyond
@@ -86,7 +103,11 @@ if probe and rate <= tonumber(ARGV[15]) * first_rate and now - decreased <= 2 * 
 end
 if granted < decreased or now - decreased < guard then return tostring(rate) end
 local going_on = now - decreased <= gap
-if not going_on then
+local refused_n, calls_n = refused_share(probe_calls)
+local share = refused_n / calls_n
+if not going_on or (not probe and share >= noise_min and share < 0.4) then
+  -- a new episode; or one that began as a limit that fell (or by chance over 40 %) and now refuses
+  -- a share a flaky provider might: a probe from here
   probe = false  -- until this episode's second cut
   redis.call('HSET', st, 'episode_rate', tostring(rate), 'episode_share', tostring(share))
 end
