@@ -25,7 +25,7 @@ from routerq.core.result_store import PENDING_KEY, RESULT_KEY, AsyncResultStore
 from routerq.core.staged_enqueue import StagedEnqueue
 from routerq.worker.execution.holdings import Holdings
 from routerq.worker.upkeep.leases import UNACKED_INDEX_KEY, UNACKED_KEY, LeaseKeeper
-from routerq.worker.upstream.limiter import EPISODE_GAP_S, INCREASE_S, Lease, SharedLimiter
+from routerq.worker.upstream.limiter import EPISODE_GAP_S, INCREASE_S, INCREASE_STEP, Lease, SharedLimiter
 from routerq.worker.upstream.pace_waiters import IN_PLACE_S, PaceWaiters
 
 TTL = 3600
@@ -268,8 +268,11 @@ def test_the_first_refusal_paces_the_model_for_every_worker_at_beta_of_last_seco
     assert 0 < int(state[b"cooldown"]) - int(state[b"refused_at"]) <= 1000
 
 
-def test_callers_pressing_the_rate_raise_it_a_step_at_a_time(redis_url: str, sync_redis: redis.Redis) -> None:
-    sync_redis.hset("routerq:limit:{m}:state", mapping={"rate": "50", "refused_at": "0"})
+def press_rates(redis_url: str, sync_redis: redis.Redis, quiet_ms: int) -> list[float]:
+    """Model "m" at 50/s, its last refusal `quiet_ms` ago: the rate after each of three presses,
+    INCREASE_S apart."""
+    refused_at = int(time.time() * 1000) - quiet_ms
+    sync_redis.hset("routerq:limit:{m}:state", mapping={"rate": "50", "refused_at": str(refused_at)})
 
     async def press(client: aredis.Redis) -> list[float]:
         limiter = SharedLimiter(client, settings_for(redis_url))
@@ -281,7 +284,37 @@ def test_callers_pressing_the_rate_raise_it_a_step_at_a_time(redis_url: str, syn
             await asyncio.sleep(INCREASE_S)
         return rates
 
-    assert on_redis(redis_url, press) == pytest.approx([51.0, 52.02, 53.0604])  # 2 % a step
+    return on_redis(redis_url, press)
+
+
+def test_callers_pressing_the_rate_raise_it_a_step_at_a_time(redis_url: str, sync_redis: redis.Redis) -> None:
+    rates = press_rates(redis_url, sync_redis, 300)
+    steps = [after / before - 1 for before, after in zip([50.0, *rates], rates, strict=False)]
+    assert all(0.02 <= step < 0.03 for step in steps), steps  # 2 %, a little more as the quiet lasts
+
+
+def test_the_rate_grows_faster_the_longer_upstream_refuses_nothing(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    assert press_rates(redis_url, sync_redis, 60_000)[0] == pytest.approx(50 * (1 + 5 * INCREASE_STEP))
+
+
+def test_a_paced_models_grants_are_spaced_evenly_at_its_rate(redis_url: str, sync_redis: redis.Redis) -> None:
+    """At 10/s, a call 100 ms after the last; one more may come up to 0.1 s ahead of its turn."""
+    sync_redis.hset("routerq:limit:{m}:state", mapping={"rate": "10", "hold": str(2**50)})  # no increase
+
+    async def callers(client: aredis.Redis) -> tuple[list[bool], float, bool]:
+        limiter = SharedLimiter(client, settings_for(redis_url))
+        outcomes = [await limiter.try_acquire("m", 10) for _ in range(4)]
+        await asyncio.sleep(outcomes[-1][1])
+        return (
+            [lease is not None for lease, _ in outcomes],
+            outcomes[-1][1],
+            (await limiter.try_acquire("m", 10))[0] is not None,
+        )
+
+    granted, wait, after = on_redis(redis_url, callers)
+    assert granted == [True, True, False, False] and 0.08 <= wait <= 0.1 and after
 
 
 def test_a_refusal_amid_a_trickle_of_calls_does_not_pace_the_model(redis_url: str) -> None:
@@ -328,9 +361,9 @@ def paced_last_second(
             if (n + 1) * (refused - 1) // total > n * (refused - 1) // total:
                 await limiter.penalize("m", Lease(f"old-{n}", scopes, 10, 0), 1.0, "provider")
                 continue
-            lease, _ = await limiter.try_acquire("m", 10)
-            assert lease is not None
-            await limiter.release(lease, 10, answered=True)
+            # an unpaced model's grants seed its rate; a paced one's would press it (and raise it)
+            lease = None if "rate" in state else (await limiter.try_acquire("m", 10))[0]
+            await limiter.release(lease or Lease(f"ok-{n}", scopes, 10, 0), 10, answered=True)
         await limiter.penalize("m", Lease("last", scopes, 10, int(time.time() * 1000)), 1.0, "provider")
 
     on_redis(redis_url, outcomes)
@@ -430,7 +463,7 @@ def test_a_probe_holds_the_rate_from_growing_between_its_cuts(
     state = paced_last_second(redis_url, sync_redis, {**EPISODE, "rate": 45}, 40, 10)  # its second cut
     assert int(state[b"hold"]) - int(state[b"decreased"]) == EPISODE_GAP_S * 1000
     key = limit_keys("m")[3]
-    sync_redis.hset(key, "refused_at", 0)  # no refusal since: only the hold keeps it
+    sync_redis.hset(key, "refused_at", int(time.time() * 1000) - 300)  # none since: only the hold keeps it
 
     async def press(client: aredis.Redis) -> float:
         limiter = SharedLimiter(client, settings_for(redis_url))
@@ -440,7 +473,7 @@ def test_a_probe_holds_the_rate_from_growing_between_its_cuts(
 
     assert on_redis(redis_url, press) == pytest.approx(40.5)
     sync_redis.hdel(key, "hold")
-    assert on_redis(redis_url, press) == pytest.approx(40.5 * 1.02)
+    assert on_redis(redis_url, press) == pytest.approx(40.5 * 1.02, rel=0.005)
 
 
 def test_a_limit_that_fell_far_is_no_probe_and_holds_nothing(redis_url: str, sync_redis: redis.Redis) -> None:
