@@ -16,6 +16,8 @@ Scenarios (3,000 lines unless said, 200 ms calls, --concurrency 64 per worker, d
   flaky       no limit, but a provider that refuses 25 % of calls at random (429, Retry-After: 1):
               routerq with discovery on (the default) against routerq with it off and the script;
               discovery must not slow it down (>= 0.9x discovery off).
+  queue       R = 100/s, and calls slow down as the limit nears (a provider's queue: +0.4 s at the
+              limit, from half of it): the latency warning paces the model before upstream refuses.
 Rates are read from the fake's call log (arrival times and statuses). The table goes into
 bench/RESULTS.md between markers. It measures; it does not pass or fail.
 """
@@ -49,6 +51,9 @@ SLOW_MODEL = "mistralai/mistral-7b-instruct"
 R = 100.0
 CONCURRENCY = 64
 WARMUP_S = 10.0
+
+
+QUEUE_S = 0.4
 
 
 def configure(stack: UpstreamStack, limits: dict[str, float]) -> None:
@@ -240,8 +245,28 @@ def flaky(stack: UpstreamStack, lines: int) -> list[tuple[str, str]]:
     return results
 
 
+def queue(stack: UpstreamStack, lines: int) -> list[tuple[str, str]]:
+    """A provider whose calls slow down as its limit nears (200 ms, up to QUEUE_S more at the limit):
+    latency warns before the 429s."""
+    configure(stack, {MODEL: R})
+    httpx.post(f"{stack.fake_base}/_fake/config", json={"queue_latency": {MODEL: QUEUE_S}}).raise_for_status()
+    try:
+        seconds = routerq_run(stack, "queue", [(MODEL, f"queue-{i}: hi") for i in range(lines)])
+    finally:
+        httpx.post(f"{stack.fake_base}/_fake/config", json={"queue_latency": {}}).raise_for_status()
+    found = calls(stack, "queue-")
+    rate, refused, _ = rates(found)
+    start = min(c["t"] for c in found)
+    early = sum(1 for c in found if c.get("status") == 429 and c["t"] < start + WARMUP_S)
+    return [
+        (f"queue (+{QUEUE_S:g} s at the limit): routerq", f"{rate:.1f} ok lines/s ({rate / R:.2f} R), "
+         f"{refused:.1%} refused ({early} in the first {WARMUP_S:g} s), all {lines} ok in {seconds:.0f} s"),
+    ]  # fmt: skip
+
+
 SCENARIOS = {
     "one-host": one_host, "two-hosts": two_hosts, "moving": moving, "two-models": two_models, "flaky": flaky,
+    "queue": queue,
 }  # fmt: skip
 
 

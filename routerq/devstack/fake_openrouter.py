@@ -12,7 +12,8 @@ its `match` and, deterministically per prompt and attempt, answers 429 (with Ret
 200-with-error at the given rates, or hangs the first `hang_first` calls of a prompt for `hang_s`.
 `rate_limits` ({model: n}) admits n requests of that model per rolling second and answers 429
 (Retry-After: 1, a provider's 429: `metadata.provider_name`) beyond; `in_flight_budget` answers 402
-`in_flight_budget_exhausted` (Retry-After: 1) past that many calls at once.
+`in_flight_budget_exhausted` (Retry-After: 1) past that many calls at once; `queue_latency` ({model: s})
+makes a limited model's calls up to s seconds slower as its rolling second fills (a provider's queue).
 `GET /_fake/calls` and `POST /_fake/reset` expose the call log. OpenRouter's Batch API is served too
 (routerq.devstack.fake_batches).
 """
@@ -101,7 +102,7 @@ def create_app(state: FakeState) -> Starlette:
         if rule is not None and attempt <= int(rule.get("hang_first", 0)):
             await asyncio.sleep(float(rule.get("hang_s", 60)))
         delay = state.latency_ms / 1000 * (1 + random.uniform(-state.jitter, state.jitter))
-        delay += float(directives.get("slow") or 0)
+        delay += float(directives.get("slow") or 0) + state.queue_delay(model)
         if delay > 0:
             await asyncio.sleep(delay)
         if model not in PRICES:
@@ -184,6 +185,8 @@ def create_app(state: FakeState) -> Starlette:
         state.batch_s = float(config.get("batch_s", state.batch_s))
         if "rate_limits" in config:  # {"model": requests per rolling second}; a change applies at once
             state.rate_limits = {str(k): float(v) for k, v in config["rate_limits"].items()}
+        if "queue_latency" in config:  # {"model": seconds more at its limit}
+            state.queue_latency = {str(k): float(v) for k, v in config["queue_latency"].items()}
         state.in_flight_budget = int(config.get("in_flight_budget", state.in_flight_budget))
         return JSONResponse({"latency_ms": state.latency_ms, "jitter": state.jitter, "rules": state.rules})
 

@@ -108,6 +108,9 @@ class FakeState:
     # a hidden provider limit per model: requests admitted per rolling second (429 beyond)
     rate_limits: dict[str, float] = field(default_factory=dict)
     admitted: dict[str, collections.deque[float]] = field(default_factory=dict)
+    # a provider's queue: a limited model's calls take up to this many seconds more as its rolling
+    # second fills (none up to half its limit, all of it at the limit), the warning before its 429s
+    queue_latency: dict[str, float] = field(default_factory=dict)
     in_flight_budget: int = 0  # OpenRouter's in-flight spending budget: 402 past this many calls at once
     in_flight: int = 0
 
@@ -123,6 +126,14 @@ class FakeState:
             return True
         admitted.append(now)
         return False
+
+    def queue_delay(self, model: str) -> float:
+        """The extra seconds an admitted call of `model` waits in its provider's queue."""
+        limit, most = self.rate_limits.get(model), self.queue_latency.get(model, 0.0)
+        if not limit or not most:
+            return 0.0
+        fill = len(self.admitted.get(model, ())) / limit
+        return most * max(0.0, 2 * fill - 1)
 
 
 def roll(seed: str, prompt: str, attempt: int) -> float:

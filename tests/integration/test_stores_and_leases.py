@@ -473,7 +473,18 @@ def test_a_probe_holds_the_rate_from_growing_between_its_cuts(
 
     assert on_redis(redis_url, press) == pytest.approx(40.5)
     sync_redis.hdel(key, "hold")
-    assert on_redis(redis_url, press) == pytest.approx(40.5 * 1.02, rel=0.005)
+    assert on_redis(redis_url, press) == pytest.approx(
+        40.5 * (1 + 2 * INCREASE_STEP), rel=0.005
+    )  # recovering
+
+
+def test_after_a_cut_the_rate_grows_twice_the_step_until_near_where_the_cut_began(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    sync_redis.hset(limit_keys("m")[3], "cut_from", 53)  # 50 is under 0.95 of it
+    recovering = press_rates(redis_url, sync_redis, 300)[0]
+    sync_redis.hset(limit_keys("m")[3], "cut_from", 52)  # 50 is within 5 % of it
+    assert (recovering, press_rates(redis_url, sync_redis, 300)[0]) == pytest.approx((52.0, 51.0), rel=0.003)
 
 
 def test_a_limit_that_fell_far_is_no_probe_and_holds_nothing(redis_url: str, sync_redis: redis.Redis) -> None:

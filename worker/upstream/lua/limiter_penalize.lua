@@ -91,7 +91,7 @@ if probe and rate <= tonumber(ARGV[15]) * first_rate and now - decreased <= guar
     -- cutting did not lower the refused share: not a limit, nothing to pace until refusals beyond
     -- this share (kept one standard error up: an estimate from a few dozen calls that came out low
     -- would read the provider's usual refusals as a limit again) seed a rate again
-    redis.call('HDEL', st, 'rate', 'decreased', 'hold', 'episode_rate', 'episode_share', 'tat')
+    redis.call('HDEL', st, 'rate', 'decreased', 'hold', 'episode_rate', 'episode_share', 'tat', 'cut_from')
     redis.call('HSET', st, 'noise', tostring(at_depth + math.sqrt(at_depth * (1 - at_depth) / calls_since)))
     return '0'
   end
@@ -125,5 +125,5 @@ elseif going_on and probe then
   redis.call('HSET', st, 'hold', now + gap)  -- a probe's rate only falls
 end
 rate = math.max(1, base * beta)
-redis.call('HSET', st, 'rate', tostring(rate), 'decreased', now)
+redis.call('HSET', st, 'rate', tostring(rate), 'decreased', now, 'cut_from', tostring(base))
 return tostring(rate)
